@@ -1,0 +1,295 @@
+"""Configuration as data: frozen dataclasses loaded from YAML, with ``key=value`` overrides.
+
+A config file (``configs/*.yaml``) has up to three sections, ``model``, ``mesh`` and ``train``. A section is either a
+mapping or a string naming another YAML file (relative to the including file, then to ``configs/``), so one mesh file
+serves every model. Any mapping may also carry ``base: other.yaml`` to start from another file and change a few keys.
+
+Overrides address nested fields with dots: ``model.vision.num_layers=2``, ``mesh.fsdp=8``. Values are parsed as YAML
+(``true``, ``1e-4``, ``[1, 2]``). An unknown key anywhere is an error that names the key and the keys that exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT (HF ``CLIPVisionModel``) or mPLUG-Owl's video variant of it."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-5  # HF CLIP 1e-5; mPLUG-Owl 1e-6
+    # mPLUG-Owl-video: residual local temporal adapter on patch tokens in every layer (only when T > 1).
+    temporal_adapter: bool = False
+    temporal_adapter_eps: float = 1e-5  # its LayerNorm is built with torch's default eps
+    # mPLUG-Owl applies post_layernorm to every token before the abstractor; HF CLIP only to the pooled CLS.
+    post_layernorm_all_tokens: bool = False
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractorConfig:
+    """Video abstractor: ``mplug_owl_video`` (the released checkpoint's module) or ``paper`` (eqs. 1-3)."""
+
+    variant: str = "mplug_owl_video"
+    hidden_size: int = 1024
+    num_layers: int = 6
+    num_heads: int = 16
+    intermediate_size: int = 2816
+    num_query_tokens: int = 64  # Ns
+    num_temporal_tokens: int = 64  # Nt (the paper's enhance tokens; mPLUG-Owl's temporal query tokens)
+    norm_eps: float = 1e-5  # norm1 / normk / norm2 (torch default in mPLUG-Owl)
+    ffn_norm_eps: float = 1e-6  # ffn_ln
+    # paper variant only: whether the Qs and Qt streams run through the same 6 layers (see abstractor.py).
+    share_stream_weights: bool = True
+
+    def __post_init__(self):
+        if self.variant not in ("mplug_owl_video", "paper"):
+            raise ConfigError(f"abstractor.variant must be 'mplug_owl_video' or 'paper', got {self.variant!r}")
+        if self.variant == "paper" and self.num_query_tokens != self.num_temporal_tokens:
+            raise ConfigError("the paper variant sums Fs + Ft: num_query_tokens must equal num_temporal_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = VisionConfig()
+    abstractor: AbstractorConfig = AbstractorConfig()
+    llm_hidden_size: int = 4096  # width of the LLM's word embeddings the video tokens are projected to
+    num_frames: int = 4  # T
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"  # bfloat16 on GPU
+    # jax.nn.dot_product_attention implementation: "xla", "cudnn", or "auto" (cudnn on GPU when the shapes allow).
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        if self.attention_impl not in ("xla", "cudnn", "auto"):
+            raise ConfigError(f"model.attention_impl must be xla, cudnn or auto, got {self.attention_impl!r}")
+
+    @property
+    def num_video_tokens(self) -> int:
+        """Tokens one video occupies in the LLM sequence."""
+        if self.abstractor.variant == "mplug_owl_video":
+            return self.abstractor.num_query_tokens + 1  # + vit_eos
+        return self.abstractor.num_query_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes. -1 on one axis means "all remaining devices"."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "stage1"  # stage1 (abstractor), stage2 (LoRA, text only), full
+    learning_rate: float = 1e-4
+    epochs: int = 2
+    global_batch_size: int = 8
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key_error(where: str, key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {where + key!r}.{hint} Known keys here: {', '.join(sorted(known))}")
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where.rstrip('.')} must be a mapping, got {value!r}")
+        return from_dict(typ, value, f"{where}.")
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(typ)[:1] or (Any,)
+        return tuple(_coerce(v, item, where) for v in value)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        try:
+            return float(value)  # YAML reads 1e-4 (no dot) as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: Mapping[str, Any], where: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            raise _unknown_key_error(where, key, list(types_))
+        kwargs[key] = _coerce(value, types_[key], f"{where}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """A plain, YAML-serialisable dict of a config (tuples become lists)."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _resolve(ref: str, including_dir: Path) -> Path:
+    for base in (including_dir, CONFIGS_DIR):
+        for candidate in (base / ref, base / f"{ref}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"config file {ref!r} not found (looked in {including_dir} and {CONFIGS_DIR})")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _expand(data: Any, directory: Path, depth: int = 0) -> Any:
+    """Replace string sections by the files they name and apply ``base:`` inheritance, recursively."""
+    if depth > 16:
+        raise ConfigError("config includes nest deeper than 16 levels (a cycle?)")
+    if isinstance(data, str) and data.endswith((".yaml", ".yml")):
+        path = _resolve(data, directory)
+        return _expand(_read_yaml(path), path.parent, depth + 1)
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    if "base" in data:
+        path = _resolve(data["base"], directory)
+        out = _expand(_read_yaml(path), path.parent, depth + 1)
+    for key, value in data.items():
+        if key == "base":
+            continue
+        value = _expand(value, directory, depth + 1)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge(out[key], value)
+        out[key] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["model.vision.num_layers=2"]`` -> ``{"model": {"vision": {"num_layers": 2}}}``."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls=Config):
+    """Load a config file (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    ``path`` may be a file path or a name under ``configs/`` (``"tiny"`` -> ``configs/tiny.yaml``).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            p = _resolve(str(path), Path.cwd())
+        data = _expand(_read_yaml(p), p.parent)
+    data = _merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)
+
+
+def dump_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

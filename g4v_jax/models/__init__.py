@@ -1,0 +1,1 @@
+"""Flax NNX modules, one paper concept per file."""

@@ -1,0 +1,140 @@
+"""Logical axis names -> mesh axes, the one place that knows the mesh.
+
+Every parameter carries ``logical_axes`` metadata (``("embed", "mlp")`` …, see ``models/layers.py``). A rules table
+maps each logical name to zero or more mesh axes, MaxText style: weights are sharded along ``embed`` by FSDP and along
+``mlp`` / ``heads`` / ``vocab`` by tensor parallelism; activations' batch goes over ``data`` and ``fsdp``.
+A mesh axis is used at most once per array; a logical axis whose size does not divide the mesh axes is replicated
+(tiny configs on 8 devices), so one mesh config fits every model config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from g4v_jax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (in order of preference)
+DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
+    # parameters
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "vocab": ("tensor",),
+    "llm_embed": ("tensor",),  # output width of the video projection
+    "queries": (),
+    "positions": (),
+    "patch": (),
+    "channels": (),
+    "time_kernel": (),
+    "norm": (),
+    # activations
+    "activation_batch": ("data", "fsdp"),
+    "activation_length": (),
+    "activation_embed": (),
+    "activation_heads": ("tensor",),
+    "activation_mlp": ("tensor",),
+}
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build a (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of product {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        if math.prod(sizes) > len(devices):
+            raise ValueError(
+                f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, "
+                f"only {len(devices)} present"
+            )
+        devices = devices[: math.prod(sizes)]
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES,
+) -> PartitionSpec:
+    """PartitionSpec for an array with the given logical axes.
+
+    With ``shape`` and ``mesh``, mesh axes that do not divide the dimension (or have size 1) are dropped.
+    """
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+        axes = []
+        for mesh_axis in rules[name]:
+            if mesh_axis in used:
+                continue
+            if mesh is not None:
+                size = mesh.shape[mesh_axis]
+                if size == 1:
+                    continue
+                if shape is not None and shape[i] % (size * math.prod(mesh.shape[a] for a in axes)):
+                    continue
+            axes.append(mesh_axis)
+        used.update(axes)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*spec)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> Any:
+    """A tree like ``state`` holding a NamedSharding per parameter (from its ``logical_axes`` metadata)."""
+
+    def one(var):
+        axes = var.get_metadata().get("logical_axes")
+        shape = np.shape(var.get_value())
+        if axes is None:
+            return var.replace(NamedSharding(mesh, PartitionSpec()))
+        if len(axes) != len(shape):
+            raise ValueError(f"logical_axes {axes} do not match parameter shape {shape}")
+        return var.replace(NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def shard_state(state: nnx.State, mesh: Mesh, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> nnx.State:
+    """Place every parameter of ``state`` on ``mesh`` according to its logical axes."""
+    return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding of a batch-major input: the leading axis over (data, fsdp), the rest replicated."""
+    lead = logical_to_spec(("activation_batch",), mesh=mesh)[0]
+    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical axes; a no-op when no mesh is set (single device, tests)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -1,0 +1,179 @@
+"""Our checkpoint format and the one place that puts named arrays into a model.
+
+A model directory holds ``config.yaml`` (the full ``Config``) and ``model.safetensors`` whose keys are the model's
+parameter paths joined by dots (``vision_model.layers.3.self_attn.q_proj.kernel``). ``g4v_jax.load(dir)`` builds the
+model from the config without allocating random weights (``nnx.eval_shape``) and fills it, checking every name and
+shape. Training checkpoints (optimizer state, data iterator) are orbax's business, in ``train``.
+
+Safetensors files are read with a small memory-mapped reader (``read_safetensors``) because the ``safetensors``
+package cannot hand bfloat16 tensors to NumPy; it needs no torch and copies nothing until a tensor is used.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from g4v_jax.config import Config, ModelConfig, dump_config, from_dict, load_config
+from g4v_jax.models.gpt4video import abstract_model
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointMismatchError(ValueError):
+    """Checkpoint names/shapes do not match the model; the message lists every difference."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# safetensors without torch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Memory-mapped arrays of a ``.safetensors`` file (bf16 included), keyed by tensor name."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    if not header:
+        return {}
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        out[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return out
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    """Write named arrays as one ``.safetensors`` file, streaming tensor by tensor."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    arrays = {}
+    for name in sorted(tensors):
+        arr = np.asarray(tensors[name])
+        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays[name] = arr
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format asks for 8-byte alignment of the data section
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in sorted(arrays):
+            f.write(np.ascontiguousarray(arrays[name]).tobytes())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# named parameters <-> model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _path_name(path: Iterable) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def param_shapes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{name: (shape, dtype)}`` of every parameter."""
+    _, state = nnx.split(model)
+    return {_path_name(p): (tuple(v.get_value().shape), np.dtype(v.get_value().dtype))
+            for p, v in nnx.to_flat_state(state)}
+
+
+def named_params(model: nnx.Module) -> dict[str, jax.Array]:
+    _, state = nnx.split(model)
+    return {_path_name(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+
+
+def mismatch_report(expected: Mapping[str, tuple], got: Mapping[str, tuple], source: str) -> str | None:
+    """A readable list of missing keys, unexpected keys and shape mismatches, or None when all match."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    bad_shapes = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
+    if not (missing or unexpected or bad_shapes):
+        return None
+    lines = [f"checkpoint {source} does not match the model:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    if bad_shapes:
+        lines.append(f"  shape mismatches ({len(bad_shapes)}): "
+                     + ", ".join(f"{k} model {tuple(expected[k])} vs checkpoint {tuple(got[k])}" for k in bad_shapes))
+    return "\n".join(lines)
+
+
+def assign_params(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -> nnx.Module:
+    """Return ``model`` (abstract or concrete) with every parameter replaced by ``arrays[name]``, cast to the
+    parameter's dtype. Raises ``CheckpointMismatchError`` naming all missing/unexpected keys and wrong shapes."""
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    expected = {_path_name(p): tuple(v.get_value().shape) for p, v in flat}
+    report = mismatch_report(expected, {k: tuple(np.shape(a)) for k, a in arrays.items()}, source)
+    if report:
+        raise CheckpointMismatchError(report)
+    leaves = []
+    for path, var in flat:
+        dtype = var.get_value().dtype
+        leaves.append((path, var.replace(jnp.asarray(np.asarray(arrays[_path_name(path)]), dtype=dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# our directory format
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def save_pretrained(model: nnx.Module, cfg: Config | ModelConfig, directory: str | Path) -> Path:
+    """Write ``config.yaml`` + ``model.safetensors`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    full = cfg if isinstance(cfg, Config) else Config(model=cfg)
+    dump_config(full, directory / CONFIG_FILE)
+    write_safetensors(directory / WEIGHTS_FILE, {k: np.asarray(v) for k, v in named_params(model).items()},
+                      metadata={"format": "g4v_jax"})
+    return directory
+
+
+def load_model_config(directory: str | Path, overrides=()) -> Config:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a g4v_jax model directory: {CONFIG_FILE} is missing")
+    return load_config(path, overrides)
+
+
+def load(directory: str | Path, overrides=()) -> nnx.Module:
+    """Load a converted or trained model directory: ``model = g4v_jax.load("ckpt/")``.
+
+    ``overrides`` are ``key=value`` strings applied to the saved config, e.g. ``["model.compute_dtype=bfloat16"]``.
+    """
+    directory = Path(directory)
+    cfg = load_model_config(directory, overrides)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory}: {WEIGHTS_FILE} is missing")
+    return assign_params(abstract_model(cfg.model), read_safetensors(weights), str(weights))
+
+
+__all__ = [
+    "CheckpointMismatchError", "assign_params", "from_dict", "load", "load_model_config", "named_params",
+    "param_shapes", "read_safetensors", "save_pretrained", "write_safetensors",
+]
