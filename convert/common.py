@@ -163,6 +163,12 @@ def _instances(rule: Rule, model_names: Sequence[str]) -> list[dict]:
     return sorted(({"i": int(m.group(1))} for n in model_names if (m := rx.match(n))), key=lambda d: d["i"])
 
 
+def expected_checkpoint_shapes(rule: Rule, ours_shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The checkpoint shapes a rule needs for our shapes, found by running the export direction on placeholders
+    (``np.empty`` int8: views and transposes touch no memory, even for a 7B embedding)."""
+    return [tuple(a.shape) for a in rule.to_theirs(*(np.empty(s, np.int8) for s in ours_shapes))]
+
+
 def convert_checkpoint(
     tensors: Mapping[str, np.ndarray],
     rules: Sequence[Rule],
@@ -190,12 +196,16 @@ def convert_checkpoint(
             missing.extend(absent)
             continue
         used.update(theirs)
-        converted = rule.to_ours(*(np.asarray(tensors[t]) for t in theirs))
-        for name, arr in zip(ours, converted):
-            if tuple(arr.shape) != tuple(model_shapes[name]):
-                bad_shapes.append(f"{'+'.join(theirs)} -> {name}: model expects {tuple(model_shapes[name])}, "
-                                  f"checkpoint gives {tuple(arr.shape)}")
-            out[name] = arr
+        # check the checkpoint's own shapes before any reshape, so a wrong layout is reported, never reshaped
+        # into place and never a bare reshape error
+        want = expected_checkpoint_shapes(rule, [model_shapes[o] for o in ours])
+        arrays = [np.asarray(tensors[t]) for t in theirs]
+        wrong = [f"{t}: checkpoint {a.shape}, model needs {w}" for t, a, w in zip(theirs, arrays, want)
+                 if tuple(a.shape) != w]
+        if wrong:
+            bad_shapes.extend(wrong)
+            continue
+        out.update(zip(ours, rule.to_ours(*arrays)))
     uncovered = sorted(set(model_shapes) - set(out) - {o.format(**i) for r, i in jobs for o in r.ours})
     ignored = [re.compile(p) for p in ignore]
     unexpected = sorted(k for k in tensors if k not in used and not any(p.search(k) for p in ignored))

@@ -92,8 +92,11 @@ def convert(src: str | Path, dst: str | Path, *, abstractor: str = "paper", llm_
             overrides=(), seed: int = 0) -> Path:
     """Write our model directory with the CLIP vision tower of ``src`` and a fresh abstractor."""
     vision_cfg, tower = load_hf_clip_vision(src, progress=True)
-    base = load_config(None, [f"model.abstractor.variant={abstractor}", f"model.llm_hidden_size={llm_hidden_size}",
-                              *overrides])
+    # the clip_vit_l14 preset carries the abstractor settings a plain CLIP tower needs (frame embeddings)
+    base = load_config({"model": "model/clip_vit_l14.yaml"},
+                       [f"model.abstractor.variant={abstractor}", f"model.llm_hidden_size={llm_hidden_size}",
+                        # store full precision; g4v_jax.load(dir, ["model.param_dtype=bfloat16"]) casts later
+                        "model.param_dtype=float32", "model.compute_dtype=float32", *overrides])
     model_cfg = dataclasses.replace(base.model, vision=vision_cfg)
     model = build_model(model_cfg, seed=seed)
     params = named_params(model)

@@ -72,6 +72,9 @@ class AbstractorConfig:
     ffn_norm_eps: float = 1e-6  # ffn_ln
     # paper variant only: whether the Qs and Qt streams run through the same 6 layers (see abstractor.py).
     share_stream_weights: bool = True
+    # learned per-frame embeddings added to the video features (0 = none). Eqs. 1-3 are blind to frame order; the
+    # released model gets order from the vision tower's temporal adapter, a plain CLIP tower needs these instead.
+    frame_embeddings: int = 0
 
     def __post_init__(self):
         if self.variant not in ("mplug_owl_video", "paper"):
@@ -276,16 +279,19 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls=Config):
-    """Load a config file (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = (), cls=Config):
+    """Load a config and apply ``key=value`` overrides.
 
-    ``path`` may be a file path or a name under ``configs/`` (``"tiny"`` -> ``configs/tiny.yaml``).
+    ``source`` is a file path, a name under ``configs/`` (``"tiny"`` -> ``configs/tiny.yaml``), a mapping in the
+    file format (``{"model": "model/tiny.yaml"}``), or None for the defaults.
     """
     data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
+    if isinstance(source, Mapping):
+        data = _expand(dict(source), CONFIGS_DIR)
+    elif source is not None:
+        p = Path(source)
         if not p.is_file():
-            p = _resolve(str(path), Path.cwd())
+            p = _resolve(str(source), Path.cwd())
         data = _expand(_read_yaml(p), p.parent)
     data = _merge(data, parse_overrides(overrides))
     return from_dict(cls, data)

@@ -18,7 +18,9 @@ so a query attends to the video features of all T frames and to the tokens of it
   videos so half the parameters is the safer choice, and shared layers can be initialised from mPLUG-Owl's single
   pretrained abstractor, as the release does. ``share_stream_weights: false`` gives each stream its own 6 layers.
 
-Padded frames (``frame_mask`` False) are excluded from the keys, so masking a frame equals dropping it.
+Attention over [F_v ; tokens] has no notion of frame order: order reaches the abstractor through the vision tower's
+temporal adapter (mPLUG-Owl-video) or, for a plain CLIP tower, through optional learned ``frame_embeddings``.
+Padded frames (``frame_mask`` False) are excluded from the keys, so masking a trailing frame equals dropping it.
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ class VideoAbstractor(nnx.Module):
             rngs, normal_init(0.02), (cfg.num_temporal_tokens, d), ("queries", "embed"), param_dtype
         )
         self.layers = _stack(cfg, kw)
+        self.frame_embedding = (
+            param(rngs, normal_init(0.02), (cfg.frame_embeddings, d), ("positions", "embed"), param_dtype)
+            if cfg.frame_embeddings else None
+        )
         if cfg.variant == "mplug_owl_video":
             self.visual_fc = Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw)
             self.temporal_visual_fc = Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw)
@@ -137,7 +143,12 @@ class VideoAbstractor(nnx.Module):
 
     def __call__(self, features: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
         b, t, n, d = features.shape
-        visual = features.reshape(b, t * n, d).astype(self.dtype)
+        features = features.astype(self.dtype)
+        if self.frame_embedding is not None:
+            if t > self.cfg.frame_embeddings:
+                raise ValueError(f"{t} frames but the abstractor has only {self.cfg.frame_embeddings} frame embeddings")
+            features = features + self.frame_embedding[:t].astype(self.dtype)[None, :, None, :]
+        visual = features.reshape(b, t * n, d)
         visual_mask = None if frame_mask is None else jnp.repeat(frame_mask.astype(bool), n, axis=1)
         tokens = lambda p: jnp.broadcast_to(p[...].astype(self.dtype), (b, *p.shape))
         qs, qt = tokens(self.query_tokens), tokens(self.temporal_query_tokens)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -20,17 +21,40 @@ def dtype_of(name: str) -> jnp.dtype:
     return DTYPES[name]
 
 
+def _host_rng(rngs: nnx.Rngs | None) -> np.random.Generator | None:
+    """A NumPy generator seeded from the next ``params`` key; None while tracing (``nnx.eval_shape``)."""
+    if rngs is None:
+        return np.random.default_rng(0)
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        return None
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)))
+
+
 def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
-    """A parameter with logical axis names. ``rngs=None`` uses a fixed key (shape-only builds, zeros/ones inits)."""
+    """A parameter with logical axis names, initialised on the host.
+
+    Initial values are drawn with NumPy from a seed taken off ``rngs``: on CPU, jax.random compiles one program per
+    new shape (about a second each with jax 0.10), which made building even a tiny model take seconds. Under
+    ``nnx.eval_shape`` no values are drawn at all.
+    """
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
-    key = rngs.params() if rngs is not None else jax.random.key(0)
-    return nnx.Param(init(key, tuple(shape), dtype), logical_axes=tuple(axes))
+    rng = _host_rng(rngs)
+    value = jnp.zeros(tuple(shape), dtype) if rng is None else jnp.asarray(init(rng, tuple(shape)), dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
 
 
-normal_init = jax.nn.initializers.normal
-zeros_init = jax.nn.initializers.zeros
-ones_init = jax.nn.initializers.ones
+def normal_init(std: float):
+    return lambda rng, shape: rng.normal(0.0, std, shape).astype(np.float32)
+
+
+def zeros_init(rng, shape):
+    return np.zeros(shape, np.float32)
+
+
+def ones_init(rng, shape):
+    return np.ones(shape, np.float32)
 
 
 class Dense(nnx.Module):

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Set up and run the project with nothing but Python: `python3 dev.py demo` or `python3 dev.py test`.
+
+Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch` and `dev` extras,
+then runs the demo or the whole test suite inside it. Extra arguments go to the demo / pytest.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+STAMP = VENV / ".installed"
+
+
+def run(*cmd: str, env=None) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+
+
+def ensure_env() -> None:
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.is_file() and STAMP.read_text() == want and PY.is_file():
+        return
+    if not PY.is_file():
+        venv.create(VENV, with_pip=True)
+    run(str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip")
+    run(str(PY), "-m", "pip", "install", "-q", "-e", ".[torch,dev]")
+    STAMP.write_text(want)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in ("demo", "test", "setup"):
+        sys.exit(__doc__)
+    ensure_env()
+    task, rest = argv[0], argv[1:]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if task == "demo":
+        run(str(PY), "-m", "g4v_jax.demo", *rest, env=env)
+    elif task == "test":
+        run(str(PY), "-m", "pytest", "-q", "-n", "2", "--durations=15", *rest, env=env)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except subprocess.CalledProcessError as e:
+        sys.exit(e.returncode)

@@ -1,0 +1,1 @@
+"""Host-side data loading: video/image decoding and CLIP preprocessing geometry."""
