@@ -69,6 +69,10 @@ def vision_config_from_hf(hf: dict) -> VisionConfig:
     act = v.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
         raise ValueError(f"CLIP vision tower with hidden_act={act!r}: only quick_gelu (OpenAI CLIP) is supported")
+    absent = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in v]
+    if absent:
+        raise ValueError(f"config.json is not a CLIP (vision) config: it lacks {', '.join(absent)}")
+    # defaults are CLIPVisionConfig's own
     return VisionConfig(
         image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32), hidden_size=v["hidden_size"],
         intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
@@ -79,10 +83,10 @@ def vision_config_from_hf(hf: dict) -> VisionConfig:
 
 def load_hf_clip_vision(src: str | Path, *, progress: bool = False) -> tuple[VisionConfig, CLIPVisionTower]:
     """Convert an HF CLIP checkpoint's vision tower into a ready ``CLIPVisionTower`` (fp32)."""
+    tensors = open_checkpoint(src)
     cfg = vision_config_from_hf(read_hf_config(src))
     target = nnx.eval_shape(lambda: CLIPVisionTower(cfg, rngs=nnx.Rngs(0)))
     shapes = {k: s for k, (s, _) in param_shapes(target).items()}
-    tensors = open_checkpoint(src)
     arrays = convert_checkpoint(tensors, clip_vision_rules(theirs=_vision_prefix(tensors)), shapes, source=str(src),
                                 ignore=CLIP_IGNORE, progress=progress)
     return cfg, assign_params(target, arrays, str(src))
@@ -114,7 +118,7 @@ def main(argv=None) -> None:
     ap.add_argument("--llm-hidden-size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides such as model.param_dtype=bfloat16")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     dst = convert(args.src, args.dst, abstractor=args.abstractor, llm_hidden_size=args.llm_hidden_size,
                   overrides=args.overrides, seed=args.seed)
     print_load_hint(Path(dst))

@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("overrides", nargs="*", help="config overrides such as model.param_dtype=bfloat16")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     print_load_hint(convert(args.src, args.dst, args.overrides))
 
 

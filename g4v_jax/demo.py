@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="outputs/demo")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.abstractor.variant=paper")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     run(args.config, args.video, args.out, args.batch, args.overrides)
 
 

@@ -443,3 +443,24 @@ def test_wrong_layouts_are_reported_in_checkpoint_terms(tmp_path, key, bad_shape
     with pytest.raises(CheckpointMismatchError) as e:
         load_mplug_owl(write_checkpoint(tmp_path / "ckpt", sd))
     assert f"{key}: checkpoint {bad_shape}, model needs {good_shape}" in str(e.value)
+
+
+def test_cli_converts_and_g4v_jax_load_matches(tmp_path, frames):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import g4v_jax
+
+    sd = make_state_dict(0)
+    src = write_checkpoint(tmp_path / "src", {**sd, "language_model.model.embed_tokens.weight": np.zeros((4, 64))})
+    dst = tmp_path / "dst"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "convert.mplug_owl", str(src), str(dst)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "g4v_jax.load(" in proc.stdout and "skipped 1 language_model.* tensors" in proc.stdout
+    model = g4v_jax.load(dst)
+    diff = _maxdiff(np.asarray(model(frames)), ref_model(frames, sd)[1])
+    print(f"CLI-converted model vs NumPy reference: {diff:.2e}")
+    assert diff <= 1e-4

@@ -1,0 +1,69 @@
+"""Sharding: logical rules, and the vision tower + abstractor on a (data=2, fsdp=2, tensor=2) mesh of 8 CPU devices
+equal the single-device result. The mesh run happens in a subprocess because the device count is fixed at JAX start."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from jax.sharding import PartitionSpec as P
+
+from g4v_jax.sharding import logical_to_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_logical_rules_without_mesh():
+    assert logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert logical_to_spec(("activation_batch", None)) == P(("data", "fsdp"), None)
+    assert logical_to_spec(("norm",)) == P(None)
+
+
+MESH_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, jax
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+    from g4v_jax.config import load_config, MeshConfig
+    from g4v_jax.models.gpt4video import build_model
+    from g4v_jax.sharding import make_mesh, shard_state, batch_sharding, logical_to_spec
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg = load_config("tiny", ["model.vision.num_heads=4", "model.abstractor.num_heads=4"]).model
+    model = build_model(cfg, seed=0)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 4, 56, 56, 3), dtype=np.uint8)
+    mask = np.ones((4, 4), bool); mask[1, 3] = False
+    expected = np.asarray(model(frames, mask))
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    # a logical axis that does not divide the mesh axis stays replicated
+    assert logical_to_spec(("embed", "mlp"), (5, 64), mesh) == P(None, "tensor")
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        state = shard_state(state, mesh)
+        kernel = state["vision_model"]["layers"][0]["mlp"]["fc1"]["kernel"].get_value()
+        assert kernel.sharding.spec == P("fsdp", "tensor"), kernel.sharding
+        assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (16, 32)
+        frames_d = jax.device_put(frames, batch_sharding(mesh, 5))
+        mask_d = jax.device_put(mask, batch_sharding(mesh, 2))
+
+        @jax.jit
+        def forward(state, frames, mask):
+            return nnx.merge(graphdef, state)(frames, mask)
+
+        got = forward(state, frames_d, mask_d)
+    diff = float(np.abs(np.asarray(got) - expected).max())
+    print(f"mesh (2,2,2) vs single device: max|diff| {diff:.2e}")
+    assert diff <= 1e-5, diff
+    """
+)
+
+
+def test_forward_on_8_device_mesh_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout.strip())
