@@ -98,7 +98,8 @@ def convert(src: str | Path, dst: str | Path, *, abstractor: str = "paper", llm_
     vision_cfg, tower = load_hf_clip_vision(src, progress=True)
     # the clip_vit_l14 preset carries the abstractor settings a plain CLIP tower needs (frame embeddings)
     base = load_config({"model": "model/clip_vit_l14.yaml"},
-                       [f"model.abstractor.variant={abstractor}", f"model.llm_hidden_size={llm_hidden_size}",
+                       ["model.kind=video_encoder", f"model.abstractor.variant={abstractor}",
+                        f"model.llm_hidden_size={llm_hidden_size}",
                         # store full precision; g4v_jax.load(dir, ["model.param_dtype=bfloat16"]) casts later
                         "model.param_dtype=float32", "model.compute_dtype=float32", *overrides])
     model_cfg = dataclasses.replace(base.model, vision=vision_cfg)

@@ -1,11 +1,11 @@
-"""mPLUG-Owl(-video) checkpoint -> g4v_jax (vision tower + video abstractor; the LLaMA part joins with the LLM issue).
+"""mPLUG-Owl(-video) checkpoint -> g4v_jax GPT4Video (vision tower + video abstractor + LLaMA, LoRA adapters fresh).
 
     python -m convert.mplug_owl SRC DST [key=value ...]
 
 SRC is an mPLUG-Owl or mPLUG-Owl-video directory (``config.json`` with ``vision_config``,
 ``visual_abstractor_config``, ``text_config``, ``num_query_tokens``; weights as safetensors or ``.bin``, sharded or
-not). GPT4Video starts from this checkpoint. ``language_model.*`` tensors are reported and skipped for now.
-The image-only mPLUG-Owl (no temporal adapter, no temporal query tokens) is not a supported source: its missing
+not). GPT4Video starts from this checkpoint. A checkpoint without ``language_model.*`` tensors converts to a
+``kind: video_encoder`` directory (vision tower + abstractor only). The image-only mPLUG-Owl (no temporal adapter, no temporal query tokens) is not a supported source: its missing
 tensors are reported by name.
 """
 
@@ -21,7 +21,11 @@ from convert.common import (
     read_hf_config, rename, reshaped,
 )
 from g4v_jax.config import AbstractorConfig, Config, ModelConfig, VisionConfig, from_dict, parse_overrides, to_dict
-from g4v_jax.models.gpt4video import VideoEncoder, abstract_model
+from convert.hf_llama import llama_config_from_hf, llama_rules
+from g4v_jax.models.gpt4video import GPT4Video, VideoEncoder, abstract_model
+from g4v_jax.models.lora import fresh_lora_arrays
+
+from flax import nnx
 from g4v_jax.weights import assign_params, named_params, param_shapes, save_pretrained
 
 
@@ -104,8 +108,8 @@ def mplug_owl_rules(vision_heads: int) -> list[Rule]:
     return rules
 
 
-# the language model converts with the LLM issue; position ids are buffers
-MPLUG_IGNORE = (r"^language_model\.", r"position_ids$")
+# position ids and rotary frequencies are buffers, not weights
+MPLUG_IGNORE = (r"position_ids$", r"rotary_emb\.inv_freq$")
 
 
 def abstractor_mlp_width(intermediate_size: int) -> int:
@@ -116,7 +120,7 @@ def abstractor_mlp_width(intermediate_size: int) -> int:
     return 256 * ((hidden + 255) // 256)
 
 
-def model_config_from_mplug(hf: dict, overrides=()) -> ModelConfig:
+def model_config_from_mplug(hf: dict, overrides=(), *, with_llm: bool = False) -> ModelConfig:
     """Our ``ModelConfig`` for an mPLUG-Owl(-video) ``config.json`` (dict), plus ``model.*`` overrides."""
     v, a = hf["vision_config"], hf["visual_abstractor_config"]
     if v.get("hidden_act", "quick_gelu") != "quick_gelu":
@@ -135,7 +139,13 @@ def model_config_from_mplug(hf: dict, overrides=()) -> ModelConfig:
         num_heads=a["num_attention_heads"], intermediate_size=abstractor_mlp_width(a["intermediate_size"]),
         num_query_tokens=n_query, num_temporal_tokens=n_query, ffn_norm_eps=a.get("layer_norm_eps", 1e-6),
     )
-    data = to_dict(ModelConfig(vision=vision, abstractor=abstractor, llm_hidden_size=hf["text_config"]["hidden_size"]))
+    llm_width = hf["text_config"]["hidden_size"]
+    if with_llm:
+        llm = llama_config_from_hf(hf["text_config"])
+        model = ModelConfig(kind="gpt4video", vision=vision, abstractor=abstractor, llm=llm, llm_hidden_size=llm_width)
+    else:
+        model = ModelConfig(kind="video_encoder", vision=vision, abstractor=abstractor, llm_hidden_size=llm_width)
+    data = to_dict(model)
     data = _deep_update(data, parse_overrides(overrides).get("model", {}))
     return from_dict(ModelConfig, data, "model.")
 
@@ -146,24 +156,30 @@ def _deep_update(a: dict, b: dict) -> dict:
     return a
 
 
-def load_mplug_owl(src: str | Path, overrides=(), *, progress: bool = False) -> tuple[ModelConfig, VideoEncoder]:
-    """Convert an mPLUG-Owl(-video) checkpoint into a ready ``VideoEncoder``."""
-    cfg = model_config_from_mplug(read_hf_config(src), overrides)
-    target = abstract_model(cfg)
-    shapes = {k: s for k, (s, _) in param_shapes(target).items()}
+def load_mplug_owl(src: str | Path, overrides=(), *, progress: bool = False) -> tuple[ModelConfig, nnx.Module]:
+    """Convert an mPLUG-Owl(-video) checkpoint into a ready ``GPT4Video`` (or ``VideoEncoder`` without LLM)."""
     tensors = open_checkpoint(src)
-    skipped = sum(1 for k in tensors if k.startswith("language_model."))
-    arrays = convert_checkpoint(tensors, mplug_owl_rules(cfg.vision.num_heads), shapes, source=str(src),
-                                ignore=MPLUG_IGNORE, progress=progress)
-    if skipped and progress:
-        print(f"skipped {skipped} language_model.* tensors (the LLaMA converter handles them)")
-    return cfg, assign_params(target, arrays, str(src))
+    with_llm = any(k.startswith("language_model.") for k in tensors)
+    cfg = model_config_from_mplug(read_hf_config(src), overrides, with_llm=with_llm)
+    target = abstract_model(cfg)
+    shapes = {k: s for k, (s, _) in param_shapes(target).items() if ".lora_" not in k}
+    rules = mplug_owl_rules(cfg.vision.num_heads)
+    if with_llm:
+        rules += llama_rules("language_model.", "language_model.model.", "language_model.lm_head")
+    arrays = convert_checkpoint(tensors, rules, shapes, source=str(src), ignore=MPLUG_IGNORE, progress=progress)
+    if progress and not with_llm:
+        print("no language_model.* tensors: wrote the video encoder only (kind: video_encoder)")
+    return cfg, assign_params(target, {**arrays, **fresh_lora_arrays(target)}, str(src))
 
 
 def export_mplug_owl(model: VideoEncoder) -> dict[str, np.ndarray]:
-    """Our ``VideoEncoder`` -> mPLUG-Owl-video tensor names and layouts (the inverse of ``load_mplug_owl``)."""
+    """Our ``VideoEncoder``/``GPT4Video`` -> mPLUG-Owl-video tensor names and layouts (the inverse of
+    ``load_mplug_owl``; LoRA adapters are not part of that format: merge them first)."""
     params = {k: np.asarray(val) for k, val in named_params(model).items()}
-    return export_params(params, mplug_owl_rules(model.cfg.vision.num_heads))
+    rules = mplug_owl_rules(model.cfg.vision.num_heads)
+    if isinstance(model, GPT4Video):
+        rules += llama_rules("language_model.", "language_model.model.", "language_model.lm_head")
+    return export_params(params, rules)
 
 
 def convert(src: str | Path, dst: str | Path, overrides=()) -> Path:

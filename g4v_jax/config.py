@@ -84,9 +84,84 @@ class AbstractorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """HF ``rope_scaling`` / ``rope_parameters``: ``default``, ``linear`` (LLaMA-2 long context) or ``llama3``."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ConfigError(f"rope_scaling.rope_type {self.rope_type!r} is not supported (default, linear, llama3)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """HF ``LlamaConfig`` fields we use; defaults are LLaMA-7B (v1), the paper's LLM."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32  # < num_heads: grouped-query attention
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"llm.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                              f"({self.num_kv_heads})")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the LLM (paper §3.3); the GPT4Video release: q_proj and v_proj, r=16, alpha=16, dropout 0.1."""
+
+    enabled: bool = True
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    param_dtype: str = "float32"  # adapters stay fp32 while the frozen base may be bf16
+
+    def __post_init__(self):
+        allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        unknown = set(self.targets) - allowed
+        if unknown:
+            raise ConfigError(f"lora.targets {sorted(unknown)} unknown; choose from {sorted(allowed)}")
+        if self.rank < 1:
+            raise ConfigError("lora.rank must be >= 1")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """``kind`` says which parts a model directory holds: the whole GPT4Video, only the video encoder (vision tower +
+    abstractor, e.g. converted from CLIP) or only the language model (converted from HF LLaMA)."""
+
+    kind: str = "gpt4video"  # gpt4video | video_encoder | llm
     vision: VisionConfig = VisionConfig()
     abstractor: AbstractorConfig = AbstractorConfig()
+    llm: LlamaConfig = LlamaConfig()
+    lora: LoraConfig = LoraConfig()
     llm_hidden_size: int = 4096  # width of the LLM's word embeddings the video tokens are projected to
     num_frames: int = 4  # T
     param_dtype: str = "float32"
@@ -95,6 +170,11 @@ class ModelConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self):
+        if self.kind not in ("gpt4video", "video_encoder", "llm"):
+            raise ConfigError(f"model.kind must be gpt4video, video_encoder or llm, got {self.kind!r}")
+        if self.kind == "gpt4video" and self.llm_hidden_size != self.llm.hidden_size:
+            raise ConfigError(f"model.llm_hidden_size ({self.llm_hidden_size}) must equal model.llm.hidden_size "
+                              f"({self.llm.hidden_size}): video tokens are spliced into the LLM's embeddings")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")

@@ -93,13 +93,14 @@ def _path_name(path: Iterable) -> str:
 
 def param_shapes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``{name: (shape, dtype)}`` of every parameter."""
-    _, state = nnx.split(model)
+    _, state, _ = nnx.split(model, nnx.Param, ...)
     return {_path_name(p): (tuple(v.get_value().shape), np.dtype(v.get_value().dtype))
             for p, v in nnx.to_flat_state(state)}
 
 
 def named_params(model: nnx.Module) -> dict[str, jax.Array]:
-    _, state = nnx.split(model)
+    """Every parameter (``nnx.Param``, LoRA adapters included; not RNG state) by dotted name."""
+    _, state, _ = nnx.split(model, nnx.Param, ...)
     return {_path_name(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
@@ -124,7 +125,7 @@ def mismatch_report(expected: Mapping[str, tuple], got: Mapping[str, tuple], sou
 def assign_params(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -> nnx.Module:
     """Return ``model`` (abstract or concrete) with every parameter replaced by ``arrays[name]``, cast to the
     parameter's dtype. Raises ``CheckpointMismatchError`` naming all missing/unexpected keys and wrong shapes."""
-    graphdef, state = nnx.split(model)
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     flat = nnx.to_flat_state(state)
     expected = {_path_name(p): tuple(v.get_value().shape) for p, v in flat}
     report = mismatch_report(expected, {k: tuple(np.shape(a)) for k, a in arrays.items()}, source)
@@ -134,7 +135,16 @@ def assign_params(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: s
     for path, var in flat:
         dtype = var.get_value().dtype
         leaves.append((path, var.replace(jnp.asarray(np.asarray(arrays[_path_name(path)]), dtype=dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves), jax.tree.map(_materialize, rest))
+
+
+def _materialize(x):
+    """Concrete values for non-parameter state of an abstract model (dropout RNG keys and counters)."""
+    if not isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jnp.broadcast_to(jax.random.key(0), x.shape)
+    return jnp.zeros(x.shape, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -161,7 +171,9 @@ def load_model_config(directory: str | Path, overrides=()) -> Config:
 
 
 def load(directory: str | Path, overrides=()) -> nnx.Module:
-    """Load a converted or trained model directory: ``model = g4v_jax.load("ckpt/")``.
+    """Load a converted or trained model directory: ``model = g4v_jax.load("ckpt/")``, in eval mode.
+
+    Returns a ``GPT4Video``, ``VideoEncoder`` or ``LlamaForCausalLM`` according to the saved ``model.kind``.
 
     ``overrides`` are ``key=value`` strings applied to the saved config, e.g. ``["model.compute_dtype=bfloat16"]``.
     """
@@ -170,7 +182,9 @@ def load(directory: str | Path, overrides=()) -> nnx.Module:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{directory}: {WEIGHTS_FILE} is missing")
-    return assign_params(abstract_model(cfg.model), read_safetensors(weights), str(weights))
+    model = assign_params(abstract_model(cfg.model), read_safetensors(weights), str(weights))
+    model.eval()  # inference by default: LoRA dropout off; training calls model.train()
+    return model
 
 
 __all__ = [

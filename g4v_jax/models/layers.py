@@ -31,7 +31,8 @@ def _host_rng(rngs: nnx.Rngs | None) -> np.random.Generator | None:
     return np.random.default_rng(np.asarray(jax.random.key_data(key)))
 
 
-def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str | None], dtype,
+          kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
     """A parameter with logical axis names, initialised on the host.
 
     Initial values are drawn with NumPy from a seed taken off ``rngs``: on CPU, jax.random compiles one program per
@@ -42,7 +43,7 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str 
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
     rng = _host_rng(rngs)
     value = jnp.zeros(tuple(shape), dtype) if rng is None else jnp.asarray(init(rng, tuple(shape)), dtype)
-    return nnx.Param(value, logical_axes=tuple(axes))
+    return kind(value, logical_axes=tuple(axes))
 
 
 def normal_init(std: float):

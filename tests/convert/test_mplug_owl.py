@@ -407,17 +407,63 @@ def test_mismatch_is_reported(tmp_path, state_dict):
     assert missing not in section["unexpected"] and renamed_to not in section["missing"]
 
 
-def test_language_model_keys_are_skipped(tmp_path, state_dict, frames):
-    rng = np.random.default_rng(2)
+def _tiny_hf_llama(seed=2):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=D_LLM, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return cfg, LlamaForCausalLM(cfg).eval()
+
+
+def _with_language_model(state_dict):
+    """A full mPLUG-Owl checkpoint: our random vision/abstractor state dict + a tiny HF LLaMA under language_model."""
+    hf_cfg, llama = _tiny_hf_llama()
     sd = dict(state_dict)
-    sd["language_model.model.embed_tokens.weight"] = rng.standard_normal((10, D_LLM)).astype(np.float32)
-    sd["language_model.model.layers.0.self_attn.q_proj.weight"] = rng.standard_normal((D_LLM, D_LLM)).astype(
-        np.float32)
-    sd["language_model.lm_head.weight"] = rng.standard_normal((10, D_LLM)).astype(np.float32)
-    _, model = load_mplug_owl(write_checkpoint(tmp_path / "with_llm", sd))
+    sd.update({f"language_model.{k}": v.numpy() for k, v in llama.state_dict().items()})
+    config = dict(HF_CONFIG, text_config={**hf_cfg.to_dict(), "model_type": "llama"})
+    return sd, config, llama
+
+
+def test_full_checkpoint_converts_the_language_model(tmp_path, state_dict, frames):
+    torch = pytest.importorskip("torch")
+    sd, config, llama = _with_language_model(state_dict)
+    cfg, model = load_mplug_owl(write_checkpoint(tmp_path / "full", sd, config))
+    assert cfg.kind == "gpt4video" and cfg.llm.num_kv_heads == 2
+    model.eval()
+    ids = np.random.default_rng(0).integers(0, 96, (2, 12))
+    ours, _ = model.language_model(ids)
+    with torch.no_grad():
+        ref = llama(torch.from_numpy(ids)).logits.numpy()
+    diff = _maxdiff(np.asarray(ours), ref)
+    print(f"mPLUG-Owl language_model vs HF LlamaForCausalLM logits: {diff:.2e}")
+    assert diff <= 1e-4
+    # the video side is untouched by the LLM's presence, and export gives back every tensor bit for bit
     out = export_mplug_owl(model)
-    assert sorted(out) == sorted(state_dict)
-    assert all(np.array_equal(out[k], state_dict[k]) for k in state_dict)
+    assert sorted(out) == sorted(sd)
+    assert all(np.array_equal(out[k], sd[k]) for k in sd)
+
+
+def test_cli_converts_and_g4v_jax_load_matches(tmp_path, state_dict, frames):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import g4v_jax
+
+    sd, config, _ = _with_language_model(state_dict)
+    src = write_checkpoint(tmp_path / "src", sd, config)
+    dst = tmp_path / "dst"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "convert.mplug_owl", str(src), str(dst)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "g4v_jax.load(" in proc.stdout
+    model = g4v_jax.load(dst)
+    diff = _maxdiff(np.asarray(model.encode_videos(frames)), ref_model(frames, sd)[1])
+    print(f"CLI-converted model vs NumPy reference: {diff:.2e}")
+    assert diff <= 1e-4
 
 
 def test_abstractor_mlp_width():
@@ -443,24 +489,3 @@ def test_wrong_layouts_are_reported_in_checkpoint_terms(tmp_path, key, bad_shape
     with pytest.raises(CheckpointMismatchError) as e:
         load_mplug_owl(write_checkpoint(tmp_path / "ckpt", sd))
     assert f"{key}: checkpoint {bad_shape}, model needs {good_shape}" in str(e.value)
-
-
-def test_cli_converts_and_g4v_jax_load_matches(tmp_path, frames):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import g4v_jax
-
-    sd = make_state_dict(0)
-    src = write_checkpoint(tmp_path / "src", {**sd, "language_model.model.embed_tokens.weight": np.zeros((4, 64))})
-    dst = tmp_path / "dst"
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "convert.mplug_owl", str(src), str(dst)], cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "g4v_jax.load(" in proc.stdout and "skipped 1 language_model.* tensors" in proc.stdout
-    model = g4v_jax.load(dst)
-    diff = _maxdiff(np.asarray(model(frames)), ref_model(frames, sd)[1])
-    print(f"CLI-converted model vs NumPy reference: {diff:.2e}")
-    assert diff <= 1e-4

@@ -80,7 +80,7 @@ def test_frame_order_matters_through_the_temporal_adapter(rng):
             p[...] = 0.3 * rng.normal(size=p.shape).astype(np.float32)
     _sharpen_attention(model.abstractor)
     frames = rng.integers(0, 256, (1, 4, 56, 56, 3), dtype=np.uint8)
-    assert np.abs(np.asarray(model(frames)) - np.asarray(model(frames[:, ::-1]))).max() > 1e-4  # fp32 noise is ~1e-6; the invariant case below stays under 1e-5
+    assert np.abs(np.asarray(model.encode_videos(frames)) - np.asarray(model.encode_videos(frames[:, ::-1]))).max() > 1e-4  # fp32 noise is ~1e-6; the invariant case below stays under 1e-5
 
 
 def test_shared_vs_separate_stream_weights(rng):
@@ -101,12 +101,12 @@ def test_mplug_variant_tokens_and_single_frame(rng):
     cfg = load_config("tiny").model
     model = build_model(cfg)
     frames = rng.integers(0, 256, (2, 4, 56, 56, 3), dtype=np.uint8)
-    out = model(frames, np.ones((2, 4), bool))
+    out = model.encode_videos(frames, np.ones((2, 4), bool))
     assert out.shape == (2, cfg.abstractor.num_query_tokens + 1, cfg.llm_hidden_size)
     # the last token is the learned vit_eos, identical for every video
     np.testing.assert_allclose(np.asarray(out[:, -1]), np.broadcast_to(np.asarray(model.abstractor.vit_eos[...]),
                                                                        (2, cfg.llm_hidden_size)))
-    assert model(frames[:, :1]).shape == out.shape  # T == 1: no temporal queries, same token count
+    assert model.encode_videos(frames[:, :1]).shape == out.shape  # T == 1: no temporal queries, same token count
 
 
 def test_too_many_frames_for_frame_embeddings(rng):

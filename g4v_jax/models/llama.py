@@ -1,0 +1,230 @@
+"""LLaMA (paper §3.3: LLaMA-7B, frozen, with LoRA), matching HF ``transformers.LlamaForCausalLM``.
+
+Pre-RMSNorm decoder blocks, rotary position embeddings in HF's rotate-half layout (HF checkpoints are already
+permuted for it; Meta ``.pth`` weights are interleaved and would need the inverse permutation), SwiGLU MLP,
+grouped-query attention (``num_kv_heads`` < ``num_heads``), tied or untied output embeddings.
+
+Shapes: token ids (B, L) -> logits (B, L, V). Decoding uses a preallocated ``KVCache`` (keys/values for every layer,
+(layers, B, S, H_kv, Dh)) written at slot ``index``; ``valid`` marks the slots that hold real tokens, so left- or
+right-padded prompts share one cache. A query at slot q attends to valid slots s <= q. Positions for RoPE default
+to the number of real tokens before each token, so padding never shifts a sequence's positions.
+
+Attention goes through ``jax.nn.dot_product_attention`` (cuDNN on GPU when ``attention_impl`` allows).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from g4v_jax.config import LlamaConfig, LoraConfig
+from g4v_jax.models.layers import attention_implementation, normal_init, ones_init, param
+from g4v_jax.models.lora import LoRALinear
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (layers, B, S, H_kv, Dh)
+    v: jax.Array  # (layers, B, S, H_kv, Dh)
+    valid: jax.Array  # (B, S) bool: slot holds a real token
+    index: jax.Array  # () int32: next slot to write
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_size)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_length), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Rotary inverse frequencies (Dh/2,) in float32, with HF's ``linear`` and ``llama3`` scaling."""
+    dim = cfg.head_size
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        inv_freq = inv_freq / rs.factor
+    elif rs.rope_type == "llama3":
+        old_ctx = rs.original_max_position_embeddings
+        low_wavelen = old_ctx / rs.low_freq_factor
+        high_wavelen = old_ctx / rs.high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        smooth = (old_ctx / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE. x (B, L, H, Dh), positions (B, L) -> (B, L, H, Dh)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, Dh/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, features: int, *, eps: float, param_dtype=jnp.float32):
+        self.scale = param(None, ones_init, (features,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)  # HF casts back before the weight
+
+
+def _lora_for(name: str, lora: LoraConfig | None) -> LoraConfig | None:
+    return lora if lora is not None and lora.enabled and name in lora.targets else None
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, lora: LoraConfig | None, *, param_dtype, dtype, attention_impl: str,
+                 rngs: nnx.Rngs):
+        d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+
+        def proj(name, i, o, axes):
+            return LoRALinear(i, o, axes, lora=_lora_for(name, lora), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+
+        self.q_proj = proj("q_proj", d, h * dh, ("embed", "heads"))
+        self.k_proj = proj("k_proj", d, hkv * dh, ("embed", "kv_heads"))
+        self.v_proj = proj("v_proj", d, hkv * dh, ("embed", "kv_heads"))
+        self.o_proj = proj("o_proj", h * dh, d, ("heads", "embed"))
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, dh
+        self.rope_cfg = cfg  # static: the frequencies are a trace-time constant, not state
+        self.implementation = attention_implementation(attention_impl)
+
+    def __call__(self, x, positions, mask, kv: tuple[jax.Array, jax.Array] | None, index):
+        """x (B, L, D); mask (B, 1, L, S) bool; kv: this layer's cache (B, S, H_kv, Dh) x 2 or None."""
+        b, l, _ = x.shape
+        inv_freq = rope_inv_freq(self.rope_cfg)
+        q = apply_rope(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+        impl = self.implementation if q.dtype != jnp.float32 else "xla"  # cuDNN needs fp16/bf16
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=impl)
+        return self.o_proj(out.reshape(b, l, -1)), (k, v)
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, lora: LoraConfig | None, *, param_dtype, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+
+        def proj(name, i, o, axes):
+            return LoRALinear(i, o, axes, lora=_lora_for(name, lora), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+
+        self.gate_proj = proj("gate_proj", d, f, ("embed", "mlp"))
+        self.up_proj = proj("up_proj", d, f, ("embed", "mlp"))
+        self.down_proj = proj("down_proj", f, d, ("mlp", "embed"))
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, lora: LoraConfig | None, *, param_dtype, dtype, attention_impl: str,
+                 rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = LlamaAttention(cfg, lora, attention_impl=attention_impl, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = LlamaMLP(cfg, lora, **kw)
+
+    def __call__(self, x, positions, mask, kv, index):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def _attention_mask(attention_mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array | None]:
+    """(B, 1, L, S) mask: valid keys at or before the query's slot; and the cache's new ``valid``."""
+    b, l = attention_mask.shape
+    if cache is None:
+        key_valid, q_slot, k_slot = attention_mask, jnp.arange(l), jnp.arange(l)
+        new_valid = None
+    else:
+        key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.index, axis=1)
+        q_slot, k_slot = cache.index + jnp.arange(l), jnp.arange(cache.max_length)
+        new_valid = key_valid
+    causal = k_slot[None, :] <= q_slot[:, None]  # (L, S)
+    # a padded query keeps its own slot so that its (unused) row never attends to nothing
+    own = k_slot[None, :] == q_slot[:, None]
+    mask = (causal[None] & key_valid[:, None, :]) | own[None]
+    return mask[:, None], new_valid
+
+
+def default_positions(attention_mask: jax.Array, cache: KVCache | None) -> jax.Array:
+    """Position of each token = number of real tokens before it in its sequence (cache included)."""
+    before = 0 if cache is None else cache.valid.sum(-1, keepdims=True)
+    return (before + jnp.cumsum(attention_mask, axis=-1) - 1).clip(min=0).astype(jnp.int32)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Token ids or embeddings (B, L) -> fp32 logits (B, L, V), optionally through a ``KVCache``."""
+
+    def __init__(self, cfg: LlamaConfig, lora: LoraConfig | None = None, *, param_dtype=jnp.float32,
+                 dtype=jnp.float32, attention_impl="auto", rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = param(rngs, normal_init(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                  param_dtype)
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, lora, attention_impl=attention_impl, **kw) for _ in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else param(
+            rngs, normal_init(0.02), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """(B, L) ids -> (B, L, D) embeddings in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, l, _ = x.shape
+        if cache is None and l > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {l} tokens exceeds the model's context of "
+                             f"{self.cfg.max_position_embeddings} (llm.max_position_embeddings)")
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, l), bool)
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            positions = default_positions(attention_mask, cache)
+        mask, new_valid = _attention_mask(attention_mask, cache)
+        index = None if cache is None else cache.index
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = layer(x, positions, mask, kv, index)
+            ks.append(k)
+            vs.append(v)
+        logits = self.logits(self.norm(x))
+        if cache is None:
+            return logits, None
+        return logits, KVCache(jnp.stack(ks), jnp.stack(vs), new_valid, cache.index + l)
