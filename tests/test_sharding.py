@@ -67,3 +67,48 @@ def test_forward_on_8_device_mesh_equals_single_device():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     print(proc.stdout.strip())
+
+
+FULL_MODEL_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, jax
+    from flax import nnx
+    from g4v_jax.config import load_config, MeshConfig
+    from g4v_jax.models.gpt4video import build_model
+    from g4v_jax.sharding import make_mesh, shard_state, batch_sharding
+
+    cfg = load_config("tiny").model
+    model = build_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    k = cfg.num_video_tokens
+    ids = rng.integers(3, cfg.llm.vocab_size, (4, 40)).astype(np.int32)
+    ids[0, 5:5 + k] = -1; ids[2, 3:3 + k] = -1; ids[2, 20:20 + k] = -1   # 3 videos over rows 0 and 2
+    mask = np.ones((4, 40), bool); mask[1, 30:] = False
+    frames = rng.integers(0, 256, (4, cfg.num_frames, 56, 56, 3), dtype=np.uint8)  # 3 used + 1 padding video
+    ids[3, 0:k] = -1                                                                    # ...used by row 3
+    graphdef, state = nnx.split(model)
+
+    def forward(state, ids, frames, mask):
+        return nnx.merge(graphdef, state)(ids, videos=frames, attention_mask=mask)[0]
+
+    expected = np.asarray(jax.jit(forward)(state, ids, frames, mask))
+    for axes in [(2, 2, 2), (1, 4, 2)]:
+        mesh = make_mesh(MeshConfig(*axes))
+        with jax.set_mesh(mesh):
+            sharded = shard_state(state, mesh)
+            put = lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim))
+            got = np.asarray(jax.jit(forward)(sharded, put(ids), put(frames), put(mask)))
+        diff = float(np.abs(got - expected).max())
+        print(f"GPT4Video logits, mesh (data, fsdp, tensor)={axes} vs single device: max|diff| {diff:.2e}")
+        assert diff <= 1e-4, diff
+    """
+)
+
+
+def test_gpt4video_on_two_meshes_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", FULL_MODEL_SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout.strip())
