@@ -9,7 +9,8 @@ def test_demo_runs_on_a_written_video(tmp_path, capsys):
     assert (tmp_path / "synthetic.mp4").is_file()
     assert result["features"] == (2, 4, 17, 32)
     assert result["tokens"] == (2, 9, 64)
-    assert "video tokens" in out and "jitted forward" in out
+    assert result["logits"] == (2, 512)  # the whole GPT4Video: video spliced into the prompt, next-token logits
+    assert "video tokens" in out and "jitted forward" in out and "next-token logits" in out
 
 
 def test_demo_paper_variant_on_image_folder(tmp_path):
@@ -22,6 +23,7 @@ def test_demo_paper_variant_on_image_folder(tmp_path):
     folder.mkdir()
     for i, frame in enumerate(synthetic_frames(3, 64, 80)):  # 3 images for T=4: the last is padded and masked
         Image.fromarray(frame).save(folder / f"f{i}.png")
-    result = demo.run("tiny", video=str(folder), batch=1, repeats=1, overrides=["model.abstractor.variant=paper"])
+    result = demo.run("tiny", video=str(folder), out=str(tmp_path), batch=1, repeats=1,
+                      overrides=["model.abstractor.variant=paper"])
     assert result["tokens"] == (1, 8, 64)
     assert np.isfinite(result["step_ms"])
