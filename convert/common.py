@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -232,6 +233,21 @@ def export_params(params: Mapping[str, np.ndarray], rules: Sequence[Rule]) -> di
             arrays = rule.to_theirs(*(np.asarray(params[o.format(**inst)]) for o in rule.ours))
             out.update({t.format(**inst): a for t, a in zip(rule.theirs, arrays)})
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer that ships beside a checkpoint, so ``g4v_jax.data.tokenizer.load_tokenizer(dst)`` works."""
+    src = Path(src) if Path(src).is_dir() else Path(src).parent
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 def print_load_hint(dst: Path) -> None:

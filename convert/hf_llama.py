@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from convert.common import (
-    Rule, convert_checkpoint, export_params, linear, open_checkpoint, print_load_hint, read_hf_config, rename,
+    Rule, convert_checkpoint, copy_tokenizer_files, export_params, linear, open_checkpoint, print_load_hint,
+    read_hf_config, rename,
 )
 from g4v_jax.config import Config, LlamaConfig, ModelConfig, RopeScaling, from_dict, load_config
 from g4v_jax.models.gpt4video import abstract_model
@@ -133,7 +134,10 @@ def export_llama(params: dict[str, np.ndarray], *, ours: str = "", tied: bool = 
 
 def convert(src: str | Path, dst: str | Path, overrides=()) -> Path:
     cfg, model = load_hf_llama(src, overrides, progress=True)
-    return save_pretrained(model, Config(model=cfg), dst)
+    out = save_pretrained(model, Config(model=cfg), dst)
+    copied = copy_tokenizer_files(src, out)
+    print(f"tokenizer: {', '.join(copied)} copied" if copied else "no tokenizer files beside the checkpoint")
+    return out
 
 
 def main(argv=None) -> None:

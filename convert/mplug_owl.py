@@ -5,7 +5,8 @@
 SRC is an mPLUG-Owl or mPLUG-Owl-video directory (``config.json`` with ``vision_config``,
 ``visual_abstractor_config``, ``text_config``, ``num_query_tokens``; weights as safetensors or ``.bin``, sharded or
 not). GPT4Video starts from this checkpoint. A checkpoint without ``language_model.*`` tensors converts to a
-``kind: video_encoder`` directory (vision tower + abstractor only). The image-only mPLUG-Owl (no temporal adapter, no temporal query tokens) is not a supported source: its missing
+``kind: video_encoder`` directory (vision tower + abstractor only). The image-only mPLUG-Owl (no temporal adapter,
+no temporal query tokens) is not a supported source: its missing
 tensors are reported by name.
 """
 
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from convert.common import (
-    Rule, convert_checkpoint, export_params, layernorm, linear, open_checkpoint, pointwise_conv, print_load_hint,
+    Rule, convert_checkpoint, copy_tokenizer_files, export_params, layernorm, linear, open_checkpoint,
+    pointwise_conv, print_load_hint,
     read_hf_config, rename, reshaped,
 )
 from g4v_jax.config import AbstractorConfig, Config, ModelConfig, VisionConfig, from_dict, parse_overrides, to_dict
@@ -184,7 +186,10 @@ def export_mplug_owl(model: VideoEncoder) -> dict[str, np.ndarray]:
 
 def convert(src: str | Path, dst: str | Path, overrides=()) -> Path:
     cfg, model = load_mplug_owl(src, overrides, progress=True)
-    return save_pretrained(model, Config(model=cfg), dst)
+    out = save_pretrained(model, Config(model=cfg), dst)
+    copied = copy_tokenizer_files(src, out)
+    print(f"tokenizer: {', '.join(copied)} copied" if copied else "no tokenizer files beside the checkpoint")
+    return out
 
 
 def main(argv=None) -> None:

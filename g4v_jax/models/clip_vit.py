@@ -63,7 +63,8 @@ class VisionEmbeddings(nnx.Module):
         self.class_embedding = param(rngs, normal_init(d**-0.5), (d,), ("embed",), param_dtype)
         # kernel rows ordered (channel, row, col) like torch's Conv2d weight (D, 3, P, P) flattened
         self.patch_embedding = param(rngs, normal_init(0.02), (3 * p * p, d), ("patch", "embed"), param_dtype)
-        self.position_embedding = param(rngs, normal_init(0.02), (cfg.num_positions, d), ("positions", "embed"), param_dtype)
+        self.position_embedding = param(rngs, normal_init(0.02), (cfg.num_positions, d), ("positions", "embed"),
+                                        param_dtype)
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """(F, H, W, 3) normalised pixels -> (F, 1 + N, D)."""
@@ -131,7 +132,8 @@ class LocalTemporalAdapter(nnx.Module):
             h = jnp.where(frame_mask[:, :, None, None], h, 0)
         w = self.conv_kernel[...].astype(self.dtype)
         padded = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0)))
-        h = padded[:, :-2] * w[0] + padded[:, 1:-1] * w[1] + padded[:, 2:] * w[2] + self.conv_bias[...].astype(self.dtype)
+        h = padded[:, :-2] * w[0] + padded[:, 1:-1] * w[1] + padded[:, 2:] * w[2]
+        h = h + self.conv_bias[...].astype(self.dtype)
         h = self.up_proj(quick_gelu(h))
         return jnp.concatenate([cls, h.astype(x.dtype)], axis=2)
 

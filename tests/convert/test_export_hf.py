@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import g4v_jax
-from convert.export_hf import export_merged_hf, export_peft_adapter, load_peft_adapter, main
+from convert.export_hf import export_merged_hf, export_peft_adapter, hf_llama_config, load_peft_adapter, main
 from convert.hf_llama import llama_config_from_hf, load_hf_llama
-from g4v_jax.config import load_config
+from g4v_jax.config import LlamaConfig as OurLlamaConfig
+from g4v_jax.config import RopeScaling, load_config
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.models.lora import lora_layers, merge, unmerge
 from g4v_jax.weights import named_params, read_safetensors
@@ -162,6 +163,22 @@ def test_merged_export_of_tied_and_rope_scaled_models(hf_dirs, tmp_path, variant
         assert hf_merged.lm_head.weight.data_ptr() == hf_merged.model.embed_tokens.weight.data_ptr()
     else:
         assert hf_cfg["rope_scaling"]["rope_type"] == HF_VARIANTS[variant]["rope_scaling"]["rope_type"]
+
+
+@pytest.mark.parametrize("rope", [RopeScaling(), RopeScaling("linear", factor=2.0),
+                                  RopeScaling("llama3", factor=8.0, original_max_position_embeddings=16)])
+def test_config_json_round_trips_and_transformers_reads_it(tmp_path, rope):
+    ours = OurLlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=32, rope_theta=5e5, rope_scaling=rope, tie_word_embeddings=True,
+                          bos_token_id=3, eos_token_id=4, pad_token_id=5, max_position_embeddings=64)
+    hf_json = hf_llama_config(ours)
+    assert llama_config_from_hf(hf_json) == ours
+    (tmp_path / "config.json").write_text(json.dumps(hf_json))
+    hf = LlamaConfig.from_pretrained(tmp_path)
+    assert (hf.head_dim, hf.num_key_value_heads, hf.tie_word_embeddings, hf.pad_token_id) == (32, 2, True, 5)
+    assert hf.rope_parameters["rope_type"] == rope.rope_type and hf.rope_parameters["rope_theta"] == 5e5
+    if rope.rope_type != "default":
+        assert hf.rope_parameters["factor"] == rope.factor
 
 
 def test_gpt4video_language_model_exports(tmp_path):

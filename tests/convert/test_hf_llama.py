@@ -52,11 +52,15 @@ def test_sharded_bin_and_bf16_layouts(hf_llama, tmp_path):
 
 
 def test_cli_then_load(hf_llama, tmp_path):
+    from g4v_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
+
     hf_llama.save_pretrained(tmp_path / "src")
+    tok = build_bpe_tokenizer(["a tiny corpus for a tiny tokenizer"] * 4, tmp_path / "src", vocab_size=300)
     proc = subprocess.run([sys.executable, "-m", "convert.hf_llama", str(tmp_path / "src"), str(tmp_path / "dst"),
                            "model.lora.rank=8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "g4v_jax.load(" in proc.stdout
+    assert "g4v_jax.load(" in proc.stdout and "tokenizer: tokenizer.json" in proc.stdout
+    assert load_tokenizer(tmp_path / "dst").encode("a tiny corpus") == tok.encode("a tiny corpus")
     model = g4v_jax.load(tmp_path / "dst")
     assert isinstance(model, LlamaForCausalLM)
     assert model.layers[0].self_attn.q_proj.lora_a[...].shape == (64, 8)

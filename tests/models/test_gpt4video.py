@@ -45,7 +45,8 @@ def test_video_tokens_land_exactly_at_their_slots(setup):
     ids = batch["input_ids"]
     # jitted: eager NNX compiles every op separately, seconds per new shape on CPU
     embeds = np.asarray(nnx.jit(lambda m, i, f, fm: m.embed(i, f, fm))(model, ids, frames, fmask))
-    video_tokens = np.asarray(nnx.jit(lambda m, f, fm: m.encode_videos(f, fm))(model, frames, fmask))  # (3, K, D): row 0 has videos 0, 1; row 2 has 2
+    # (3, K, D): row 0 holds videos 0 and 1, row 2 holds video 2
+    video_tokens = np.asarray(nnx.jit(lambda m, f, fm: m.encode_videos(f, fm))(model, frames, fmask))
     k = cfg.num_video_tokens
     slots = [np.flatnonzero(row < 0) for row in ids]
     assert [len(s) for s in slots] == [2 * k, 0, k]
