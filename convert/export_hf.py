@@ -28,8 +28,8 @@ hold the adapters: ``merged`` writes them as they are, ``base`` subtracts the ad
 
 Weights are written with ``g4v_jax.weights.write_safetensors`` (metadata ``format: pt``, which transformers checks):
 export needs neither torch nor the ``safetensors`` package, and bf16 goes out as bf16. One unsharded file is written
-(HF reads any size; ``save_pretrained`` from HF reshards it if wanted). No tokenizer is written: copy the tokenizer
-files of the original LLaMA checkpoint next to ``config.json``.
+(HF reads any size; ``save_pretrained`` from HF reshards it if wanted). The CLI copies the tokenizer files that SRC
+holds (our converters copy them from the HF checkpoint) into ``merged`` and ``base``.
 
 ``load_peft_adapter(model, adapter_dir)`` is the inverse of the adapter export: it reads a PEFT LoRA adapter (ours,
 or one trained with PEFT on an HF LLaMA, also when the LLaMA sat inside another model, e.g. ``language_model.`` in
@@ -48,7 +48,7 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from convert.common import Rule, TorchBinTensors, convert_checkpoint, export_params
+from convert.common import Rule, TorchBinTensors, convert_checkpoint, copy_tokenizer_files, export_params
 from convert.hf_llama import export_llama
 from g4v_jax.config import LlamaConfig
 from g4v_jax.models.llama import LlamaForCausalLM
@@ -361,9 +361,10 @@ def main(argv=None) -> None:
     lm = language_model(model)
     dst = Path(args.dst)
     has_lora = bool(_lora_modules(lm))
-    written = []
+    written, tokenizer = [], []
     if not args.adapter_only:
         path = export_merged_hf(lm, dst / "merged")
+        tokenizer = copy_tokenizer_files(args.src, path)
         what = "LoRA merged" if has_lora else "no LoRA adapters"
         written.append(f"wrote {path} (HF LlamaForCausalLM, {what}). Load it with:\n\n"
                        f"    from transformers import LlamaForCausalLM\n"
@@ -371,6 +372,7 @@ def main(argv=None) -> None:
     base = args.base_model
     if args.with_base:
         path = export_merged_hf(lm, dst / "base", merge=False)
+        tokenizer = copy_tokenizer_files(args.src, path)
         base = base or str(path)
         written.append(f"wrote {path} (HF LlamaForCausalLM without the adapters: the base for the adapter)\n")
     if not args.merged_only:
@@ -379,14 +381,17 @@ def main(argv=None) -> None:
             base_expr = repr(base) if base else "'<the HF LLaMA this model was converted from>'"
             written.append(f"wrote {path} (PEFT LoRA adapter). Load it with:\n\n"
                            f"    from peft import PeftModel; from transformers import LlamaForCausalLM\n"
-                           f"    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({base_expr}), "
-                           f"{str(path)!r})\n")
+                           f"    base = LlamaForCausalLM.from_pretrained({base_expr})\n"
+                           f"    model = PeftModel.from_pretrained(base, {str(path)!r})\n")
         elif args.adapter_only:
             sys.exit(f"{args.src}: the model has no LoRA adapters (model.lora.enabled is false); nothing to export")
         else:
             written.append("no adapter written: the model has no LoRA adapters\n")
-    print("\n".join(written) + "\nThe tokenizer is not exported: copy the original LLaMA's tokenizer files into "
-          "these directories.")
+    if not args.adapter_only or args.with_base:
+        written.append(f"tokenizer: {', '.join(tokenizer)} copied" if tokenizer else
+                       f"no tokenizer files in {args.src}: copy the original LLaMA's tokenizer files beside "
+                       "config.json")
+    print("\n".join(written))
 
 
 if __name__ == "__main__":

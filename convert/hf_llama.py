@@ -85,11 +85,11 @@ def llama_config_from_hf(hf: dict) -> LlamaConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=_first(hf.get("bos_token_id"), 1), eos_token_id=_first(hf.get("eos_token_id"), 2),
-        pad_token_id=_first(hf.get("pad_token_id"), 0),
+        pad_token_id=_first(hf.get("pad_token_id"), None),
     )
 
 
-def _first(v, default: int) -> int:
+def _first(v, default: int | None) -> int | None:
     if isinstance(v, (list, tuple)):
         return int(v[0]) if v else default
     return default if v is None else int(v)
@@ -121,7 +121,9 @@ def load_hf_llama(src: str | Path, overrides=(), *, progress: bool = False) -> t
     ignore = LLAMA_IGNORE + ((r"^lm_head\.weight$",) if cfg.llm.tie_word_embeddings else ())
     arrays = convert_llm_params(tensors, shapes, ours="", theirs=prefix, lm_head="lm_head", source=str(src),
                                 ignore=ignore, progress=progress)
-    return cfg, assign_params(target, {**arrays, **fresh_lora_arrays(target)}, str(src))
+    model = assign_params(target, {**arrays, **fresh_lora_arrays(target)}, str(src))
+    model.eval()  # LoRA dropout off until training asks for it, as g4v_jax.load does
+    return cfg, model
 
 
 def export_llama(params: dict[str, np.ndarray], *, ours: str = "", tied: bool = False) -> dict[str, np.ndarray]:

@@ -171,7 +171,9 @@ def load_mplug_owl(src: str | Path, overrides=(), *, progress: bool = False) -> 
     arrays = convert_checkpoint(tensors, rules, shapes, source=str(src), ignore=MPLUG_IGNORE, progress=progress)
     if progress and not with_llm:
         print("no language_model.* tensors: wrote the video encoder only (kind: video_encoder)")
-    return cfg, assign_params(target, {**arrays, **fresh_lora_arrays(target)}, str(src))
+    model = assign_params(target, {**arrays, **fresh_lora_arrays(target)}, str(src))
+    model.eval()  # LoRA dropout off until training asks for it, as g4v_jax.load does
+    return cfg, model
 
 
 def export_mplug_owl(model: VideoEncoder) -> dict[str, np.ndarray]:

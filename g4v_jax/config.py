@@ -116,7 +116,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
-    pad_token_id: int = 0
+    pad_token_id: int | None = None  # LLaMA has none; batches pad with any id under the attention mask
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

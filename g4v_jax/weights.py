@@ -24,6 +24,7 @@ from flax import nnx
 
 from g4v_jax.config import Config, ModelConfig, dump_config, from_dict, load_config
 from g4v_jax.models.gpt4video import abstract_model
+from g4v_jax.models.lora import unmerged_kernels
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -158,7 +159,9 @@ def save_pretrained(model: nnx.Module, cfg: Config | ModelConfig, directory: str
     directory.mkdir(parents=True, exist_ok=True)
     full = cfg if isinstance(cfg, Config) else Config(model=cfg)
     dump_config(full, directory / CONFIG_FILE)
-    write_safetensors(directory / WEIGHTS_FILE, {k: np.asarray(v) for k, v in named_params(model).items()},
+    # a merged LoRA model is saved unmerged: the config still says "adapters on", so load applies them once
+    params = {**named_params(model), **unmerged_kernels(model)}
+    write_safetensors(directory / WEIGHTS_FILE, {k: np.asarray(v) for k, v in params.items()},
                       metadata={"format": "g4v_jax"})
     return directory
 

@@ -68,8 +68,25 @@ class LoRALinear(nnx.Module):
         return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST) * self.scaling
 
 
+def named_lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
+    """Every adapted layer by its dotted path."""
+    return {".".join(map(str, p)): m for p, m in nnx.iter_graph(model)
+            if isinstance(m, LoRALinear) and m.lora_a is not None}
+
+
 def lora_layers(model: nnx.Module) -> list[LoRALinear]:
-    return [m for _, m in nnx.iter_graph(model) if isinstance(m, LoRALinear) and m.lora_a is not None]
+    return list(named_lora_layers(model).values())
+
+
+def unmerged_kernels(model: nnx.Module) -> dict[str, jax.Array]:
+    """``{"<path>.kernel": W}`` of the layers currently merged, with the adapter taken back out (what ``unmerge``
+    would leave), without touching the model: checkpoints always store base weights and adapters apart."""
+    out = {}
+    for name, layer in named_lora_layers(model).items():
+        if layer.merged:
+            w = layer.kernel[...]
+            out[f"{name}.kernel"] = (w.astype(jnp.float32) - layer.delta()).astype(w.dtype)
+    return out
 
 
 def merge(model: nnx.Module) -> nnx.Module:

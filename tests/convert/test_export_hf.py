@@ -246,12 +246,14 @@ def test_cli_end_to_end(hf_dirs, tmp_path):
     _randomize_lora(ours)
     ref = _logits(ours)
     g4v_jax.save_pretrained(ours, g4v_jax.Config(model=cfg), tmp_path / "ours")
+    (tmp_path / "ours" / "tokenizer_config.json").write_text("{}")  # tokenizer files travel into merged/ and base/
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "convert.export_hf", str(tmp_path / "ours"), str(out), "--with-base"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     print(proc.stdout)
     assert "LlamaForCausalLM.from_pretrained" in proc.stdout and "PeftModel.from_pretrained" in proc.stdout
+    assert (out / "merged" / "tokenizer_config.json").is_file() and (out / "base" / "tokenizer_config.json").is_file()
     d_merged = _diff(_hf_logits(_hf(out / "merged")), ref)
     d_peft = _diff(_hf_logits(peft.PeftModel.from_pretrained(_hf(out / "base"), out / "adapter").eval()), ref)
     d_base = _diff(_hf_logits(_hf(out / "base")), _hf_logits(_hf(src)))
