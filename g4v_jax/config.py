@@ -168,6 +168,9 @@ class ModelConfig:
     compute_dtype: str = "float32"  # bfloat16 on GPU
     # jax.nn.dot_product_attention implementation: "xla", "cudnn", or "auto" (cudnn on GPU when the shapes allow).
     attention_impl: str = "auto"
+    # rematerialisation of each transformer layer in training: none | full (save nothing) | dots (save matmul
+    # outputs without batch dims, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    remat: str = "none"
 
     def __post_init__(self):
         if self.kind not in ("gpt4video", "video_encoder", "llm"):
@@ -178,6 +181,8 @@ class ModelConfig:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"model.remat must be none, full or dots, got {self.remat!r}")
         if self.attention_impl not in ("xla", "cudnn", "auto"):
             raise ConfigError(f"model.attention_impl must be xla, cudnn or auto, got {self.attention_impl!r}")
 
@@ -200,11 +205,57 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    stage: str = "stage1"  # stage1 (abstractor), stage2 (LoRA, text only), full
+    """One training run (paper §4, §5.1): which stage, the optimizer, the schedule and the bookkeeping."""
+
+    stage: str = "stage1"  # stage1: abstractor | stage2: LoRA adapters, text only | full: the LLM's own weights
+    init_from: str = ""  # a g4v_jax model directory to start from ("" = random init from model config)
+    tokenizer: str = ""  # tokenizer directory ("" = init_from)
+    output_dir: str = "outputs/train"
     learning_rate: float = 1e-4
+    warmup_ratio: float = 0.03
+    min_learning_rate_ratio: float = 0.0  # cosine decays to learning_rate * this
+    weight_decay: float = 0.0  # never applied to norms, biases, embeddings and learned tokens
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 1.0  # 0 = off
     epochs: int = 2
-    global_batch_size: int = 8
+    max_steps: int = 0  # > 0 caps the run (tests, smoke runs)
+    global_batch_size: int = 8  # sequences per optimizer step, over all hosts and micro-batches
+    grad_accum_steps: int = 1
     seed: int = 0
+    log_every: int = 1
+    save_every: int = 100  # checkpoint interval in steps (and at the end)
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    tensorboard: bool = True
+    plot: bool = True  # loss-curve PNG at the end
+
+    def __post_init__(self):
+        if self.stage not in ("stage1", "stage2", "full"):
+            raise ConfigError(f"train.stage must be stage1, stage2 or full, got {self.stage!r}")
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be divisible by "
+                              f"train.grad_accum_steps ({self.grad_accum_steps})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The training data pipeline (``g4v_jax.data.pipeline``)."""
+
+    train_manifest: str = ""
+    seq_len: int = 512
+    max_videos_per_example: int = 1
+    system_prompt: str | None = None  # None: the GPT4Video release's system prompt
+    worker_count: int = 0  # grain worker processes
+    shuffle: bool = True
+    on_bad_video: str = "skip"  # skip (counted, logged) | error
+    on_too_long: str = "skip"  # skip | error
+
+    def __post_init__(self):
+        for name in ("on_bad_video", "on_too_long"):
+            if getattr(self, name) not in ("skip", "error"):
+                raise ConfigError(f"data.{name} must be skip or error, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +263,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

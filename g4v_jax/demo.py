@@ -100,7 +100,9 @@ def _full_model(model, cfg, frames, mask, out: Path) -> tuple[int, ...]:
         return logits[:, -1]
 
     t0 = time.perf_counter()
-    last = jax.block_until_ready(forward(state, batch["input_ids"], frames, mask, batch["attention_mask"]))
+    # one video per row: (B, V=1, T, H, W, 3)
+    last = jax.block_until_ready(forward(state, batch["input_ids"], frames[:, None], mask[:, None],
+                                         batch["attention_mask"]))
     print(f"prompt          {batch['input_ids'].shape}  ({conv.num_videos} video = {cfg.num_video_tokens} slots "
           f"between <video> and </video>, then the question and '###AI:')")
     print(f"next-token logits {last.shape}  from the whole model in one jit ({time.perf_counter() - t0:.2f}s with "

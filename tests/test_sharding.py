@@ -82,10 +82,9 @@ FULL_MODEL_SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(0)
     k = cfg.num_video_tokens
     ids = rng.integers(3, cfg.llm.vocab_size, (4, 40)).astype(np.int32)
-    ids[0, 5:5 + k] = -1; ids[2, 3:3 + k] = -1; ids[2, 20:20 + k] = -1   # 3 videos over rows 0 and 2
+    ids[0, 5:5 + k] = -1; ids[2, 3:3 + k] = -1; ids[2, 20:20 + k] = -1; ids[3, 0:k] = -1  # rows 0, 2 (two), 3
     mask = np.ones((4, 40), bool); mask[1, 30:] = False
-    frames = rng.integers(0, 256, (4, cfg.num_frames, 56, 56, 3), dtype=np.uint8)  # 3 used + 1 padding video
-    ids[3, 0:k] = -1                                                                    # ...used by row 3
+    frames = rng.integers(0, 256, (4, 2, cfg.num_frames, 56, 56, 3), dtype=np.uint8)  # (B, V, T, H, W, 3)
     graphdef, state = nnx.split(model)
 
     def forward(state, ids, frames, mask):

@@ -1,10 +1,12 @@
 """GPT4Video (paper §3): frames -> CLIP ViT -> video abstractor -> video tokens spliced into LLaMA's embeddings.
 
 Video slots: ``input_ids`` holds ``VIDEO_PLACEHOLDER_ID`` (any negative id) wherever a video token goes (the template
-in ``g4v_jax/data/template.py`` writes ``<video>`` + K slots + ``</video>``). The videos of a batch come flattened,
-(N, T, H, W, 3) in order of appearance, row by row; the k-th slot of the batch (row-major) receives the k-th of the
-N·K video tokens. So a batch may mix text-only rows and rows with several videos, and a text-only batch
-(``videos=None``) does no vision work at all.
+in ``g4v_jax/data/template.py`` writes ``<video>`` + K slots + ``</video>``). Videos come per row,
+(B, V, T, H, W, 3) with a frame mask (B, V, T): row b's i-th run of K slots receives the K tokens of ``videos[b, i]``.
+Rows with fewer than V videos pad with anything (their frame mask False); the padding is never read. Keeping videos
+with their rows means the batch axis shards (and splits into micro-batches) the same way for text and video, a
+batch may mix text-only rows and rows with several videos, and a text-only batch (``videos=None``) does no vision
+work at all.
 """
 
 from __future__ import annotations
@@ -47,12 +49,27 @@ class VideoEncoder(nnx.Module):
 
 
 def splice_video_tokens(text_embeds: jax.Array, input_ids: jax.Array, video_tokens: jax.Array) -> jax.Array:
-    """Put video tokens (N, K, D) into the slots (negative ids) of text embeddings (B, L, D), row-major order."""
+    """Put each row's video tokens (B, V, K, D) into its slots (negative ids) of text embeddings (B, L, D)."""
+    b, v, k, d = video_tokens.shape
     slots = input_ids < 0
-    flat = video_tokens.reshape(-1, video_tokens.shape[-1]).astype(text_embeds.dtype)
-    order = jnp.cumsum(slots.reshape(-1)).reshape(slots.shape) - 1
-    gathered = jnp.take(flat, jnp.clip(order, 0, flat.shape[0] - 1), axis=0)
-    return jnp.where(slots[..., None], gathered, text_embeds)
+    order = jnp.clip(jnp.cumsum(slots, axis=1) - 1, 0, v * k - 1)  # slot's index among its row's slots
+    gathered = jnp.take_along_axis(video_tokens.reshape(b, v * k, d), order[..., None], axis=1)
+    return jnp.where(slots[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+def _check_slots(input_ids: np.ndarray, videos, tokens_per_video: int) -> None:
+    per_row = (input_ids < 0).sum(axis=1)
+    if videos is None:
+        if per_row.any():
+            raise ValueError("input_ids contain video slots but no videos were given")
+        return
+    if videos.ndim != 6 or videos.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"videos must be (batch, videos per row, T, H, W, 3) with batch {input_ids.shape[0]}, "
+                         f"got {videos.shape}")
+    bad = [(b, int(n)) for b, n in enumerate(per_row) if n % tokens_per_video or n > videos.shape[1] * tokens_per_video]
+    if bad:
+        raise ValueError(f"rows {bad} (row, slots) do not hold whole videos of {tokens_per_video} tokens within the "
+                         f"{videos.shape[1]} videos per row given")
 
 
 class GPT4Video(VideoEncoder):
@@ -60,22 +77,20 @@ class GPT4Video(VideoEncoder):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
-        self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, **_module_kwargs(cfg, rngs))
+        self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, remat=cfg.remat, **_module_kwargs(cfg, rngs))
 
     def embed(self, input_ids: jax.Array, videos: jax.Array | None = None,
               frame_mask: jax.Array | None = None) -> jax.Array:
-        """(B, L) ids with video slots + (N, T, H, W, 3) videos -> (B, L, D) input embeddings."""
-        if videos is None and isinstance(input_ids, np.ndarray) and (input_ids < 0).any():
-            raise ValueError("input_ids contain video slots but no videos were given")
-        if videos is not None and isinstance(input_ids, np.ndarray):
-            want = int((input_ids < 0).sum())
-            have = videos.shape[0] * self.abstractor.num_output_tokens
-            if want != have:
-                raise ValueError(f"input_ids have {want} video slots but {videos.shape[0]} videos give {have} tokens")
+        """(B, L) ids with video slots + (B, V, T, H, W, 3) videos, (B, V, T) mask -> (B, L, D) input embeddings."""
+        if isinstance(input_ids, np.ndarray):  # host-side checks; under jit the data pipeline guarantees them
+            _check_slots(input_ids, videos, self.abstractor.num_output_tokens)
         text = self.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
         if videos is None:
             return text
-        return splice_video_tokens(text, input_ids, self.encode_videos(videos, frame_mask))
+        b, v = videos.shape[:2]
+        mask = None if frame_mask is None else frame_mask.reshape(b * v, -1)
+        tokens = self.encode_videos(videos.reshape(b * v, *videos.shape[2:]), mask)
+        return splice_video_tokens(text, input_ids, tokens.reshape(b, v, *tokens.shape[1:]))
 
     def __call__(self, input_ids: jax.Array, *, videos: jax.Array | None = None,
                  frame_mask: jax.Array | None = None, attention_mask: jax.Array | None = None,
@@ -90,7 +105,7 @@ def _construct(cfg: ModelConfig, seed: int) -> nnx.Module:
     if cfg.kind == "video_encoder":
         return VideoEncoder(cfg, rngs=rngs)
     if cfg.kind == "llm":
-        return LlamaForCausalLM(cfg.llm, cfg.lora, **_module_kwargs(cfg, rngs))
+        return LlamaForCausalLM(cfg.llm, cfg.lora, remat=cfg.remat, **_module_kwargs(cfg, rngs))
     return GPT4Video(cfg, rngs=rngs)
 
 

@@ -172,14 +172,32 @@ def default_positions(attention_mask: jax.Array, cache: KVCache | None) -> jax.A
     return (before + jnp.cumsum(attention_mask, axis=-1) - 1).clip(min=0).astype(jnp.int32)
 
 
+def _run_layer(layer, x, positions, mask, kv, index):
+    return layer(x, positions, mask, kv, index)
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(fn, remat: str):
+    """Wrap a layer call in ``nnx.remat`` with the configured policy (``model.remat``); "none" leaves it."""
+    if remat == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[remat])
+
+
 class LlamaForCausalLM(nnx.Module):
     """Token ids or embeddings (B, L) -> fp32 logits (B, L, V), optionally through a ``KVCache``."""
 
     def __init__(self, cfg: LlamaConfig, lora: LoraConfig | None = None, *, param_dtype=jnp.float32,
-                 dtype=jnp.float32, attention_impl="auto", rngs: nnx.Rngs):
+                 dtype=jnp.float32, attention_impl="auto", remat: str = "none", rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.cfg = cfg
         self.dtype = dtype
+        self.remat = remat
         self.embed_tokens = param(rngs, normal_init(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                   param_dtype)
         self.layers = nnx.List(
@@ -219,9 +237,10 @@ class LlamaForCausalLM(nnx.Module):
         mask, new_valid = _attention_mask(attention_mask, cache)
         index = None if cache is None else cache.index
         ks, vs = [], []
+        run = _remat(_run_layer, self.remat)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, positions, mask, kv, index)
+            x, (k, v) = run(layer, x, positions, mask, kv, index)
             ks.append(k)
             vs.append(v)
         logits = self.logits(self.norm(x))

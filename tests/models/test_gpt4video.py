@@ -35,8 +35,12 @@ def _batch(cfg, tok):
     ]
     toks = [tokenize_conversation(tok, c, num_video_tokens=k) for c in convs]
     batch = pad_batch(toks, pad_id=tok.pad_token_id)
-    frames = np.random.default_rng(0).integers(0, 256, (3, cfg.num_frames, 56, 56, 3), dtype=np.uint8)
-    return batch, frames, np.ones((3, cfg.num_frames), bool)
+    # per row: row 0 holds two videos, row 1 none (padding), row 2 one (+ padding)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 2, cfg.num_frames, 56, 56, 3), dtype=np.uint8)
+    fmask = np.ones((3, 2, cfg.num_frames), bool)
+    fmask[1] = False
+    fmask[2, 1] = False
+    return batch, frames, fmask
 
 
 def test_video_tokens_land_exactly_at_their_slots(setup):
@@ -45,14 +49,15 @@ def test_video_tokens_land_exactly_at_their_slots(setup):
     ids = batch["input_ids"]
     # jitted: eager NNX compiles every op separately, seconds per new shape on CPU
     embeds = np.asarray(nnx.jit(lambda m, i, f, fm: m.embed(i, f, fm))(model, ids, frames, fmask))
-    # (3, K, D): row 0 holds videos 0 and 1, row 2 holds video 2
-    video_tokens = np.asarray(nnx.jit(lambda m, f, fm: m.encode_videos(f, fm))(model, frames, fmask))
+    flat = frames.reshape(6, *frames.shape[2:])
+    video_tokens = np.asarray(nnx.jit(lambda m, f, fm: m.encode_videos(f, fm))(model, flat, fmask.reshape(6, -1)))
+    video_tokens = video_tokens.reshape(3, 2, *video_tokens.shape[1:])  # (B, V, K, D)
     k = cfg.num_video_tokens
     slots = [np.flatnonzero(row < 0) for row in ids]
     assert [len(s) for s in slots] == [2 * k, 0, k]
-    np.testing.assert_array_equal(embeds[0, slots[0][:k]], video_tokens[0])
-    np.testing.assert_array_equal(embeds[0, slots[0][k:]], video_tokens[1])
-    np.testing.assert_array_equal(embeds[2, slots[2]], video_tokens[2])
+    np.testing.assert_array_equal(embeds[0, slots[0][:k]], video_tokens[0, 0])
+    np.testing.assert_array_equal(embeds[0, slots[0][k:]], video_tokens[0, 1])
+    np.testing.assert_array_equal(embeds[2, slots[2]], video_tokens[2, 0])
     text = np.asarray(model.language_model.embed(np.where(ids < 0, 0, ids)))
     np.testing.assert_array_equal(embeds[ids >= 0], text[ids >= 0])
     logits, _ = nnx.jit(lambda m, i, f, fm, am: m(i, videos=f, frame_mask=fm, attention_mask=am))(
@@ -81,8 +86,10 @@ def test_text_only_batch_does_no_vision_work(setup):
 def test_slot_count_must_match_the_videos(setup):
     cfg, tok, model = setup
     batch, frames, fmask = _batch(cfg, tok)
-    with pytest.raises(ValueError, match="27 video slots but 2 videos give 18 tokens"):
-        model.embed(batch["input_ids"], frames[:2], fmask[:2])
+    with pytest.raises(ValueError, match=r"rows \[\(0, 18\)\] \(row, slots\) do not hold whole videos"):
+        model.embed(batch["input_ids"], frames[:, :1], fmask[:, :1])
+    with pytest.raises(ValueError, match="videos must be \\(batch, videos per row"):
+        model.embed(batch["input_ids"], frames[0], fmask[0])
     with pytest.raises(ValueError, match="video slots but no videos"):
         model.embed(batch["input_ids"])
 
