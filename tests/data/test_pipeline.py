@@ -1,0 +1,320 @@
+"""Tests for g4v_jax.data.pipeline: fixed batch shapes, video order and padding, label masking, stage-2 (text-only)
+batches, skipping/raising on unreadable videos and long examples, determinism, worker processes giving the same
+batches as none, iterator state resume, and host sharding. CPU; real tiny videos and a BPE tokenizer made here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions
+from g4v_jax.data.pipeline import (
+    SKIP_REASONS,
+    DataConfig,
+    ExampleError,
+    batch_iterator,
+    batch_spec,
+    count_problems,
+    describe_problems,
+    make_dataset,
+    shard_examples,
+)
+from g4v_jax.data.template import IGNORE_INDEX, VIDEO_PLACEHOLDER_ID, Turn, pad_batch, tokenize_conversation
+from g4v_jax.data.tokenizer import build_bpe_tokenizer
+from g4v_jax.data.video import load_video, synthetic_frames, write_video
+
+N_SLOTS = 3  # video tokens per video
+CFG = DataConfig(seq_len=64, num_frames=2, image_size=16, num_video_tokens=N_SLOTS, max_videos_per_example=2,
+                 system_prompt="Sys.", shuffle=False)
+CORPUS = ["Sys. ###Human: <video></video> <video1></video1> <video2></video2> ###Human: What happens? ###AI: A red "
+          "square moves. Compare the clips. answer question caption " + " ".join(str(i) for i in range(40))] * 4
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_bpe_tokenizer(CORPUS, tmp_path_factory.mktemp("tok"), vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Six tiny real videos v0..v5 (different content each) and a corrupt file, in one directory."""
+    d = tmp_path_factory.mktemp("videos")
+    for i in range(6):
+        write_video(d / f"v{i}.mp4", synthetic_frames(5, 24, 32, seed=i))
+    (d / "corrupt.mp4").write_bytes(b"\x00garbage" * 32)
+    return d
+
+
+def example(i: int, videos: tuple[str, ...] = (), answer: str | None = None) -> Example:
+    """Example ``e{i}`` showing ``videos`` (relative names), with captions, a question and a numbered answer."""
+    turns = [Turn("human", video=k) for k in range(len(videos))]
+    turns += [Turn("human", f"What happens {i}?"), Turn("ai", answer or f"A red square moves {i}.")]
+    return Example(f"e{i}", tuple(videos), tuple(f"caption {i} {k}" for k in range(len(videos))), tuple(turns), None)
+
+
+def mixed_examples(n: int) -> list[Example]:
+    """e0..e{n-1} with 0, 1 or 2 videos each (cycling), all readable."""
+    shapes = [("v{a}.mp4",), (), ("v{a}.mp4", "v{b}.mp4")]
+    return [example(i, tuple(s.format(a=i % 6, b=(i + 1) % 6) for s in shapes[i % 3])) for i in range(n)]
+
+
+def expected_row(ex: Example, tok, cfg: DataConfig = CFG) -> dict[str, np.ndarray]:
+    """What the pipeline should put in a row, computed straight from the template."""
+    if not cfg.use_videos:
+        ex = replace_videos_with_captions(ex)
+    conv = tokenize_conversation(tok, ex.turns, num_video_tokens=cfg.num_video_tokens, system_prompt=cfg.system_prompt)
+    padded = pad_batch([conv], tok.pad_token_id, length=cfg.seq_len)
+    return {k: padded[k][0] for k in ("input_ids", "labels", "attention_mask", "positions")}
+
+
+def row_ids(batch: dict[str, np.ndarray], examples: list[Example], tok, cfg: DataConfig = CFG) -> list[str]:
+    """Which example each row of ``batch`` is (rows are identified by their input_ids)."""
+    table = {}
+    for ex in examples:
+        try:
+            table[expected_row(ex, tok, cfg)["input_ids"].tobytes()] = ex.id
+        except ValueError:  # longer than seq_len: never in a batch
+            pass
+    return [table[row.tobytes()] for row in batch["input_ids"]]
+
+
+def take(it, n: int) -> list[dict[str, np.ndarray]]:
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def dataset(examples, tok, data_dir, cfg=CFG, *, batch=2, epochs=1, **kw):
+    return make_dataset(examples, tok, cfg, per_host_batch=batch, epochs=epochs, manifest_dir=data_dir, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# batch contents
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_batch_shapes_dtypes_and_rows(tok, data_dir):
+    examples = mixed_examples(6)
+    batches = list(batch_iterator(dataset(examples, tok, data_dir, batch=3)))
+    assert len(batches) == 2
+    spec = batch_spec(CFG, 3)
+    assert spec["videos"][0] == (6, 2, 16, 16, 3)
+    for batch in batches:
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
+    # shuffle=False: rows in manifest order, each exactly what the template gives
+    assert [row_ids(b, examples, tok) for b in batches] == [["e0", "e1", "e2"], ["e3", "e4", "e5"]]
+    for b, batch in enumerate(batches):
+        for r in range(3):
+            for key, value in expected_row(examples[3 * b + r], tok).items():
+                np.testing.assert_array_equal(batch[key][r], value, err_msg=key)
+    first = batches[0]
+    # right padding with the pad id; positions count real tokens
+    n = int(first["attention_mask"][0].sum())
+    assert first["attention_mask"][0, :n].all() and not first["attention_mask"][0, n:].any()
+    assert (first["input_ids"][0, n:] == tok.pad_token_id).all()
+    np.testing.assert_array_equal(first["positions"][0, :n], np.arange(n))
+    assert (first["positions"][0, n:] == 0).all()
+
+
+def test_labels_only_on_answers(tok, data_dir):
+    ex = example(0, ("v0.mp4",), answer="Answer words here.")
+    (batch,) = list(batch_iterator(dataset([ex], tok, data_dir, batch=1)))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    labelled = labels != IGNORE_INDEX
+    np.testing.assert_array_equal(labels[labelled], ids[labelled])  # labels are the tokens themselves
+    assert tok.decode(ids[labelled][:-1]) == " Answer words here."
+    assert ids[labelled][-1] == tok.eos_token_id  # the answer's EOS is trained on
+    assert not labelled[ids == VIDEO_PLACEHOLDER_ID].any()
+    assert not labelled[~batch["attention_mask"][0]].any()
+    assert (ids == VIDEO_PLACEHOLDER_ID).sum() == N_SLOTS
+
+
+def test_videos_row_major_then_padding(tok, data_dir):
+    # rows: [2 videos, none] then [1 video, 2 videos]; max 2 per example -> 4 video rows per batch
+    examples = [example(0, ("v0.mp4", "v1.mp4")), example(1), example(2, ("v2.mp4",)), example(3, ("v3.mp4", "v4.mp4"))]
+    b1, b2 = list(batch_iterator(dataset(examples, tok, data_dir)))
+
+    def clip(name):
+        return load_video(data_dir / name, num_frames=CFG.num_frames, size=CFG.image_size)
+
+    for batch, names in ((b1, ["v0.mp4", "v1.mp4"]), (b2, ["v2.mp4", "v3.mp4", "v4.mp4"])):
+        for k, name in enumerate(names):
+            np.testing.assert_array_equal(batch["videos"][k], clip(name).frames)
+            np.testing.assert_array_equal(batch["frame_mask"][k], clip(name).frame_mask)
+        assert batch["frame_mask"][: len(names)].all()
+        assert not batch["frame_mask"][len(names) :].any() and not batch["videos"][len(names) :].any()
+        # one run of slots per real video, in the same row-major order
+        assert (batch["input_ids"] == VIDEO_PLACEHOLDER_ID).sum() == N_SLOTS * len(names)
+    assert (b1["input_ids"][0] == VIDEO_PLACEHOLDER_ID).sum() == 2 * N_SLOTS
+    assert (b1["input_ids"][1] == VIDEO_PLACEHOLDER_ID).sum() == 0
+
+
+def test_stage2_text_only(tok, data_dir):
+    cfg = dataclasses.replace(CFG, use_videos=False)
+    examples = [example(0, ("v0.mp4",)), example(1, ("v1.mp4", "v2.mp4")), example(2)]
+    examples[0] = dataclasses.replace(examples[0], videos=("does_not_exist.mp4",))  # stage 2 never opens videos
+    (batch,) = list(batch_iterator(dataset(examples, tok, data_dir, cfg, batch=3)))
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "positions"} == set(batch_spec(cfg, 3))
+    assert not (batch["input_ids"] == VIDEO_PLACEHOLDER_ID).any()
+    texts = [tok.decode(row[mask]) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert "<video>caption 0 0</video>" in texts[0]
+    assert "<video1>caption 1 0</video1> ###Human: <video2>caption 1 1</video2>" in texts[1]
+
+    uncaptioned = [dataclasses.replace(examples[1], captions=())]
+    with pytest.raises(ManifestError, match=r"use_videos=false .* 1 example\(s\) with videos have no captions.*'e1'"):
+        dataset(uncaptioned, tok, data_dir, cfg, batch=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# skipped examples
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_videos_skipped_or_raise(tok, data_dir, caplog):
+    examples = mixed_examples(6)
+    examples[1] = example(1, ("corrupt.mp4",))
+    examples[4] = example(4, ("v0.mp4", "missing.mp4"))
+    report = count_problems(examples, tok, CFG, data_dir)
+    assert {k: report[k] for k in ("examples", "ok", "skipped", *SKIP_REASONS)} == {
+        "examples": 6, "ok": 4, "skipped": 2, "unreadable_video": 2, "too_long": 0, "too_many_videos": 0}
+    assert [p["id"] for p in report["problems"]] == ["e1", "e4"]
+    assert "missing.mp4" in report["problems"][1]["detail"]
+    assert describe_problems(report) == "2 of 6 examples will be skipped (2 unreadable video)"
+
+    with caplog.at_level(logging.WARNING, logger="g4v_jax.data.pipeline"):
+        it = batch_iterator(dataset(examples, tok, data_dir))
+        batches = list(it)
+    assert [row_ids(b, examples, tok) for b in batches] == [["e0", "e2"], ["e3", "e5"]]
+    assert it.skipped == {"unreadable_video": 2, "too_long": 0, "too_many_videos": 0}
+    assert it.get_state()["skipped"] == it.skipped
+    assert "skipping example 'e1' (unreadable_video)" in caplog.text and "corrupt.mp4" in caplog.text
+
+    strict = dataclasses.replace(CFG, on_bad_video="error")
+    with pytest.raises(ExampleError, match=r"example 'e1': unreadable video: .*corrupt\.mp4.*on_bad_video='error'"):
+        list(batch_iterator(dataset(examples, tok, data_dir, strict)))
+
+
+def test_too_long_and_too_many_videos(tok, data_dir):
+    long_answer = " ".join(str(i) for i in range(40))
+    examples = [example(0), example(1, answer=long_answer), example(2, ("v0.mp4", "v1.mp4", "v2.mp4")), example(3),
+                example(4), example(5)]
+    assert len(expected_row(example(0), tok)["input_ids"]) == CFG.seq_len
+    with pytest.raises(ValueError):  # e1 really is longer than seq_len
+        expected_row(examples[1], tok)
+    it = batch_iterator(dataset(examples, tok, data_dir))
+    assert [row_ids(b, examples, tok) for b in it] == [["e0", "e3"], ["e4", "e5"]]
+    assert it.skipped == {"unreadable_video": 0, "too_long": 1, "too_many_videos": 1}
+    report = count_problems(examples, tok, CFG, data_dir, check_videos=False)
+    assert (report["too_long"], report["too_many_videos"], report["skipped"]) == (1, 1, 2)
+
+    strict = dataclasses.replace(CFG, on_too_long="error")
+    with pytest.raises(ExampleError, match=r"example 'e1': is \d+ tokens long .* data\.seq_len=64; it is never trunc"):
+        list(batch_iterator(dataset(examples, tok, data_dir, strict)))
+    with pytest.raises(ExampleError, match=r"example 'e2': has 3 videos, more than data.max_videos_per_example=2"):
+        list(batch_iterator(dataset(examples[2:], tok, data_dir, strict)))
+
+
+def test_whole_run_errors(tok, data_dir):
+    with pytest.raises(ValueError, match="data.on_bad_video must be one of"):
+        DataConfig(on_bad_video="ignore")
+    with pytest.raises(ValueError, match="data.seq_len must be an integer >= 1"):
+        DataConfig(seq_len=0)
+    no_answer = Example("q", (), (), (Turn("human", "Only a question."),), "harmful")
+    with pytest.raises(ValueError, match=r"1 example\(s\) have no AI turn.*'q'"):
+        dataset([no_answer], tok, data_dir, batch=1)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        dataset(mixed_examples(3), tok, data_dir, batch=4)
+    with pytest.raises(ValueError, match="per_host_batch must be an integer >= 1"):
+        dataset(mixed_examples(3), tok, data_dir, batch=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# order, determinism, resume, workers, hosts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_shuffle_is_seeded_per_epoch(tok, data_dir):
+    examples = [example(i) for i in range(8)]  # text only: fast
+    cfg = dataclasses.replace(CFG, shuffle=True, seed=3)
+    ids = [row_ids(b, examples, tok) for b in batch_iterator(dataset(examples, tok, data_dir, cfg, batch=4, epochs=2))]
+    again = [row_ids(b, examples, tok) for b in batch_iterator(dataset(examples, tok, data_dir, cfg, batch=4, epochs=2))]
+    assert ids == again and len(ids) == 4
+    epoch1, epoch2 = ids[0] + ids[1], ids[2] + ids[3]
+    assert sorted(epoch1) == sorted(epoch2) == sorted(e.id for e in examples)  # every epoch sees every example once
+    assert epoch1 != epoch2 and epoch1 != [e.id for e in examples]
+    other = dataclasses.replace(cfg, seed=4)
+    assert [row_ids(b, examples, tok) for b in batch_iterator(dataset(examples, tok, data_dir, other, batch=4))] != ids[:2]
+
+
+def test_resume_from_state(tok, data_dir):
+    examples = mixed_examples(9)
+    examples[4] = example(4, ("corrupt.mp4",))  # a skip inside the resumed range
+    cfg = dataclasses.replace(CFG, shuffle=True)
+    ds = dataset(examples, tok, data_dir, cfg, epochs=None)  # forever
+    it = batch_iterator(ds)
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    b4, b5 = take(it, 2)
+    resumed = batch_iterator(dataset(examples, tok, data_dir, cfg, epochs=None))
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 2), [b4, b5])
+    assert resumed.get_state() == it.get_state()  # skip counts included
+
+    it.set_state(state)  # rewinding an iterator in use works too
+    assert_batches_equal(take(it, 2), [b4, b5])
+
+    elsewhere = batch_iterator(dataset(examples, tok, data_dir, dataclasses.replace(cfg, seed=1), epochs=None))
+    with pytest.raises(ValueError, match="saved for another element order.*data.seed"):
+        elsewhere.set_state(state)
+    with pytest.raises(ValueError, match="not a data iterator state"):
+        elsewhere.set_state({"next_index": 3})
+
+
+def test_workers_give_the_same_batches_and_resume(tok, data_dir):
+    """worker_count=2 (processes) == worker_count=0, batch for batch; a state from either resumes the other."""
+    examples = mixed_examples(11)
+    examples[3] = example(3, ("corrupt.mp4",))  # a skip: must not shift rows between batches with workers
+    cfg = dataclasses.replace(CFG, shuffle=True, seed=5)
+    serial = batch_iterator(dataset(examples, tok, data_dir, cfg, batch=2, epochs=None))
+    expected = take(serial, 3)
+    state = serial.get_state()
+    expected += take(serial, 2)
+
+    workers = dataclasses.replace(cfg, worker_count=2)
+    parallel = batch_iterator(dataset(examples, tok, data_dir, workers, batch=2, epochs=None))
+    try:
+        got = take(parallel, 3)
+        assert parallel.get_state() == state  # the state does not depend on the worker count
+        got += take(parallel, 2)
+        assert_batches_equal(got, expected)
+
+        parallel.set_state(state)  # a fresh pipeline restarted at the saved position (new worker processes)
+        assert_batches_equal(take(parallel, 2), expected[3:])
+    finally:
+        parallel.close()
+
+
+def test_host_sharding_disjoint_and_covering(tok, data_dir):
+    examples = [example(i) for i in range(10)]
+    shards = [shard_examples(examples, p, 3) for p in range(3)]
+    assert sorted(e.id for s in shards for e in s) == sorted(e.id for e in examples)
+    assert [len(s) for s in shards] == [4, 3, 3]
+    with pytest.raises(ValueError, match="process_index < process_count"):
+        shard_examples(examples, 3, 3)
+
+    seen = []
+    for p in range(2):
+        ds = dataset(examples, tok, data_dir, dataclasses.replace(CFG, shuffle=True), batch=5,
+                     process_index=p, process_count=2)
+        seen.append({i for b in batch_iterator(ds) for i in row_ids(b, examples, tok)})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == {e.id for e in examples}
