@@ -420,8 +420,12 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def fit(cfg: Config, *, progress: bool = True) -> dict:
-    """Train per ``cfg``; resumes from ``output_dir/checkpoints`` when a checkpoint is there. Returns a summary."""
+def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train per ``cfg``; resumes from ``output_dir/checkpoints`` when a checkpoint is there. Returns a summary.
+
+    ``stop_after`` ends this invocation after that many steps (with a checkpoint), as a preempted job would: running
+    ``fit`` again continues the same run, schedule and data order included.
+    """
     from tqdm.auto import tqdm
 
     from g4v_jax.data import pipeline
@@ -440,10 +444,13 @@ def fit(cfg: Config, *, progress: bool = True) -> dict:
     examples = read_manifest(cfg.data.train_manifest)
     data_cfg = pipeline_config(cfg)
     manifest_dir = Path(cfg.data.train_manifest).parent
-    problems = pipeline.count_problems(examples, tokenizer, data_cfg, manifest_dir=manifest_dir)
-    usable = len(examples) - problems.get("skipped", 0)
+    # every host needs the same step count; decoding every video on every host would not scale, so several hosts
+    # count text problems only (unreadable videos are still skipped and counted during training)
+    problems = pipeline.count_problems(examples, tokenizer, data_cfg, manifest_dir=manifest_dir,
+                                       check_videos=jax.process_count() == 1)
+    usable = problems["ok"]
     if jax.process_index() == 0:
-        print(f"{len(examples)} examples in {cfg.data.train_manifest}; {problems}")
+        print(f"{cfg.data.train_manifest}: {pipeline.describe_problems(problems)}")
     steps_per_epoch = usable // t.global_batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"{usable} usable examples are fewer than one global batch of {t.global_batch_size}")
@@ -451,10 +458,11 @@ def fit(cfg: Config, *, progress: bool = True) -> dict:
 
     trainer = build_trainer(cfg, total)
     per_host = t.global_batch_size // jax.process_count()
-    dataset = pipeline.make_dataset(examples, tokenizer, data_cfg, per_host_batch=per_host, epochs=t.epochs,
+    # epochs=None: the step count decides the end, so a host with more skipped examples never runs dry first
+    dataset = pipeline.make_dataset(examples, tokenizer, data_cfg, per_host_batch=per_host, epochs=None,
                                     process_index=jax.process_index(), process_count=jax.process_count(),
                                     manifest_dir=manifest_dir)
-    batches = iter(dataset)
+    batches = pipeline.batch_iterator(dataset)
     ckpt = Checkpointer(out / "checkpoints", t)
     if ckpt.latest_step() is not None:
         trainer.state, data_state = ckpt.restore(trainer.state)
@@ -468,8 +476,9 @@ def fit(cfg: Config, *, progress: bool = True) -> dict:
     bar = tqdm(total=total, initial=trainer.step, desc=f"{t.stage}", unit="step",
                disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     tokens_seen, t0 = 0, time.perf_counter()
+    end = total if stop_after is None else min(total, trainer.step + stop_after)
     try:
-        while trainer.step < total:
+        while trainer.step < end:
             step_start = time.perf_counter()
             (m,) = trainer.train_steps(batches, 1)
             tokens_seen += m["tokens"]
@@ -479,14 +488,18 @@ def fit(cfg: Config, *, progress: bool = True) -> dict:
                 writer.write(m["step"], {k: v for k, v in m.items() if k not in ("step", "finite")})
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            if m["step"] % t.save_every == 0 or m["step"] == total:
+            if m["step"] % t.save_every == 0 or m["step"] == end:
                 ckpt.save(m["step"], trainer.state, batches.get_state())
     finally:
         bar.close()
         ckpt.close()
         if writer is not None:
             writer.close()
-    summary = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "tokens": tokens_seen}
+    summary = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "tokens": tokens_seen,
+               "skipped_in_training": dict(getattr(batches, "skipped", {}) or {})}
+    if trainer.step < total:
+        print(f"stopped at step {trainer.step} of {total}; run the same command again to continue")
+        return summary
     if jax.process_index() == 0:
         final = save_pretrained(trainer.model(), cfg, out / "final")
         from convert.common import copy_tokenizer_files

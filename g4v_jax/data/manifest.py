@@ -413,7 +413,8 @@ def from_gpt4video50k(json_path: str | os.PathLike, out_path: str | os.PathLike)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m g4v_jax.data.manifest", description="Convert public datasets to our JSONL manifest, or check one."
+        prog="python -m g4v_jax.data.manifest",
+        description="Convert public datasets to our JSONL manifest, or check one.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     vc = sub.add_parser("videochat11k", help="VideoChat-11K instruction JSON -> manifest")

@@ -4,21 +4,21 @@ Batches
     A dict of NumPy arrays whose shapes never change (``batch_spec`` gives them without reading any data), so the
     train step compiles once:
 
-    ==================  ========================================  ====================================================
-    ``input_ids``       (B, L) int32                              pad id at pads, ``VIDEO_PLACEHOLDER_ID`` (-1) at video
-                                                                  slots
-    ``labels``          (B, L) int32                              ``IGNORE_INDEX`` (-100) outside AI answers (+ EOS)
-    ``attention_mask``  (B, L) bool                               right padding
-    ``positions``       (B, L) int32                              0, 1, ... over real tokens, 0 at pads
-    ``videos``          (B * max_videos_per_example, T, S, S, 3)  uint8; only when ``use_videos``
-    ``frame_mask``      (B * max_videos_per_example, T) bool      only when ``use_videos``
-    ==================  ========================================  ====================================================
+    ==================  =====================  ====================================================================
+    ``input_ids``       (B, L) int32           pad id at pads, -1 (``VIDEO_PLACEHOLDER_ID``) at video slots
+    ``labels``          (B, L) int32           ``IGNORE_INDEX`` (-100) except AI answers and their EOS
+    ``attention_mask``  (B, L) bool            True on real tokens (right padding)
+    ``positions``       (B, L) int32           0, 1, ... over real tokens, 0 at pads
+    ``videos``          (B, V, T, S, S, 3)     uint8; only when ``use_videos``
+    ``frame_mask``      (B, V, T) bool         False at padded frames and padding videos; only when ``use_videos``
+    ==================  =====================  ====================================================================
 
-    B = ``per_host_batch``, L = ``seq_len``, T = ``num_frames``, S = ``image_size``. The model fills the k-th video
-    slot run of the batch (row-major over ``input_ids``) with the k-th video, so the batch's real videos come first, in
-    row-major order (row 0's videos, then row 1's, ...), and the padding videos (zeros, ``frame_mask`` all False) come
-    last. Sequences are never truncated: too long is a skip or an error (``on_too_long``). The pad id is the
-    tokenizer's pad token, else its EOS, else 0 (it is masked out either way).
+    B = ``per_host_batch``, L = ``seq_len``, V = ``max_videos_per_example``, T = ``num_frames``, S = ``image_size``.
+    Videos travel with their rows, as ``GPT4Video`` takes them: row b's i-th run of video slots receives
+    ``videos[b, i]``; a row with fewer than V videos has zero videos with an all-False ``frame_mask`` after its own
+    (the model never reads them). So a batch shards over the data axes and splits into micro-batches along B with
+    every video staying next to its tokens. Sequences are never truncated: too long is a skip or an error
+    (``on_too_long``). The pad id is the tokenizer's pad token, else its EOS, else 0 (it is masked out either way).
 
 Pipeline (grain)
     ::
@@ -40,9 +40,10 @@ Skips
     Reasons: ``unreadable_video`` (``on_bad_video``), ``too_long`` and ``too_many_videos`` (``on_too_long``; more
     videos than ``max_videos_per_example``). With ``"skip"`` the marker travels to the main process, which counts it
     (``BatchIterator.skipped``, also part of the iterator state, so the counts survive a resume) and logs one warning
-    per example id. With ``"error"`` the worker raises ``ExampleError`` naming the example, the file and the setting;
-    grain re-raises it in the main process. ``count_problems`` runs the same checks over a manifest up front, so a
-    trainer can report "N examples will be skipped (...)" before the first step. Problems that concern the whole run
+    per example id. With ``"error"`` the worker raises ``ExampleError`` naming the example, the problem (with the
+    video's path for an unreadable one) and the setting; grain re-raises it in the main process. ``count_problems``
+    runs the same checks over a manifest up front, so a trainer can report "N examples will be skipped (...)" before
+    the first step (``describe_problems`` writes that line). Problems that concern the whole run
     rather than one example (stage 2 on examples without captions, examples without any AI answer, a tokenizer without
     EOS, a bad config) are errors in ``make_dataset``, before any worker starts.
 
@@ -52,14 +53,18 @@ Iterator state (checkpointing)
     order (the shard's example ids, ``shuffle``, ``seed``, the host index and count). ``set_state`` restarts the grain
     pipeline at ``next_index`` (a slice of the ``MapDataset``), so the state does not depend on ``worker_count``: a
     run can resume with a different number of workers, or batch size, and gets the same example stream. A state from
-    a different manifest, seed or host layout is refused with a message saying what differs. grain's own
+    a different manifest, shuffle/seed or host layout is refused (fingerprint mismatch) instead of silently resuming
+    at a meaningless position. grain's own
     ``mp_prefetch`` state is per worker and would tie a checkpoint to the worker count; it is not used.
 
 Multiprocessing
     grain starts workers with ``spawn`` and needs absl flags parsed in the main process first; ``BatchIterator`` does
-    ``flags.FLAGS(argv[:1])`` when nothing parsed them (a program with its own absl ``app.run`` is unaffected). Each
-    worker unpickles the examples, the tokenizer and the config once. Errors in a worker reach the main process as
-    the original exception type and message.
+    ``flags.FLAGS(argv[:1])`` when nothing parsed them (a program with its own absl ``app.run`` is unaffected).
+    Because of ``spawn`` a training script needs the ``if __name__ == "__main__":`` guard, and each worker imports
+    ``g4v_jax`` (a few seconds) and unpickles the examples, the tokenizer and the config once, when the iterator first
+    runs and again after ``set_state``. Errors in a worker reach the main process with their type and message. Read
+    threads (overlapping file reads and decoding): 16 without workers, 4 per worker with them; about two batches are
+    kept in flight in total. ``close()`` stops the workers (grain also does it on garbage collection).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -88,15 +94,19 @@ ON_PROBLEM = ("skip", "error")
 STATE_VERSION = 1
 
 _log = logging.getLogger(__name__)
+_TOKENIZER_LOCK = threading.Lock()  # per process (module state is not pickled into workers)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """The pipeline's settings. Functions here also accept any object with these fields (``as_data_config``), so a
+    trainer config can embed its own copy of this dataclass."""
+
     train_manifest: str = ""
     seq_len: int = 512
     num_frames: int = 4
     image_size: int = 224
-    max_videos_per_example: int = 1  # videos array is padded to per_host_batch * this
+    max_videos_per_example: int = 1  # V: videos per row in a batch (rows with fewer are padded)
     use_videos: bool = True  # False (stage 2): videos replaced by their captions, no decoding at all
     num_video_tokens: int = 65  # slots per video (model.cfg.num_video_tokens)
     system_prompt: str | None = None  # None -> template.SYSTEM_PROMPT; "" -> no system prompt
@@ -143,6 +153,7 @@ class ExampleError(ValueError):
 
 def batch_spec(cfg: DataConfig, per_host_batch: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (shape, dtype) of every array of a batch; the same for every batch of a run."""
+    cfg = as_data_config(cfg)
     b, l = per_host_batch, cfg.seq_len
     spec = {
         "input_ids": ((b, l), np.dtype(np.int32)),
@@ -151,9 +162,9 @@ def batch_spec(cfg: DataConfig, per_host_batch: int) -> dict[str, tuple[tuple[in
         "positions": ((b, l), np.dtype(np.int32)),
     }
     if cfg.use_videos:
-        n, t, s = b * cfg.max_videos_per_example, cfg.num_frames, cfg.image_size
-        spec["videos"] = ((n, t, s, s, 3), np.dtype(np.uint8))
-        spec["frame_mask"] = ((n, t), np.dtype(np.bool_))
+        v, t, s = cfg.max_videos_per_example, cfg.num_frames, cfg.image_size
+        spec["videos"] = ((b, v, t, s, s, 3), np.dtype(np.uint8))
+        spec["frame_mask"] = ((b, v, t), np.dtype(np.bool_))
     return spec
 
 
@@ -211,7 +222,11 @@ def _problem(cfg: DataConfig, index: int, ex: Example, reason: str, detail: str)
 
 def _tokenize(ex: Example, tokenizer, cfg: DataConfig) -> TokenizedConversation:
     system = SYSTEM_PROMPT if cfg.system_prompt is None else cfg.system_prompt
-    return tokenize_conversation(tokenizer, ex.turns, num_video_tokens=cfg.num_video_tokens, system_prompt=system)
+    # HF fast tokenizers are not thread-safe (transformers reconfigures the shared Rust object on calls: "Already
+    # borrowed", huggingface/transformers#47085), and grain's read threads share one. Tokenizing is cheap next to
+    # decoding, so one lock per process costs little.
+    with _TOKENIZER_LOCK:
+        return tokenize_conversation(tokenizer, ex.turns, num_video_tokens=cfg.num_video_tokens, system_prompt=system)
 
 
 def _text_problem(ex: Example, conv: TokenizedConversation | None, cfg: DataConfig) -> tuple[str, str] | None:
@@ -276,19 +291,16 @@ class _Prepare:
 
 
 def collate(rows: Sequence[_Row], cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Stack rows into a batch; videos concatenated in row-major order, zero videos (mask False) padded at the end."""
+    """Stack rows into a batch; row b's videos at ``videos[b, :n_b]``, zero videos with a False mask after them."""
     batch = {name: np.stack([getattr(r, name) for r in rows]) for name in
              ("input_ids", "labels", "attention_mask", "positions")}
     if cfg.use_videos:
-        slots = len(rows) * cfg.max_videos_per_example
-        t, s = cfg.num_frames, cfg.image_size
-        videos = np.zeros((slots, t, s, s, 3), np.uint8)
-        frame_mask = np.zeros((slots, t), np.bool_)
-        k = 0
-        for r in rows:
-            n = r.videos.shape[0]
-            videos[k : k + n], frame_mask[k : k + n] = r.videos, r.frame_mask
-            k += n
+        v, t, s = cfg.max_videos_per_example, cfg.num_frames, cfg.image_size
+        videos = np.zeros((len(rows), v, t, s, s, 3), np.uint8)
+        frame_mask = np.zeros((len(rows), v, t), np.bool_)
+        for b, r in enumerate(rows):
+            n = r.videos.shape[0]  # <= v: more is a too_many_videos skip
+            videos[b, :n], frame_mask[b, :n] = r.videos, r.frame_mask
         batch["videos"], batch["frame_mask"] = videos, frame_mask
     return batch
 
@@ -387,10 +399,22 @@ class BatchIterator(grain.DatasetIterator):
         inner = self._start()
         rows: list[_Row] = []
         skips: list[_Skip] = []
+        run = 0  # skips since the last usable row
+        # 2N skips in a row span a whole epoch (a permutation of the N examples): nothing will ever be usable.
+        hopeless = 2 * len(self._ds.examples)
         try:
             while len(rows) < self._ds.per_host_batch:
                 element = next(inner)  # StopIteration: end of the data; a partial batch is dropped
-                (skips if isinstance(element, _Skip) else rows).append(element)
+                if isinstance(element, _Skip):
+                    skips.append(element)
+                    run += 1
+                    if run >= hopeless:
+                        reasons = collections.Counter(k.reason for k in skips)
+                        raise ValueError(f"every one of this host's {len(self._ds.examples)} examples is skipped "
+                                         f"({dict(reasons)}); the first: {skips[0].id!r}: {skips[0].detail}")
+                else:
+                    rows.append(element)
+                    run = 0
         except StopIteration:
             raise
         except BaseException:
@@ -457,7 +481,8 @@ def _check_examples(examples: Sequence[Example], cfg: DataConfig) -> None:
         uncaptioned = [ex.id for ex in examples if ex.videos and len(ex.captions) != len(ex.videos)]
         if uncaptioned:
             raise ManifestError(f"data.use_videos=false (stage 2) replaces each video by its caption, but "
-                                f"{len(uncaptioned)} example(s) with videos have no captions (first: {uncaptioned[:5]})")
+                                f"{len(uncaptioned)} example(s) with videos have no captions "
+                                f"(first: {uncaptioned[:5]})")
 
 
 def make_dataset(

@@ -58,7 +58,8 @@ def test_read_good_manifest(tmp_path):
         id="vc11k-000123",
         videos=("videos/abc.mp4",),
         captions=("a man rides a horse on a beach",),
-        turns=(Turn("human", video=0), Turn("human", "Describe the video in detail."), Turn("ai", "A man rides a horse.")),
+        turns=(Turn("human", video=0), Turn("human", "Describe the video in detail."),
+               Turn("ai", "A man rides a horse.")),
         safety="safe",
     )
     assert b == Example(id="t1", videos=(), captions=(), turns=(Turn("human", "Hi"), Turn("ai", "Hello.")), safety=None)

@@ -108,7 +108,7 @@ def test_batch_shapes_dtypes_and_rows(tok, data_dir):
     batches = list(batch_iterator(dataset(examples, tok, data_dir, batch=3)))
     assert len(batches) == 2
     spec = batch_spec(CFG, 3)
-    assert spec["videos"][0] == (6, 2, 16, 16, 3)
+    assert spec["videos"][0] == (3, 2, 2, 16, 16, 3) and spec["frame_mask"][0] == (3, 2, 2)
     for batch in batches:
         assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
     # shuffle=False: rows in manifest order, each exactly what the template gives
@@ -139,24 +139,24 @@ def test_labels_only_on_answers(tok, data_dir):
     assert (ids == VIDEO_PLACEHOLDER_ID).sum() == N_SLOTS
 
 
-def test_videos_row_major_then_padding(tok, data_dir):
-    # rows: [2 videos, none] then [1 video, 2 videos]; max 2 per example -> 4 video rows per batch
+def test_videos_travel_with_their_rows(tok, data_dir):
+    # rows: [2 videos, none] then [1 video, 2 videos]; max 2 per example -> videos (2, 2, T, S, S, 3) per batch
     examples = [example(0, ("v0.mp4", "v1.mp4")), example(1), example(2, ("v2.mp4",)), example(3, ("v3.mp4", "v4.mp4"))]
     b1, b2 = list(batch_iterator(dataset(examples, tok, data_dir)))
 
     def clip(name):
         return load_video(data_dir / name, num_frames=CFG.num_frames, size=CFG.image_size)
 
-    for batch, names in ((b1, ["v0.mp4", "v1.mp4"]), (b2, ["v2.mp4", "v3.mp4", "v4.mp4"])):
-        for k, name in enumerate(names):
-            np.testing.assert_array_equal(batch["videos"][k], clip(name).frames)
-            np.testing.assert_array_equal(batch["frame_mask"][k], clip(name).frame_mask)
-        assert batch["frame_mask"][: len(names)].all()
-        assert not batch["frame_mask"][len(names) :].any() and not batch["videos"][len(names) :].any()
-        # one run of slots per real video, in the same row-major order
-        assert (batch["input_ids"] == VIDEO_PLACEHOLDER_ID).sum() == N_SLOTS * len(names)
-    assert (b1["input_ids"][0] == VIDEO_PLACEHOLDER_ID).sum() == 2 * N_SLOTS
-    assert (b1["input_ids"][1] == VIDEO_PLACEHOLDER_ID).sum() == 0
+    for batch, rows in ((b1, [["v0.mp4", "v1.mp4"], []]), (b2, [["v2.mp4"], ["v3.mp4", "v4.mp4"]])):
+        assert batch["videos"].shape == (2, 2, 2, 16, 16, 3) and batch["frame_mask"].shape == (2, 2, 2)
+        for b, names in enumerate(rows):
+            for i, name in enumerate(names):  # row b's i-th video is the one its i-th slot run is for
+                np.testing.assert_array_equal(batch["videos"][b, i], clip(name).frames)
+                np.testing.assert_array_equal(batch["frame_mask"][b, i], clip(name).frame_mask)
+            assert batch["frame_mask"][b, : len(names)].all()
+            # padding videos: zeros, never marked real
+            assert not batch["frame_mask"][b, len(names) :].any() and not batch["videos"][b, len(names) :].any()
+            assert (batch["input_ids"][b] == VIDEO_PLACEHOLDER_ID).sum() == N_SLOTS * len(names)
 
 
 def test_stage2_text_only(tok, data_dir):
@@ -198,6 +198,10 @@ def test_bad_videos_skipped_or_raise(tok, data_dir, caplog):
     assert it.skipped == {"unreadable_video": 2, "too_long": 0, "too_many_videos": 0}
     assert it.get_state()["skipped"] == it.skipped
     assert "skipping example 'e1' (unreadable_video)" in caplog.text and "corrupt.mp4" in caplog.text
+
+    hopeless = [example(0, ("corrupt.mp4",)), example(1, ("missing.mp4",))]
+    with pytest.raises(ValueError, match=r"every one of this host's 2 examples is skipped .*'unreadable_video': 4"):
+        next(batch_iterator(dataset(hopeless, tok, data_dir, batch=1, epochs=None)))  # instead of looping forever
 
     strict = dataclasses.replace(CFG, on_bad_video="error")
     with pytest.raises(ExampleError, match=r"example 'e1': unreadable video: .*corrupt\.mp4.*on_bad_video='error'"):
@@ -246,14 +250,18 @@ def test_whole_run_errors(tok, data_dir):
 def test_shuffle_is_seeded_per_epoch(tok, data_dir):
     examples = [example(i) for i in range(8)]  # text only: fast
     cfg = dataclasses.replace(CFG, shuffle=True, seed=3)
-    ids = [row_ids(b, examples, tok) for b in batch_iterator(dataset(examples, tok, data_dir, cfg, batch=4, epochs=2))]
-    again = [row_ids(b, examples, tok) for b in batch_iterator(dataset(examples, tok, data_dir, cfg, batch=4, epochs=2))]
+
+    def order(c, epochs=2):
+        batches = batch_iterator(dataset(examples, tok, data_dir, c, batch=4, epochs=epochs))
+        return [row_ids(batch, examples, tok) for batch in batches]
+
+    ids, again = order(cfg), order(cfg)
     assert ids == again and len(ids) == 4
     epoch1, epoch2 = ids[0] + ids[1], ids[2] + ids[3]
     assert sorted(epoch1) == sorted(epoch2) == sorted(e.id for e in examples)  # every epoch sees every example once
     assert epoch1 != epoch2 and epoch1 != [e.id for e in examples]
     other = dataclasses.replace(cfg, seed=4)
-    assert [row_ids(b, examples, tok) for b in batch_iterator(dataset(examples, tok, data_dir, other, batch=4))] != ids[:2]
+    assert order(other, epochs=1) != ids[:2]
 
 
 def test_resume_from_state(tok, data_dir):
