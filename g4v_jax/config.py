@@ -251,6 +251,7 @@ class DataConfig:
     shuffle: bool = True
     on_bad_video: str = "skip"  # skip (counted, logged) | error
     on_too_long: str = "skip"  # skip | error
+    vision_cache: str = ""  # stage 1: directory of precomputed vision features (g4v_jax.data.feature_cache)
 
     def __post_init__(self):
         for name in ("on_bad_video", "on_too_long"):

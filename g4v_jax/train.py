@@ -133,7 +133,7 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], accum: int) -> dict[str
     return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
 
 
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "positions", "videos", "frame_mask")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "positions", "videos", "frame_mask", "video_features")
 
 
 def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
@@ -159,7 +159,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int) -> Ca
         model = nnx.merge(graphdef, params, frozen, with_dropout_key(rest, key))
         model.train()
         logits, _ = model(mb["input_ids"], videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
-                          attention_mask=mb["attention_mask"], positions=mb.get("positions"))
+                          video_features=mb.get("video_features"), attention_mask=mb["attention_mask"],
+                          positions=mb.get("positions"))
         return answer_nll(logits, mb["labels"])
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -457,6 +458,13 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     total = t.epochs * steps_per_epoch if t.max_steps <= 0 else min(t.max_steps, t.epochs * steps_per_epoch)
 
     trainer = build_trainer(cfg, total)
+    if cfg.data.vision_cache and data_cfg.use_videos:
+        from g4v_jax.data.feature_cache import check_cache
+
+        meta = check_cache(cfg.data.vision_cache, trainer.model().vision_model, num_frames=cfg.model.num_frames,
+                           image_size=cfg.model.vision.image_size)
+        data_cfg = dataclasses.replace(data_cfg, feature_shape=tuple(meta["feature_shape"]),
+                                       feature_dtype=meta["dtype"])
     per_host = t.global_batch_size // jax.process_count()
     # epochs=None: the step count decides the end, so a host with more skipped examples never runs dry first
     dataset = pipeline.make_dataset(examples, tokenizer, data_cfg, per_host_batch=per_host, epochs=None,
@@ -522,7 +530,8 @@ def pipeline_config(cfg: Config):
         image_size=cfg.model.vision.image_size, max_videos_per_example=cfg.data.max_videos_per_example,
         use_videos=cfg.train.stage == "stage1", num_video_tokens=cfg.model.num_video_tokens,
         system_prompt=cfg.data.system_prompt, worker_count=cfg.data.worker_count, shuffle=cfg.data.shuffle,
-        seed=cfg.train.seed, on_bad_video=cfg.data.on_bad_video, on_too_long=cfg.data.on_too_long)
+        seed=cfg.train.seed, on_bad_video=cfg.data.on_bad_video, on_too_long=cfg.data.on_too_long,
+        vision_cache=cfg.data.vision_cache)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ import numpy as np
 
 from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions, resolve_video_path
 from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, pad_batch, tokenize_conversation
+from g4v_jax.data.feature_cache import load_entry
 from g4v_jax.data.video import VideoReadError, load_video
 
 SKIP_REASONS = ("unreadable_video", "too_long", "too_many_videos")
@@ -115,6 +116,11 @@ class DataConfig:
     seed: int = 0
     on_bad_video: str = "skip"  # "skip" (count and log) or "error"
     on_too_long: str = "skip"  # "skip" or "error": longer than seq_len, or more than max_videos_per_example videos
+    # stage 1 with precomputed vision features (g4v_jax.data.feature_cache): batches carry "video_features"
+    # (B, V, T, 1 + N, Dv) instead of frames; shape and dtype come from the cache's meta.json
+    vision_cache: str = ""
+    feature_shape: tuple[int, ...] = ()
+    feature_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_data_config(self)
@@ -163,7 +169,10 @@ def batch_spec(cfg: DataConfig, per_host_batch: int) -> dict[str, tuple[tuple[in
     }
     if cfg.use_videos:
         v, t, s = cfg.max_videos_per_example, cfg.num_frames, cfg.image_size
-        spec["videos"] = ((b, v, t, s, s, 3), np.dtype(np.uint8))
+        if cfg.vision_cache:
+            spec["video_features"] = ((b, v, *cfg.feature_shape), np.dtype(cfg.feature_dtype))
+        else:
+            spec["videos"] = ((b, v, t, s, s, 3), np.dtype(np.uint8))
         spec["frame_mask"] = ((b, v, t), np.dtype(np.bool_))
     return spec
 
@@ -245,11 +254,25 @@ def _decode(ex: Example, cfg: DataConfig, manifest_dir: str) -> tuple[list[Any],
     clips = []
     for video in ex.videos:
         path = resolve_video_path(video, manifest_dir)
+        if cfg.vision_cache:  # precomputed features stand in for the frames
+            entry = load_entry(cfg.vision_cache, path)
+            if entry is None:
+                return [], ("unreadable_video", f"no vision-cache entry for {path} (unreadable when the cache was built)")
+            clips.append(VideoClipFeatures(frames=entry[0], frame_mask=entry[1]))
+            continue
         try:
             clips.append(load_video(path, num_frames=cfg.num_frames, size=cfg.image_size))
         except VideoReadError as e:  # its message names the path and the cause
             return [], ("unreadable_video", f"unreadable video: {e}")
     return clips, None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VideoClipFeatures:
+    """A cached video: features (T, 1 + N, Dv) where a clip has frames."""
+
+    frames: np.ndarray
+    frame_mask: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -278,6 +301,8 @@ class _Prepare:
         assert conv is not None
         padded = pad_batch([conv], self.pad_id, length=cfg.seq_len, side="right")
         t, s = cfg.num_frames, cfg.image_size
+        empty = (np.zeros((0, t, *cfg.feature_shape[1:]), cfg.feature_dtype) if cfg.vision_cache
+                 else np.zeros((0, t, s, s, 3), np.uint8))
         return _Row(
             index=index,
             id=ex.id,
@@ -285,7 +310,7 @@ class _Prepare:
             labels=padded["labels"][0],
             attention_mask=padded["attention_mask"][0],
             positions=padded["positions"][0],
-            videos=np.stack([c.frames for c in clips]) if clips else np.zeros((0, t, s, s, 3), np.uint8),
+            videos=np.stack([c.frames for c in clips]) if clips else empty,
             frame_mask=np.stack([c.frame_mask for c in clips]) if clips else np.zeros((0, t), np.bool_),
         )
 
@@ -295,13 +320,14 @@ def collate(rows: Sequence[_Row], cfg: DataConfig) -> dict[str, np.ndarray]:
     batch = {name: np.stack([getattr(r, name) for r in rows]) for name in
              ("input_ids", "labels", "attention_mask", "positions")}
     if cfg.use_videos:
-        v, t, s = cfg.max_videos_per_example, cfg.num_frames, cfg.image_size
-        videos = np.zeros((len(rows), v, t, s, s, 3), np.uint8)
-        frame_mask = np.zeros((len(rows), v, t), np.bool_)
+        spec = batch_spec(cfg, len(rows))
+        name = "video_features" if cfg.vision_cache else "videos"
+        videos = np.zeros(*spec[name])
+        frame_mask = np.zeros(*spec["frame_mask"])
         for b, r in enumerate(rows):
             n = r.videos.shape[0]  # <= v: more is a too_many_videos skip
             videos[b, :n], frame_mask[b, :n] = r.videos, r.frame_mask
-        batch["videos"], batch["frame_mask"] = videos, frame_mask
+        batch[name], batch["frame_mask"] = videos, frame_mask
     return batch
 
 

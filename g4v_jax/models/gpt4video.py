@@ -57,19 +57,21 @@ def splice_video_tokens(text_embeds: jax.Array, input_ids: jax.Array, video_toke
     return jnp.where(slots[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
-def _check_slots(input_ids: np.ndarray, videos, tokens_per_video: int) -> None:
+def _check_slots(input_ids: np.ndarray, video_batch: tuple[int, int] | None, tokens_per_video: int) -> None:
+    """Every row's slots are whole videos, no more than the (batch, videos per row) given."""
     per_row = (input_ids < 0).sum(axis=1)
-    if videos is None:
+    if video_batch is None:
         if per_row.any():
             raise ValueError("input_ids contain video slots but no videos were given")
         return
-    if videos.ndim != 6 or videos.shape[0] != input_ids.shape[0]:
-        raise ValueError(f"videos must be (batch, videos per row, T, H, W, 3) with batch {input_ids.shape[0]}, "
-                         f"got {videos.shape}")
-    bad = [(b, int(n)) for b, n in enumerate(per_row) if n % tokens_per_video or n > videos.shape[1] * tokens_per_video]
+    batch, per_row_videos = video_batch
+    if batch != input_ids.shape[0]:
+        raise ValueError(f"videos must be (batch, videos per row, ...) with batch {input_ids.shape[0]}, "
+                         f"got batch {batch}")
+    bad = [(b, int(n)) for b, n in enumerate(per_row) if n % tokens_per_video or n > per_row_videos * tokens_per_video]
     if bad:
         raise ValueError(f"rows {bad} (row, slots) do not hold whole videos of {tokens_per_video} tokens within the "
-                         f"{videos.shape[1]} videos per row given")
+                         f"{per_row_videos} videos per row given")
 
 
 class GPT4Video(VideoEncoder):
@@ -79,23 +81,34 @@ class GPT4Video(VideoEncoder):
         super().__init__(cfg, rngs=rngs)
         self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, remat=cfg.remat, **_module_kwargs(cfg, rngs))
 
-    def embed(self, input_ids: jax.Array, videos: jax.Array | None = None,
-              frame_mask: jax.Array | None = None) -> jax.Array:
-        """(B, L) ids with video slots + (B, V, T, H, W, 3) videos, (B, V, T) mask -> (B, L, D) input embeddings."""
+    def embed(self, input_ids: jax.Array, videos: jax.Array | None = None, frame_mask: jax.Array | None = None,
+              video_features: jax.Array | None = None) -> jax.Array:
+        """(B, L) ids with video slots + (B, V, T, H, W, 3) videos, (B, V, T) mask -> (B, L, D) input embeddings.
+
+        ``video_features`` (B, V, T, 1 + N, Dv), the vision tower's cached output, replaces ``videos`` (stage 1 with
+        ``data.vision_cache``): only the abstractor runs.
+        """
+        source = videos if video_features is None else video_features
         if isinstance(input_ids, np.ndarray):  # host-side checks; under jit the data pipeline guarantees them
-            _check_slots(input_ids, videos, self.abstractor.num_output_tokens)
+            want_ndim = 6 if video_features is None else 5
+            if source is not None and source.ndim != want_ndim:
+                raise ValueError(f"{'videos' if video_features is None else 'video_features'} must have "
+                                 f"{want_ndim} dims (batch, videos per row, ...), got shape {source.shape}")
+            _check_slots(input_ids, None if source is None else source.shape[:2], self.abstractor.num_output_tokens)
         text = self.language_model.embed(jnp.where(input_ids < 0, 0, input_ids))
-        if videos is None:
+        if source is None:
             return text
-        b, v = videos.shape[:2]
+        b, v = source.shape[:2]
         mask = None if frame_mask is None else frame_mask.reshape(b * v, -1)
-        tokens = self.encode_videos(videos.reshape(b * v, *videos.shape[2:]), mask)
+        flat = source.reshape(b * v, *source.shape[2:])
+        tokens = self.encode_videos(flat, mask) if video_features is None else self.abstractor(flat, mask)
         return splice_video_tokens(text, input_ids, tokens.reshape(b, v, *tokens.shape[1:]))
 
     def __call__(self, input_ids: jax.Array, *, videos: jax.Array | None = None,
-                 frame_mask: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: KVCache | None = None):
-        embeds = self.embed(input_ids, videos, frame_mask)
+                 frame_mask: jax.Array | None = None, video_features: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                 cache: KVCache | None = None):
+        embeds = self.embed(input_ids, videos, frame_mask, video_features)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
                                    cache=cache)
 

@@ -88,7 +88,7 @@ def test_slot_count_must_match_the_videos(setup):
     batch, frames, fmask = _batch(cfg, tok)
     with pytest.raises(ValueError, match=r"rows \[\(0, 18\)\] \(row, slots\) do not hold whole videos"):
         model.embed(batch["input_ids"], frames[:, :1], fmask[:, :1])
-    with pytest.raises(ValueError, match="videos must be \\(batch, videos per row"):
+    with pytest.raises(ValueError, match="videos must have 6 dims \\(batch, videos per row"):
         model.embed(batch["input_ids"], frames[0], fmask[0])
     with pytest.raises(ValueError, match="video slots but no videos"):
         model.embed(batch["input_ids"])
