@@ -4,8 +4,8 @@ A config file (``configs/*.yaml``) has up to three sections, ``model``, ``mesh``
 mapping or a string naming another YAML file (relative to the including file, then to ``configs/``), so one mesh file
 serves every model. Any mapping may also carry ``base: other.yaml`` to start from another file and change a few keys.
 
-Overrides address nested fields with dots: ``model.vision.num_layers=2``, ``mesh.fsdp=8``. Values are parsed as YAML
-(``true``, ``1e-4``, ``[1, 2]``). An unknown key anywhere is an error that names the key and the keys that exist.
+Overrides address nested fields with dots: ``model.vision.num_layers=2``, ``mesh.fsdp=8``, or swap a whole section
+for a file: ``train=train/stage2.yaml``. Values are parsed as YAML (``true``, ``1e-4``, ``[1, 2]``). An unknown key anywhere is an error that names the key and the keys that exist.
 """
 
 from __future__ import annotations
@@ -426,7 +426,9 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides:
         if not p.is_file():
             p = _resolve(str(source), Path.cwd())
         data = _expand(_read_yaml(p), p.parent)
-    data = _merge(data, parse_overrides(overrides))
+    # applied in order; an override may name a section file too: train=train/stage2.yaml train.epochs=1
+    for item in overrides:
+        data = _merge(data, _expand(parse_overrides([item]), CONFIGS_DIR))
     return from_dict(cls, data)
 
 

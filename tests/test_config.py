@@ -66,3 +66,9 @@ def test_missing_include(tmp_path):
     (tmp_path / "c.yaml").write_text("mesh: mesh/nope.yaml\n")
     with pytest.raises(ConfigError, match="mesh/nope.yaml"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_section_override_can_name_a_file():
+    cfg = load_config("gpt4video_7b", ["train=train/stage2.yaml", "mesh=mesh/dp8.yaml", "train.epochs=1"])
+    assert cfg.train.stage == "stage2" and cfg.train.learning_rate == pytest.approx(2e-5)
+    assert cfg.train.epochs == 1 and cfg.mesh.data == 8 and cfg.mesh.fsdp == 1

@@ -102,7 +102,7 @@ def test_vision_cache_trains_like_decoding_frames(dataset, tmp_path):
                                  tmp_path / "cache", num_frames=cfg.model.num_frames,
                                  image_size=cfg.model.vision.image_size, progress=False)
     assert counts == {"videos": 8, "computed": 8, "unreadable": 0}
-    common = ("train.stage=stage1", "train.learning_rate=3e-3", f"train.init_from={base}")
+    common = ("train.stage=stage1", "train.learning_rate=3e-3", f"train.init_from={base}", "train.max_steps=2")
     fit(_cfg(dataset, tmp_path / "frames", *common), progress=False)
     fit(_cfg(dataset, tmp_path / "cached", *common, f"data.vision_cache={tmp_path / 'cache'}"), progress=False)
     a = [r["loss"] for r in read_metrics(tmp_path / "frames" / "metrics.jsonl")]
