@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,14 +117,18 @@ class _Loop(NamedTuple):
     key: jax.Array
 
 
-def _generate(graphdef, state, batch: Mapping[str, jax.Array], key, *, cfg: SamplingConfig, eos_id: int,
-              pad_id: int, cache_dtype):
-    model = nnx.merge(graphdef, state)
-    lm = model.language_model if hasattr(model, "language_model") else model
+def _language_model(model):
+    return model.language_model if hasattr(model, "language_model") else model
+
+
+def _prefill(model, batch: Mapping[str, jax.Array], key, cfg: SamplingConfig, eos_id: int, pad_id: int,
+             cache_dtype) -> _Loop:
+    """Run the prompt (videos included) into a fresh cache and choose each row's first token."""
+    lm = _language_model(model)
     ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
     b, l = ids.shape
     cache = init_cache(lm.cfg, b, l + cfg.max_new_tokens, cache_dtype)
-    if hasattr(model, "language_model"):
+    if lm is not model:
         logits, cache = model(ids, videos=batch.get("videos"), frame_mask=batch.get("frame_mask"),
                               video_features=batch.get("video_features"), attention_mask=mask, cache=cache)
     else:
@@ -136,23 +140,30 @@ def _generate(graphdef, state, batch: Mapping[str, jax.Array], key, *, cfg: Samp
     logprobs = jnp.zeros((b, m), jnp.float32).at[:, 0].set(first_lp)
     lengths = jnp.ones((b,), jnp.int32)
     done = _stopped(first, tokens, lengths, cfg, eos_id)
-    state0 = _Loop(jnp.ones((), jnp.int32), tokens, logprobs, lengths, done, first, cache, key)
+    return _Loop(jnp.ones((), jnp.int32), tokens, logprobs, lengths, done, first, cache, key)
 
-    def cond(s: _Loop):
-        return (s.step < m) & ~jnp.all(s.done)
 
-    def body(s: _Loop):
-        logits, cache = lm(s.last[:, None], attention_mask=jnp.ones((b, 1), bool), cache=s.cache)
-        key, sub = jax.random.split(s.key)
-        tok, lp = choose(logits[:, 0], sub, cfg)
-        tok = jnp.where(s.done, pad_id, tok)
-        tokens = s.tokens.at[:, s.step].set(tok)
-        logprobs = s.logprobs.at[:, s.step].set(jnp.where(s.done, 0.0, lp))
-        lengths = s.lengths + (~s.done).astype(jnp.int32)
-        done = s.done | _stopped(tok, tokens, lengths, cfg, eos_id)
-        return _Loop(s.step + 1, tokens, logprobs, lengths, done, tok, cache, key)
+def _decode_step(lm, s: _Loop, cfg: SamplingConfig, eos_id: int, pad_id: int) -> _Loop:
+    """One token for every row; rows already done get ``pad_id`` and stay done."""
+    b = s.last.shape[0]
+    logits, cache = lm(s.last[:, None], attention_mask=jnp.ones((b, 1), bool), cache=s.cache)
+    key, sub = jax.random.split(s.key)
+    tok, lp = choose(logits[:, 0], sub, cfg)
+    tok = jnp.where(s.done, pad_id, tok)
+    tokens = s.tokens.at[:, s.step].set(tok)
+    logprobs = s.logprobs.at[:, s.step].set(jnp.where(s.done, 0.0, lp))
+    lengths = s.lengths + (~s.done).astype(jnp.int32)
+    done = s.done | _stopped(tok, tokens, lengths, cfg, eos_id)
+    return _Loop(s.step + 1, tokens, logprobs, lengths, done, tok, cache, key)
 
-    out = jax.lax.while_loop(cond, body, state0)
+
+def _generate(graphdef, state, batch: Mapping[str, jax.Array], key, *, cfg: SamplingConfig, eos_id: int,
+              pad_id: int, cache_dtype):
+    model = nnx.merge(graphdef, state)
+    lm = _language_model(model)
+    start = _prefill(model, batch, key, cfg, eos_id, pad_id, cache_dtype)
+    out = jax.lax.while_loop(lambda s: (s.step < cfg.max_new_tokens) & ~jnp.all(s.done),
+                             lambda s: _decode_step(lm, s, cfg, eos_id, pad_id), start)
     return out.tokens, out.lengths, out.logprobs
 
 
@@ -169,10 +180,8 @@ def _compiled(graphdef, cfg: SamplingConfig, eos_id: int, pad_id: int, cache_dty
                                      cache_dtype=cache_dtype))
 
 
-def generate(model: nnx.Module, batch: Mapping[str, Any], cfg: SamplingConfig, *, key: jax.Array | None = None,
-             eos_id: int, pad_id: int = 0) -> GenerationResult:
-    """Generate for a left-padded batch (see the module docstring); ``model`` is a GPT4Video or a LLaMA."""
-    lm = model.language_model if hasattr(model, "language_model") else model
+def _check_batch(model, batch: Mapping[str, Any], cfg: SamplingConfig) -> None:
+    lm = _language_model(model)
     ids = np.asarray(batch["input_ids"])
     if ids.shape[1] + cfg.max_new_tokens > lm.cfg.max_position_embeddings:
         raise ValueError(f"prompt of {ids.shape[1]} tokens + {cfg.max_new_tokens} new tokens exceeds the model's "
@@ -181,9 +190,44 @@ def generate(model: nnx.Module, batch: Mapping[str, Any], cfg: SamplingConfig, *
     if not mask[:, -1].all():
         raise ValueError("prompts must be left-padded (template.pad_batch(..., side='left')): the last column holds "
                          "padding in some rows")
+
+
+def _inputs(batch: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "videos", "frame_mask",
+                                                     "video_features")}
+
+
+def generate(model: nnx.Module, batch: Mapping[str, Any], cfg: SamplingConfig, *, key: jax.Array | None = None,
+             eos_id: int, pad_id: int = 0) -> GenerationResult:
+    """Generate for a left-padded batch (see the module docstring); ``model`` is a GPT4Video or a LLaMA."""
+    _check_batch(model, batch, cfg)
     graphdef, state = nnx.split(model)
-    fn = _compiled(graphdef, cfg, int(eos_id), int(pad_id), jnp.dtype(lm.dtype))
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "videos", "frame_mask",
-                                                        "video_features")}
-    tokens, lengths, logprobs = fn(state, inputs, key if key is not None else jax.random.key(0))
+    fn = _compiled(graphdef, cfg, int(eos_id), int(pad_id), jnp.dtype(_language_model(model).dtype))
+    tokens, lengths, logprobs = fn(state, _inputs(batch), key if key is not None else jax.random.key(0))
     return GenerationResult(np.asarray(tokens), np.asarray(lengths), np.asarray(logprobs))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_stream(graphdef, cfg: SamplingConfig, eos_id: int, pad_id: int, cache_dtype):
+    def prefill(state, batch, key):
+        return _prefill(nnx.merge(graphdef, state), batch, key, cfg, eos_id, pad_id, cache_dtype)
+
+    def step(state, s):
+        return _decode_step(_language_model(nnx.merge(graphdef, state)), s, cfg, eos_id, pad_id)
+
+    return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))
+
+
+def stream(model: nnx.Module, batch: Mapping[str, Any], cfg: SamplingConfig, *, key: jax.Array | None = None,
+           eos_id: int, pad_id: int = 0) -> Iterator[np.ndarray]:
+    """Like ``generate`` but yields each step's tokens (B,) as soon as they exist (interactive chat). The same
+    prefill and step functions as ``generate``, driven from Python one token at a time; stops when every row is
+    done. Rows already done yield ``pad_id``."""
+    _check_batch(model, batch, cfg)
+    graphdef, state = nnx.split(model)
+    prefill, step = _compiled_stream(graphdef, cfg, int(eos_id), int(pad_id), jnp.dtype(_language_model(model).dtype))
+    s = prefill(state, _inputs(batch), key if key is not None else jax.random.key(0))
+    yield np.asarray(s.last)
+    while int(s.step) < cfg.max_new_tokens and not bool(np.all(np.asarray(s.done))):
+        s = step(state, s)
+        yield np.asarray(s.last)

@@ -120,3 +120,14 @@ def test_bucket_length_and_context_errors(models):
     right = {k: v[:, ::-1].copy() for k, v in right.items()}
     with pytest.raises(ValueError, match="left-padded"):
         generate(ours, right, SamplingConfig(max_new_tokens=4), eos_id=2)
+
+
+def test_stream_yields_the_tokens_generate_returns(models):
+    from g4v_jax.generate import stream
+
+    _, ours = models
+    batch = _left_pad(PROMPTS, 12)
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9)
+    full = generate(ours, batch, cfg, key=jax.random.key(3), eos_id=-1)
+    steps = np.stack(list(stream(ours, batch, cfg, key=jax.random.key(3), eos_id=-1)), axis=1)
+    assert steps.tolist() == full.tokens.tolist()
