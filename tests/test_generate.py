@@ -131,3 +131,26 @@ def test_stream_yields_the_tokens_generate_returns(models):
     full = generate(ours, batch, cfg, key=jax.random.key(3), eos_id=-1)
     steps = np.stack(list(stream(ours, batch, cfg, key=jax.random.key(3), eos_id=-1)), axis=1)
     assert steps.tolist() == full.tokens.tolist()
+
+
+def test_video_prompt_greedy_equals_argmax_of_full_forwards():
+    """GPT4Video: vision tower + abstractor run inside the prefill; decoding continues from the spliced prompt."""
+    from g4v_jax.config import load_config
+    from g4v_jax.models.gpt4video import build_model
+
+    cfg = load_config("tiny").model
+    model = build_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    k = cfg.num_video_tokens
+    ids = rng.integers(3, cfg.llm.vocab_size, (1, 24)).astype(np.int32)
+    ids[0, 3:3 + k] = -1
+    videos = rng.integers(0, 256, (1, 1, cfg.num_frames, 56, 56, 3), dtype=np.uint8)
+    fmask = np.ones((1, 1, cfg.num_frames), bool)
+    batch = {"input_ids": ids, "attention_mask": np.ones((1, 24), bool), "videos": videos, "frame_mask": fmask}
+    res = generate(model, batch, SamplingConfig(max_new_tokens=5), eos_id=-1)
+    seq = ids
+    forward = nnx.jit(lambda m, x, v, f: m(x, videos=v, frame_mask=f)[0])
+    for _ in range(5):
+        nxt = int(np.argmax(np.asarray(forward(model, seq, videos, fmask))[0, -1]))
+        seq = np.concatenate([seq, [[nxt]]], axis=1).astype(np.int32)
+    assert res.tokens[0].tolist() == seq[0, 24:].tolist()

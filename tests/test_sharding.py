@@ -111,3 +111,44 @@ def test_gpt4video_on_two_meshes_equals_single_device():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     print(proc.stdout.strip())
+
+
+GENERATE_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, jax
+    from flax import nnx
+    from g4v_jax.config import load_config, MeshConfig
+    from g4v_jax.generate import SamplingConfig, generate
+    from g4v_jax.models.gpt4video import build_model
+    from g4v_jax.sharding import make_mesh, shard_state
+
+    cfg = load_config("tiny").model
+    model = build_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    k = cfg.num_video_tokens
+    ids = rng.integers(3, cfg.llm.vocab_size, (2, 32)).astype(np.int32)
+    ids[0, 2:2 + k] = -1
+    mask = np.ones((2, 32), bool); mask[1, :5] = False
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "videos": rng.integers(0, 256, (2, 1, cfg.num_frames, 56, 56, 3), dtype=np.uint8),
+             "frame_mask": np.array([[[True] * cfg.num_frames], [[False] * cfg.num_frames]])}
+    sampling = SamplingConfig(max_new_tokens=8)
+    expected = generate(model, batch, sampling, eos_id=-1).tokens
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        sharded = nnx.merge(graphdef, shard_state(state, mesh))
+        got = generate(sharded, batch, sampling, eos_id=-1).tokens
+    print("tokens single", expected.tolist(), "mesh (1,4,2)", got.tolist())
+    assert (got == expected).all()
+    """
+)
+
+
+def test_generation_under_a_tensor_parallel_mesh_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout.strip())
