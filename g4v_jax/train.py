@@ -252,16 +252,12 @@ class Trainer:
 
 def _initial_model(cfg: Config) -> nnx.Module:
     if cfg.train.init_from:
-        overrides = [f"model.{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}"
-                     for k, v in _model_overrides(cfg).items()]
-        return load_model_dir(cfg.train.init_from, overrides)
+        # the run's compute settings apply on top of the loaded directory's own config
+        m = cfg.model
+        return load_model_dir(cfg.train.init_from, [f"model.compute_dtype={m.compute_dtype}",
+                                                    f"model.attention_impl={m.attention_impl}",
+                                                    f"model.remat={m.remat}"])
     return build_model(cfg.model, seed=cfg.train.seed)
-
-
-def _model_overrides(cfg: Config) -> dict:
-    # settings of the run that apply on top of a loaded model directory's own config
-    m = cfg.model
-    return {"compute_dtype": m.compute_dtype, "attention_impl": m.attention_impl, "remat": m.remat}
 
 
 def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None) -> Trainer:
