@@ -167,6 +167,19 @@ def example_to_dict(ex: Example) -> dict[str, Any]:
     return out
 
 
+def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterable[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line of a JSONL file; a line that is not JSON raises
+    ``error`` naming ``file:line``. Shared by manifests and the chat CLI's request files."""
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_manifest(path: str | os.PathLike) -> list[Example]:
     """All examples of a JSONL manifest, every line validated; ``ManifestError`` names ``file:line`` and the problem."""
     p = Path(path)
@@ -174,22 +187,15 @@ def read_manifest(path: str | os.PathLike) -> list[Example]:
         raise ManifestError(f"manifest {str(p)!r} not found (or not a file)")
     examples: list[Example] = []
     first_line: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{p}:{lineno}: not valid JSON: {e}") from None
-            try:
-                ex = example_from_dict(raw)
-            except ValueError as e:
-                raise ManifestError(f"{p}:{lineno}: {e}") from None
-            if ex.id in first_line:
-                raise ManifestError(f"{p}:{lineno}: duplicate id {ex.id!r} (first on line {first_line[ex.id]})")
-            first_line[ex.id] = lineno
-            examples.append(ex)
+    for lineno, raw in iter_jsonl(p, ManifestError):
+        try:
+            ex = example_from_dict(raw)
+        except ValueError as e:
+            raise ManifestError(f"{p}:{lineno}: {e}") from None
+        if ex.id in first_line:
+            raise ManifestError(f"{p}:{lineno}: duplicate id {ex.id!r} (first on line {first_line[ex.id]})")
+        first_line[ex.id] = lineno
+        examples.append(ex)
     return examples
 
 

@@ -1,0 +1,268 @@
+"""The chat front end: ChatSession history and streaming, answer post-processing (stop string, <video> tags),
+batch answering (order, per-request errors, batch invariance) and the CLI (batch, interactive, errors).
+
+Random weights give gibberish, so these tests check mechanics; the fixed-text cases replace the engine by a fake that
+"generates" a given text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from g4v_jax import chat
+from g4v_jax.config import Config, load_config
+from g4v_jax.data.template import SYSTEM_PROMPT, render
+from g4v_jax.data.tokenizer import build_bpe_tokenizer
+from g4v_jax.data.video import synthetic_frames, write_video
+from g4v_jax.generate import GenerationResult, SamplingConfig
+from g4v_jax.models.gpt4video import build_model
+from g4v_jax.weights import save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = [SYSTEM_PROMPT, "###Human: <video></video> ###Human: What happens in this video? ###AI: a red square "
+          "moves to the right. <video>a red square on a gradient</video> café ###Human: And then? ###AI: stops."] * 8
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random GPT4Video saved with its tokenizer as one checkpoint directory, and two videos."""
+    root = tmp_path_factory.mktemp("chat")
+    cfg = load_config("tiny").model
+    model = build_model(cfg)
+    ckpt = root / "ckpt"
+    tokenizer = build_bpe_tokenizer(CORPUS, root / "tok", vocab_size=cfg.llm.vocab_size)
+    save_pretrained(model, Config(model=cfg), ckpt)
+    tokenizer.save_pretrained(str(ckpt))
+    videos = root / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mp4", synthetic_frames(12, 48, 64, seed=1))
+    write_video(videos / "b.mp4", synthetic_frames(10, 40, 56, seed=2))
+    (videos / "broken.mp4").write_bytes(b"this is not a video")
+    return dict(root=root, cfg=cfg, model=model, tokenizer=tokenizer, ckpt=ckpt, videos=videos)
+
+
+def _fake_engine(monkeypatch, tokenizer, text: str):
+    """Make ``stream`` / ``generate`` in chat "generate" the tokens of ``text`` (then EOS)."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+    def fake_stream(model, batch, cfg, *, key=None, eos_id, pad_id=0):
+        for t in ids[: cfg.max_new_tokens]:
+            yield np.asarray([t] * batch["input_ids"].shape[0], np.int32)
+
+    def fake_generate(model, batch, cfg, *, key=None, eos_id, pad_id=0):
+        b, n = batch["input_ids"].shape[0], min(len(ids), cfg.max_new_tokens)
+        tokens = np.full((b, cfg.max_new_tokens), pad_id, np.int32)
+        tokens[:, :n] = ids[:n]
+        return GenerationResult(tokens, np.full((b,), n, np.int32), np.zeros(tokens.shape, np.float32))
+
+    monkeypatch.setattr(chat, "stream", fake_stream)
+    monkeypatch.setattr(chat, "generate", fake_generate)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ChatSession
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _conversation(world):
+    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=12))
+    assert session.attach_video(world["videos"] / "a.mp4") == 0
+    pieces = []
+    first = session.ask("What happens in this video?", on_token=pieces.append)
+    first_prompt = session.last_prompt_ids
+    second = session.ask("And then?")
+    return session, first, second, first_prompt, pieces
+
+
+def test_session_history_streaming_and_determinism(world):
+    session, first, second, first_prompt, pieces = _conversation(world)
+    assert [(t.role, t.video) for t in session.turns] == [
+        ("human", 0), ("human", None), ("ai", None), ("human", None), ("ai", None)]
+    assert session.turns[2].text == first.text and session.turns[4].text == second.text
+    assert first.text and "".join(pieces) == first.text
+    assert 1 <= first.num_tokens <= 12
+    # the conversation is carried over: the second prompt extends the first (video slots included)
+    assert len(session.last_prompt_ids) > len(first_prompt)
+    assert session.last_prompt_ids[: len(first_prompt)].tolist() == first_prompt.tolist()
+    assert (first_prompt == -1).sum() == world["cfg"].num_video_tokens
+    # greedy: a second session gives the same answers
+    _, first_again, second_again, _, _ = _conversation(world)
+    assert (first_again.text, second_again.text) == (first.text, second.text)
+
+    session.reset()
+    assert session.turns == [] and session.clips == [] and session.pending == []
+
+
+def test_session_errors(world, tmp_path):
+    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=8))
+    with pytest.raises(chat.VideoReadError, match="broken.mp4"):
+        session.attach_video(world["videos"] / "broken.mp4")
+    assert session.clips == [] and session.pending == []
+    with pytest.raises(ValueError, match="context of 512"):
+        session.ask("hello " * 600)
+    assert session.turns == []  # a failed question leaves the history alone
+
+
+def test_session_tags_and_stop_string_with_a_fake_engine(world, monkeypatch):
+    text = " Here: <video>a red square</video> then café ##x ###Human: more"
+    _fake_engine(monkeypatch, world["tokenizer"], text)
+    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=64))
+    session.attach_video(world["videos"] / "a.mp4")
+    pieces = []
+    answer = session.ask("Show me", on_token=pieces.append)
+    assert answer.text == "Here: <video>a red square</video> then café ##x"
+    assert "".join(pieces) == answer.text and not any("\ufffd" in p for p in pieces)
+    assert [(r.prompt, r.index) for r in answer.requests] == [("a red square", None)]
+    assert answer.text[answer.requests[0].start:answer.requests[0].end] == "<video>a red square</video>"
+    assert session.turns[-1].text == answer.text  # tags stay in the history, as in training data
+    # the next prompt holds the answer as a finished AI turn
+    _, conv, _ = session.prompt("Next")
+    shown = world["tokenizer"].decode([i for i in conv.input_ids if i >= 0], skip_special_tokens=True)
+    assert shown == render(session.turns + [chat.Turn("human", "Next")], add_generation_prompt=True, video_text="")
+
+
+def test_finish_answer_and_stream_decoder(world):
+    a = chat.finish_answer(" two clips <video1>a cat</video1> and <video2> a dog </video2>###", 9)
+    assert a.text == "two clips <video1>a cat</video1> and <video2> a dog </video2>" and a.num_tokens == 9
+    assert [(r.prompt, r.index) for r in a.requests] == [("a cat", 1), ("a dog", 2)]
+    assert chat.finish_answer("  ", 1).text == ""
+    tok = world["tokenizer"]
+    dec = chat.StreamDecoder(tok)
+    pieces = [dec.push(t) for t in tok.encode(" naïve ✓ done #", add_special_tokens=False)] + [dec.finish()]
+    assert "".join(pieces) == "naïve ✓ done #" and not any("\ufffd" in p for p in pieces)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batch answering
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _requests(world):
+    v = world["videos"]
+    return [
+        {"id": "vid", "videos": [str(v / "a.mp4")],
+         "turns": [{"from": "human", "video": 0}, {"from": "human", "value": "What happens in this video?"}]},
+        {"id": "text", "turns": [{"from": "human", "value": "Hi"}, {"from": "ai", "value": "Hello, how can I help?"},
+                                 {"from": "human", "value": "Tell me a long story about a red square and its day."}]},
+        {"id": "bad", "videos": [str(v / "broken.mp4")],
+         "turns": [{"from": "human", "video": 0}, {"from": "human", "value": "What?"}]},
+    ]
+
+
+def test_answer_requests_order_errors_and_batch_invariance(world):
+    reqs = _requests(world)
+    cfg = SamplingConfig(max_new_tokens=8)
+    together = chat.answer_requests(world["model"], world["tokenizer"], reqs, sampling=cfg, progress=False)
+    assert [r["id"] for r in together] == ["vid", "text", "bad"]
+    assert set(together[2]) == {"id", "error"} and "broken.mp4" in together[2]["error"]
+    for r in together[:2]:
+        assert set(r) == {"id", "answer", "video_requests", "num_tokens"} and 1 <= r["num_tokens"] <= 8
+    # left padding (and a padding video for the text row) does not change greedy answers
+    for i in range(2):
+        alone = chat.answer_requests(world["model"], world["tokenizer"], [reqs[i]], sampling=cfg, progress=False)
+        assert alone == [together[i]], reqs[i]["id"]
+
+
+def test_answer_requests_tags_settings_and_bad_requests(world, monkeypatch):
+    _fake_engine(monkeypatch, world["tokenizer"], " Sure. <video>a red square</video>###")
+    reqs = [{"id": 1, "turns": [{"from": "human", "value": "Make a video"}], "temperature": 0.7, "seed": 3},
+            {"turns": [{"from": "ai", "value": "no question"}]},
+            {"id": "few", "turns": [{"from": "human", "value": "Short"}], "max_new_tokens": 3},
+            {"id": "long", "turns": [{"from": "human", "value": "x " * 600}]}]
+    out = chat.answer_requests(world["model"], world["tokenizer"], reqs, sampling=SamplingConfig(max_new_tokens=32),
+                               progress=False)
+    n_fake = len(world["tokenizer"].encode(" Sure. <video>a red square</video>###")) + 1  # + EOS
+    assert out[0] == {"id": 1, "answer": "Sure. <video>a red square</video>",
+                      "video_requests": [{"prompt": "a red square", "index": None, "start": 6, "end": 33}],
+                      "num_tokens": n_fake}
+    assert out[1]["id"] == 1 and "last turn must be a human" in out[1]["error"]  # id defaults to the position
+    assert out[2]["num_tokens"] == 3 and out[2]["answer"] == chat.clean_answer(
+        world["tokenizer"].decode(world["tokenizer"].encode(" Sure. <video>a red square</video>")[:3]))
+    assert "context of 512" in out[3]["error"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _start_cli(args, stdin: Path | None = None) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    with open(stdin or os.devnull) as f:
+        return subprocess.Popen([sys.executable, "-m", "g4v_jax.chat", *map(str, args)], env=env, cwd=ROOT, text=True,
+                                stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(world, tmp_path_factory):
+    """Both CLI runs (batch, interactive), started together (each is mostly start-up and compiling) and waited for
+    by the tests: {name: (returncode, stdout, stderr, workdir)}."""
+    work = tmp_path_factory.mktemp("cli")
+    (work / "clip.mp4").write_bytes((world["videos"] / "b.mp4").read_bytes())
+    lines = [{"id": "q1", "videos": ["clip.mp4"],  # relative to the requests file
+              "turns": [{"from": "human", "video": 0}, {"from": "human", "value": "What happens?"}]},
+             {"turns": [{"from": "human", "value": "Hello"}]},
+             {"id": "q3", "videos": ["missing.mp4"],
+              "turns": [{"from": "human", "video": 0}, {"from": "human", "value": "What happens?"}]}]
+    (work / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    v = world["videos"]
+    (work / "stdin.txt").write_text(f"/video {v / 'a.mp4'}\nWhat happens?\n/video {v / 'broken.mp4'}\n/quit\n")
+    procs = {
+        "batch": _start_cli(["--ckpt", world["ckpt"], "--input", work / "in.jsonl", "--output", work / "out.jsonl",
+                             "--max-new-tokens", 8]),
+        "interactive": _start_cli(["--ckpt", world["ckpt"], "--max-new-tokens", 6], stdin=work / "stdin.txt"),
+    }
+    results = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            results[name] = (proc.returncode, out, err, work)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def test_cli_batch_mode(cli_runs):
+    rc, _, stderr, work = cli_runs["batch"]
+    assert rc == 0, stderr[-3000:]
+    out = [json.loads(x) for x in (work / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in out] == ["q1", 2, "q3"]  # a missing id is the line number
+    assert "answer" in out[0] and "answer" in out[1] and out[0]["num_tokens"] <= 8
+    assert "missing.mp4" in out[2]["error"]
+    assert "wrote 3 answers" in stderr and "1 failed" in stderr
+
+
+def test_cli_interactive(cli_runs):
+    rc, stdout, stderr, _ = cli_runs["interactive"]
+    assert rc == 0, stderr[-3000:]
+    assert "(video 1 attached" in stdout
+    assert f"\n{chat.ANSWER_MARKER} " in stdout
+    assert "error:" in stdout and "broken.mp4" in stdout  # a bad video does not end the session
+    assert "tokens in" in stderr
+
+
+def test_cli_errors(world, tmp_path, capsys):
+    assert chat.main(["--ckpt", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt" in err and "no such directory" in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"turns": [{"from": "human", "value": "ok"}]}\n{"turns": [oops]}\n')
+    assert chat.main(["--ckpt", str(world["ckpt"]), "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not valid JSON" in err and len(err.strip().splitlines()) == 1
+    bad.write_text('{"turns": [{"from": "human", "value": "ok"}]}\n\n{"videos": ["a.mp4"], "turns": '
+                   '[{"from": "human", "value": "no video turn"}]}\n')
+    assert chat.main(["--ckpt", str(world["ckpt"]), "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
+    assert f"{bad}:3: the video turns must be numbered" in capsys.readouterr().err
+    assert chat.main(["--ckpt", str(world["ckpt"]), "--tokenizer", str(tmp_path), "--input", str(bad)]) == 2
+    assert "both --input and --output" in capsys.readouterr().err
