@@ -175,7 +175,8 @@ def test_answer_requests_tags_settings_and_bad_requests(world, monkeypatch):
     reqs = [{"id": 1, "turns": [{"from": "human", "value": "Make a video"}], "temperature": 0.7, "seed": 3},
             {"turns": [{"from": "ai", "value": "no question"}]},
             {"id": "few", "turns": [{"from": "human", "value": "Short"}], "max_new_tokens": 3},
-            {"id": "long", "turns": [{"from": "human", "value": "x " * 600}]}]
+            {"id": "long", "turns": [{"from": "human", "value": "x " * 600}]},
+            {"id": "zero", "turns": [{"from": "human", "value": "Short"}], "max_new_tokens": 0}]
     out = chat.answer_requests(world["model"], world["tokenizer"], reqs, sampling=SamplingConfig(max_new_tokens=32),
                                progress=False)
     n_fake = len(world["tokenizer"].encode(" Sure. <video>a red square</video>###")) + 1  # + EOS
@@ -186,6 +187,7 @@ def test_answer_requests_tags_settings_and_bad_requests(world, monkeypatch):
     assert out[2]["num_tokens"] == 3 and out[2]["answer"] == chat.clean_answer(
         world["tokenizer"].decode(world["tokenizer"].encode(" Sure. <video>a red square</video>")[:3]))
     assert "context of 512" in out[3]["error"]
+    assert "max_new_tokens" in out[4]["error"]  # the rest of the batch is still answered
 
 
 # --------------------------------------------------------------------------------------------------------------------
