@@ -234,8 +234,12 @@ class ChatSession:
     seed: int = 0
     turns: list[Turn] = dataclasses.field(default_factory=list)
     clips: list[VideoClip] = dataclasses.field(default_factory=list)
+    # input safety gate (g4v_jax.safety.gates.make_video_gate): path -> flagged. A flagged video is not attached and
+    # the next question gets the polite refusal without the model seeing the video.
+    video_gate: Callable[[str], bool] | None = None
 
     def __post_init__(self) -> None:
+        self._refuse_next = False
         self._info = _model_info(self.model, self.tokenizer, self.num_frames, self.image_size)
         self.num_frames, self.image_size = self._info.num_frames, self._info.image_size
         self.sampling = _with_stops(self.sampling, self.tokenizer)
@@ -246,6 +250,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (turns, videos, pending videos)."""
         self.turns, self.clips, self.pending, self.last_prompt_ids = [], [], [], None
+        self._refuse_next = False
 
     def attach_video(self, path: str | os.PathLike) -> int:
         """Decode a video now (``VideoReadError`` naming the path if unreadable); it precedes the next question.
@@ -253,6 +258,9 @@ class ChatSession:
         if not self._info.has_vision:
             raise ValueError("this model is a text-only LLM: it cannot take videos")
         clip = load_video(path, num_frames=self.num_frames, size=self.image_size)
+        if self.video_gate is not None and self.video_gate(str(path)):
+            self._refuse_next = True
+            return -1
         self.clips.append(clip)
         self.pending.append(len(self.clips) - 1)
         return len(self.clips) - 1
@@ -275,6 +283,16 @@ class ChatSession:
             on_token: Callable[[str], None] | None = None) -> Answer:
         """Answer a question in the context of the conversation; ``on_token`` gets the answer's text pieces as they
         are generated. The question (after any pending videos) and the answer join the history."""
+        if self._refuse_next:  # a flagged input video: refuse without describing it (the video was never attached)
+            from g4v_jax.safety.refusal import POLITE_REFUSAL
+
+            self._refuse_next = False
+            if on_token is not None:
+                on_token(POLITE_REFUSAL)
+            self.turns = [*self.turns, *(Turn("human", video=i) for i in self.pending), Turn("human", text),
+                          Turn("ai", POLITE_REFUSAL)]
+            self.pending = []
+            return Answer(POLITE_REFUSAL, [], 0)
         turns, conv, batch = self.prompt(text)
         if key is None:
             key = jax.random.fold_in(jax.random.key(self.seed), self._asked)
@@ -547,7 +565,8 @@ def repl(session: ChatSession, stdin=None, stdout=None) -> None:
             elif command == "/video" and arg:
                 try:
                     index = session.attach_video(os.path.expanduser(arg))
-                    say(f"(video {index + 1} attached: {arg})")
+                    say(f"(video {index + 1} attached: {arg})" if index >= 0 else
+                        "(the safety checker flagged this video: it was not attached)")
                 except ValueError as e:  # VideoReadError, text-only model
                     say(f"error: {e}")
             elif command == "/video":
@@ -586,6 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system-prompt", default=SYSTEM_PROMPT)
+    ap.add_argument("--safety-checker", default=None,
+                    help="converted SD safety checker dir (python -m convert.sd_safety_checker): the input video gate")
     ap.add_argument("overrides", nargs="*", help="model config overrides, e.g. model.compute_dtype=bfloat16")
     args = ap.parse_intermixed_args(argv)
     try:
@@ -615,7 +636,16 @@ def _main(args) -> None:
     requests = read_requests(args.input) if args.input else None  # fail on a bad line before loading the model
     model, tokenizer = _load(args)
     if requests is None:
-        repl(ChatSession(model, tokenizer, sampling, system_prompt=args.system_prompt, seed=args.seed))
+        gate = None
+        if args.safety_checker:
+            from g4v_jax.safety.gates import make_video_gate
+
+            try:
+                gate = make_video_gate(args.safety_checker)
+            except (OSError, ValueError) as e:
+                raise CLIError(f"--safety-checker {args.safety_checker}: {e}") from None
+        repl(ChatSession(model, tokenizer, sampling, system_prompt=args.system_prompt, seed=args.seed,
+                         video_gate=gate))
         return
     results = answer_requests(model, tokenizer, requests, sampling=sampling, batch_size=args.batch_size,
                               system_prompt=args.system_prompt, seed=args.seed)

@@ -268,3 +268,16 @@ def test_cli_errors(world, tmp_path, capsys):
     assert f"{bad}:3: the video turns must be numbered" in capsys.readouterr().err
     assert chat.main(["--ckpt", str(world["ckpt"]), "--tokenizer", str(tmp_path), "--input", str(bad)]) == 2
     assert "both --input and --output" in capsys.readouterr().err
+
+
+def test_flagged_input_video_gets_the_polite_refusal(world):
+    from g4v_jax.safety.refusal import POLITE_REFUSAL
+
+    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=4),
+                               video_gate=lambda path: path.endswith("a.mp4"))
+    assert session.attach_video(world["videos"] / "a.mp4") == -1  # flagged: not attached
+    pieces = []
+    answer = session.ask("What happens?", on_token=pieces.append)
+    assert answer.text == POLITE_REFUSAL and "".join(pieces) == POLITE_REFUSAL
+    assert session.clips == [] and session.turns[-1].text == POLITE_REFUSAL
+    assert session.attach_video(world["videos"] / "b.mp4") == 0  # a safe video afterwards is attached as usual
