@@ -161,6 +161,7 @@ class Answer:
     text: str  # the answer, <video> tags included, without the "###" that ended it
     requests: list[VideoRequest]  # the <video>...</video> spans of ``text`` (offsets into ``text``)
     num_tokens: int  # tokens generated (the stop token included)
+    videos: tuple = ()  # t2v.RenderedVideo per request when the session renders (path or error each)
 
 
 _HELD = re.compile(r"[\s#\ufffd]+\Z")  # a streamed tail that may still change: spaces, '#'s, a partial character
@@ -237,6 +238,8 @@ class ChatSession:
     # input safety gate (g4v_jax.safety.gates.make_video_gate): path -> flagged. A flagged video is not attached and
     # the next question gets the polite refusal without the model seeing the video.
     video_gate: Callable[[str], bool] | None = None
+    # the text-to-video step: (requests, stem) -> [t2v.RenderedVideo]; see ``make_renderer``
+    renderer: Callable[[Sequence[VideoRequest], str], list] | None = None
 
     def __post_init__(self) -> None:
         self._refuse_next = False
@@ -313,11 +316,30 @@ class ChatSession:
         if piece and on_token is not None:
             on_token(piece)
         answer = finish_answer(decoder.text, n)
+        if self.renderer is not None and answer.requests:
+            answer = dataclasses.replace(answer, videos=tuple(self.renderer(answer.requests, f"turn{self._asked + 1}")))
         self.turns = turns + ([Turn("ai", answer.text)] if answer.text else [])
         self.pending = []
         self.last_prompt_ids = conv.input_ids
         self._asked += 1
         return answer
+
+
+def make_renderer(backend_name: str, out_dir: str | os.PathLike, *, settings=None, check_prompt=None,
+                  check_video=None, **backend_options) -> Callable[[Sequence[VideoRequest], str], list]:
+    """Chat answer -> files: every request's prompt is checked (``check_prompt``), the backend renders the accepted
+    ones, every video is checked (``check_video``) and written under ``out_dir``. A failure is reported per request
+    and never touches the text answer (``t2v.render_requests``)."""
+    from g4v_jax.t2v import T2VSettings, make_backend, render_requests
+
+    backend = make_backend(backend_name, **backend_options)
+    settings = settings or T2VSettings()
+
+    def render(requests: Sequence[VideoRequest], stem: str) -> list:
+        return render_requests(backend, requests, settings, out_dir, check_prompt=check_prompt,
+                               check_video=check_video, stem=stem)
+
+    return render
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -587,6 +609,9 @@ def repl(session: ChatSession, stdin=None, stdout=None) -> None:
         say()
         for i, request in enumerate(answer.requests, 1):
             say(f"video {i} request: {request.prompt}")
+            if i <= len(answer.videos):
+                rendered = answer.videos[i - 1]
+                say(f"video {i}: {rendered.path}" if rendered.path else f"video {i}: {rendered.error}")
         dt = time.perf_counter() - t0
         print(f"[{answer.num_tokens} tokens in {dt:.1f}s]", file=sys.stderr, flush=True)
 
@@ -606,7 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system-prompt", default=SYSTEM_PROMPT)
     ap.add_argument("--safety-checker", default=None,
-                    help="converted SD safety checker dir (python -m convert.sd_safety_checker): the input video gate")
+                    help="converted SD safety checker dir (python -m convert.sd_safety_checker): input and output "
+                         "video gate")
+    ap.add_argument("--t2v", default=None, help="render the <video> prompts with this backend: solid | diffusers")
+    ap.add_argument("--t2v-path", default=None, help="the diffusers pipeline directory (e.g. zeroscope_v2_576w)")
+    ap.add_argument("--t2v-out", default="outputs/videos")
+    ap.add_argument("--blocklist", default="", help="comma-separated words no video prompt may contain")
     ap.add_argument("overrides", nargs="*", help="model config overrides, e.g. model.compute_dtype=bfloat16")
     args = ap.parse_intermixed_args(argv)
     try:
@@ -615,6 +645,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"g4v_jax.chat: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _safety_and_t2v(args):
+    """The input gate and the renderer (prompt check -> backend -> output check -> files) the flags ask for."""
+    from g4v_jax.safety.gates import keyword_prompt_check, make_output_video_check, make_video_gate
+
+    gate = check_video = None
+    if args.safety_checker:
+        from g4v_jax.safety.checker import load_safety_checker
+
+        try:
+            checker = load_safety_checker(args.safety_checker)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--safety-checker {args.safety_checker}: {e}") from None
+        gate, check_video = make_video_gate(checker), make_output_video_check(checker)
+    renderer = None
+    if args.t2v:
+        options = {"path": args.t2v_path} if args.t2v == "diffusers" else {}
+        blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
+        try:
+            renderer = make_renderer(args.t2v, args.t2v_out, check_prompt=keyword_prompt_check(blocklist),
+                                     check_video=check_video, **options)
+        except (ImportError, ValueError, RuntimeError) as e:  # unknown backend, missing weights, no torch
+            raise CLIError(f"--t2v {args.t2v}: {e}") from None
+    return gate, renderer
 
 
 def _main(args) -> None:
@@ -636,16 +691,9 @@ def _main(args) -> None:
     requests = read_requests(args.input) if args.input else None  # fail on a bad line before loading the model
     model, tokenizer = _load(args)
     if requests is None:
-        gate = None
-        if args.safety_checker:
-            from g4v_jax.safety.gates import make_video_gate
-
-            try:
-                gate = make_video_gate(args.safety_checker)
-            except (OSError, ValueError) as e:
-                raise CLIError(f"--safety-checker {args.safety_checker}: {e}") from None
+        gate, renderer = _safety_and_t2v(args)
         repl(ChatSession(model, tokenizer, sampling, system_prompt=args.system_prompt, seed=args.seed,
-                         video_gate=gate))
+                         video_gate=gate, renderer=renderer))
         return
     results = answer_requests(model, tokenizer, requests, sampling=sampling, batch_size=args.batch_size,
                               system_prompt=args.system_prompt, seed=args.seed)

@@ -281,3 +281,19 @@ def test_flagged_input_video_gets_the_polite_refusal(world):
     assert answer.text == POLITE_REFUSAL and "".join(pieces) == POLITE_REFUSAL
     assert session.clips == [] and session.turns[-1].text == POLITE_REFUSAL
     assert session.attach_video(world["videos"] / "b.mp4") == 0  # a safe video afterwards is attached as usual
+
+
+def test_answer_to_files_through_a_backend(world, monkeypatch, tmp_path):
+    """Chat answer -> <video> requests -> prompt check -> backend -> files, paths attached to the answer."""
+    from g4v_jax.safety.gates import keyword_prompt_check
+
+    _fake_engine(monkeypatch, world["tokenizer"], " Here: <video>a red square</video> and <video>gore</video>###")
+    renderer = chat.make_renderer("solid", tmp_path / "videos", check_prompt=keyword_prompt_check(["gore"]))
+    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=32),
+                               renderer=renderer)
+    answer = session.ask("Make two videos")
+    assert [r.prompt for r in answer.requests] == ["a red square", "gore"]
+    first, second = answer.videos
+    assert first.path is not None and first.path.is_file() and first.error is None
+    assert second.path is None and "refused" in second.error  # the prompt gate stopped it
+    assert answer.text.startswith("Here:")  # the text answer is intact
