@@ -250,5 +250,28 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
+def save_converted(model, cfg, src: str | Path, dst: str | Path) -> Path:
+    """Write a converted model directory (config + weights) and the tokenizer that came with ``src``."""
+    from g4v_jax.config import Config
+    from g4v_jax.weights import save_pretrained
+
+    out = save_pretrained(model, Config(model=cfg), dst)
+    copied = copy_tokenizer_files(src, out)
+    print(f"tokenizer: {', '.join(copied)} copied" if copied else "no tokenizer files beside the checkpoint")
+    return out
+
+
+def converter_main(doc: str, convert: Callable[..., Path], overrides_help: str, argv=None) -> None:
+    """The CLI of a ``SRC DST [key=value ...]`` converter."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("overrides", nargs="*", help=overrides_help)
+    args = ap.parse_intermixed_args(argv)
+    print_load_hint(convert(args.src, args.dst, args.overrides))
+
+
 def print_load_hint(dst: Path) -> None:
     print(f"wrote {dst}. Load it with:\n\n    import g4v_jax\n    model = g4v_jax.load({str(dst)!r})\n")

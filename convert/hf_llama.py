@@ -16,21 +16,20 @@ peak host memory stays near one copy of the model plus the page cache.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from convert.common import (
-    Rule, convert_checkpoint, copy_tokenizer_files, export_params, linear, open_checkpoint, print_load_hint,
+    Rule, convert_checkpoint, export_params, linear, open_checkpoint, converter_main, save_converted,
     read_hf_config, rename,
 )
-from g4v_jax.config import Config, LlamaConfig, ModelConfig, RopeScaling, from_dict, load_config
+from g4v_jax.config import LlamaConfig, ModelConfig, RopeScaling, from_dict, load_config
 from g4v_jax.models.gpt4video import abstract_model
 from g4v_jax.models.llama import LlamaForCausalLM
 from g4v_jax.models.lora import fresh_lora_arrays
-from g4v_jax.weights import assign_params, param_shapes, save_pretrained
+from g4v_jax.weights import assign_params, param_shapes
 
 
 def llama_rules(ours: str = "", theirs: str = "model.", lm_head: str = "lm_head") -> list[Rule]:
@@ -136,19 +135,11 @@ def export_llama(params: dict[str, np.ndarray], *, ours: str = "", tied: bool = 
 
 def convert(src: str | Path, dst: str | Path, overrides=()) -> Path:
     cfg, model = load_hf_llama(src, overrides, progress=True)
-    out = save_pretrained(model, Config(model=cfg), dst)
-    copied = copy_tokenizer_files(src, out)
-    print(f"tokenizer: {', '.join(copied)} copied" if copied else "no tokenizer files beside the checkpoint")
-    return out
+    return save_converted(model, cfg, src, dst)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src")
-    ap.add_argument("dst")
-    ap.add_argument("overrides", nargs="*", help="config overrides such as model.lora.rank=8")
-    args = ap.parse_intermixed_args(argv)
-    print_load_hint(convert(args.src, args.dst, args.overrides))
+    converter_main(__doc__, convert, "config overrides such as model.lora.rank=8", argv)
 
 
 if __name__ == "__main__":

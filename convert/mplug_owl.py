@@ -12,23 +12,22 @@ tensors are reported by name.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from convert.common import (
-    Rule, convert_checkpoint, copy_tokenizer_files, export_params, layernorm, linear, open_checkpoint,
-    pointwise_conv, print_load_hint,
+    Rule, convert_checkpoint, export_params, layernorm, linear, open_checkpoint,
+    pointwise_conv, converter_main, save_converted,
     read_hf_config, rename, reshaped,
 )
-from g4v_jax.config import AbstractorConfig, Config, ModelConfig, VisionConfig, from_dict, parse_overrides, to_dict
+from g4v_jax.config import AbstractorConfig, ModelConfig, VisionConfig, from_dict, parse_overrides, to_dict
 from convert.hf_llama import llama_config_from_hf, llama_rules
 from g4v_jax.models.gpt4video import GPT4Video, VideoEncoder, abstract_model
 from g4v_jax.models.lora import fresh_lora_arrays
 
 from flax import nnx
-from g4v_jax.weights import assign_params, named_params, param_shapes, save_pretrained
+from g4v_jax.weights import assign_params, named_params, param_shapes
 
 
 def _fused_qkv_rules(ours: str, theirs: str, num_heads: int) -> list[Rule]:
@@ -188,19 +187,11 @@ def export_mplug_owl(model: VideoEncoder) -> dict[str, np.ndarray]:
 
 def convert(src: str | Path, dst: str | Path, overrides=()) -> Path:
     cfg, model = load_mplug_owl(src, overrides, progress=True)
-    out = save_pretrained(model, Config(model=cfg), dst)
-    copied = copy_tokenizer_files(src, out)
-    print(f"tokenizer: {', '.join(copied)} copied" if copied else "no tokenizer files beside the checkpoint")
-    return out
+    return save_converted(model, cfg, src, dst)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src")
-    ap.add_argument("dst")
-    ap.add_argument("overrides", nargs="*", help="config overrides such as model.param_dtype=bfloat16")
-    args = ap.parse_intermixed_args(argv)
-    print_load_hint(convert(args.src, args.dst, args.overrides))
+    converter_main(__doc__, convert, "config overrides such as model.param_dtype=bfloat16", argv)
 
 
 if __name__ == "__main__":

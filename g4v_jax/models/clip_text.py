@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from g4v_jax.config import VisionConfig
-from g4v_jax.models.clip_vit import CLIPVisionTower
-from g4v_jax.models.layers import Dense, LayerNorm, normal_init, param, quick_gelu
+from g4v_jax.models.clip_vit import CLIPVisionTower, VisionMLP
+from g4v_jax.models.layers import Dense, LayerNorm, normal_init, param
 
 LEGACY_EOS_TOKEN_ID = 2  # HF: with this value in the config, pool at argmax(input_ids)
 
@@ -93,14 +93,8 @@ class TextAttention(nnx.Module):
         return self.out_proj(out.reshape(b, l, d))
 
 
-class TextMLP(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(quick_gelu(self.fc1(x)))
+# CLIP's two towers share the MLP (fc1 -> quick-GELU -> fc2); it reads only hidden/intermediate sizes
+TextMLP = VisionMLP
 
 
 class TextEncoderLayer(nnx.Module):

@@ -5,6 +5,7 @@ diffusers text-to-video pipeline (ZeroScope by default in the paper) with torch,
 See ``base`` for the interface and ``render_requests``, ``diffusers_backend`` for the torch backend.
 """
 
+from g4v_jax.t2v import base
 from g4v_jax.t2v.base import (
     BACKENDS,
     RenderedVideo,
@@ -21,18 +22,4 @@ from g4v_jax.t2v.base import (
 )
 from g4v_jax.t2v.diffusers_backend import DiffusersBackend  # registers "diffusers"; torch is imported lazily
 
-__all__ = [
-    "BACKENDS",
-    "DiffusersBackend",
-    "RenderedVideo",
-    "SolidBackend",
-    "T2VBackend",
-    "T2VError",
-    "T2VSettings",
-    "check_videos",
-    "make_backend",
-    "register_backend",
-    "render_requests",
-    "write_gif",
-    "write_videos",
-]
+__all__ = [*base.__all__, "DiffusersBackend"]
