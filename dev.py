@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up and run the project with nothing but Python: `python3 dev.py demo` or `python3 dev.py test`.
 
-Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch` and `dev` extras,
+Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch`, `eval` and `dev` extras,
 then runs the demo or the whole test suite inside it. Extra arguments go to the demo / pytest.
 """
 
@@ -30,7 +30,7 @@ def ensure_env() -> None:
     if not PY.is_file():
         venv.create(VENV, with_pip=True)
     run(str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip")
-    run(str(PY), "-m", "pip", "install", "-q", "-e", ".[torch,dev]")
+    run(str(PY), "-m", "pip", "install", "-q", "-e", ".[torch,eval,dev]")
     STAMP.write_text(want)
 
 

@@ -208,6 +208,9 @@ class TrainConfig:
     """One training run (paper §4, §5.1): which stage, the optimizer, the schedule and the bookkeeping."""
 
     stage: str = "stage1"  # stage1: abstractor | stage2: LoRA adapters, text only | full: the LLM's own weights
+    # stage 1 also trains the vision tower. The paper keeps its pretrained CLIP frozen; a model trained from scratch
+    # (the synthetic world, g4v_jax.world) has no pretrained tower to keep.
+    train_vision_tower: bool = False
     init_from: str = ""  # a g4v_jax model directory to start from ("" = random init from model config)
     tokenizer: str = ""  # tokenizer directory ("" = init_from)
     output_dir: str = "outputs/train"

@@ -3,7 +3,8 @@
 One run trains one stage, chosen by ``train.stage``:
 
 * ``stage1`` — the video abstractor (query/enhance tokens, layers, projection) on video–text data; vision tower and
-  LLM frozen (paper: lr 1e-4, 2 epochs).
+  LLM frozen (paper: lr 1e-4, 2 epochs). ``train.train_vision_tower=true`` trains the vision tower too (for a model
+  without a pretrained one, such as the synthetic world's).
 * ``stage2`` — only the LoRA adapters, text only: every video is replaced by its caption in ``<video>…</video>``
   (paper: lr 2e-5, 3 epochs); no vision work is done.
 * ``full`` — the LLM's own weights (full fine-tuning, or pre-training a small LLM from scratch).
@@ -62,14 +63,15 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def trainable_filter(stage: str, kind: str) -> Callable[[tuple, Any], bool]:
+def trainable_filter(stage: str, kind: str, train_vision_tower: bool = False) -> Callable[[tuple, Any], bool]:
     """NNX filter (path, variable) -> bool selecting the parameters a stage trains."""
     if stage == "stage2":
         return lambda path, x: isinstance(x, LoRAParam)
     if stage == "stage1":
         if kind != "gpt4video":
             raise ValueError(f"stage1 trains the abstractor of a gpt4video model, not a {kind!r} model")
-        return lambda path, x: isinstance(x, nnx.Param) and path[0] == "abstractor"
+        modules = ("abstractor", "vision_model") if train_vision_tower else ("abstractor",)
+        return lambda path, x: isinstance(x, nnx.Param) and path[0] in modules
     prefix = "language_model" if kind == "gpt4video" else None  # full: the LLM's own weights
     return lambda path, x: (isinstance(x, nnx.Param) and not isinstance(x, LoRAParam)
                             and (prefix is None or path[0] == prefix))
@@ -266,7 +268,8 @@ def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None
     model = model if model is not None else _initial_model(cfg)
     kind = type(model).__name__
     kind = {"GPT4Video": "gpt4video", "VideoEncoder": "video_encoder", "LlamaForCausalLM": "llm"}[kind]
-    graphdef, params, frozen, rest = nnx.split(model, trainable_filter(cfg.train.stage, kind), nnx.Param, ...)
+    trains = trainable_filter(cfg.train.stage, kind, cfg.train.train_vision_tower)
+    graphdef, params, frozen, rest = nnx.split(model, trains, nnx.Param, ...)
     if not jax.tree.leaves(params):
         raise TrainingError(f"stage {cfg.train.stage!r} found nothing to train in this {kind} model "
                             "(stage2 needs LoRA adapters: model.lora.enabled=true)")
@@ -454,6 +457,9 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     total = t.epochs * steps_per_epoch if t.max_steps <= 0 else min(t.max_steps, t.epochs * steps_per_epoch)
 
     trainer = build_trainer(cfg, total)
+    if cfg.data.vision_cache and cfg.train.train_vision_tower:
+        raise TrainingError("data.vision_cache holds features of a frozen vision tower; it cannot be used with "
+                            "train.train_vision_tower=true")
     if cfg.data.vision_cache and data_cfg.use_videos:
         from g4v_jax.data.feature_cache import check_cache
 

@@ -42,9 +42,12 @@ def _snapshot(trainer):
     return {k: np.asarray(v) for k, v in named_params(trainer.model()).items()}
 
 
-@pytest.mark.parametrize("stage, prefix, lr", [("stage1", "abstractor.", 3e-3), ("stage2", "language_model.", 3e-2)])
-def test_loss_falls_and_only_the_stage_trains(stage, prefix, lr):
-    cfg = _cfg(f"train.stage={stage}", f"train.learning_rate={lr}")
+@pytest.mark.parametrize("stage, prefix, lr, extra", [
+    ("stage1", ("abstractor.",), 3e-3, []),
+    ("stage1", ("abstractor.", "vision_model."), 3e-3, ["train.train_vision_tower=true"]),
+    ("stage2", ("language_model.",), 3e-2, [])])
+def test_loss_falls_and_only_the_stage_trains(stage, prefix, lr, extra):
+    cfg = _cfg(f"train.stage={stage}", f"train.learning_rate={lr}", *extra)
     trainer = build_trainer(cfg, total_steps=100)
     before = _snapshot(trainer)
     batch = synthetic_batch(cfg.model, videos=stage == "stage1")
@@ -54,6 +57,7 @@ def test_loss_falls_and_only_the_stage_trains(stage, prefix, lr):
     after = _snapshot(trainer)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed and all(k.startswith(prefix) for k in changed)
+    assert all(any(k.startswith(p) for k in changed) for p in prefix)  # every listed module trained
     if stage == "stage2":
         assert all(".lora_" in k for k in changed)  # frozen base weights are bit-identical
 
