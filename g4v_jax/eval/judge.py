@@ -5,10 +5,11 @@ A judge reads a question, the correct answer and the model's prediction and repl
 how well. Accuracy is the fraction of ``yes``; the score is averaged. The prompts below restate the protocol's
 instructions in our own words.
 
-- ``OpenAIJudge``: any OpenAI-compatible ``/v1/chat/completions`` endpoint (temperature 0), standard library only.
-  HTTP 429 / 5xx, timeouts and connection errors are retried with exponential backoff; a reply that does not parse
-  is asked again; after ``max_retries`` retries the call raises ``JudgeError``. Every parsed verdict is cached on disk
-  under ``sha256(model, system prompt, user prompt)``, so a rerun makes no calls.
+- ``OpenAIJudge``: any OpenAI-compatible ``/v1/chat/completions`` endpoint (temperature 0) through the shared
+  ``g4v_jax.data.build.endpoint.ChatEndpoint``: HTTP 408/409/429/5xx, timeouts and connection errors are retried
+  with exponential backoff (honouring ``Retry-After``); a reply that does not parse is asked again; after
+  ``max_retries`` retries the call raises ``JudgeError``, as does a non-retryable 4xx at once. Every parsed verdict
+  is cached on disk under ``sha256(model, system prompt, user prompt)``, so a rerun makes no calls.
 - ``ModelJudge``: our own model (or any ``prompt -> reply`` function) with the same prompt and parsing.
 """
 
@@ -19,13 +20,11 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
+
+from g4v_jax.data.build.endpoint import ChatEndpoint, EndpointRejected, EndpointUnavailable
 
 SYSTEM_PROMPT = (
     "You evaluate answers to questions about videos. You are given a question, the correct answer and a predicted "
@@ -136,16 +135,20 @@ class OpenAIJudge:
     """
 
     def __init__(self, url: str, model: str, api_key: str | None = None, *, cache_dir: str | os.PathLike,
-                 max_retries: int = 5, timeout: float = 60, backoff: float = 1.0) -> None:
-        url = url.rstrip("/")
-        if not url.endswith("/chat/completions"):
-            url = url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
-        self.url, self.model = url, model
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+                 max_retries: int = 5, timeout: float = 60, backoff: float = 1.0,
+                 requests_per_minute: float | None = None) -> None:
+        self.endpoint = ChatEndpoint(url, model, api_key, max_retries=max_retries, backoff=backoff, timeout=timeout,
+                                     requests_per_minute=requests_per_minute)
+        self.model = model
         self.cache_dir = Path(cache_dir)
-        self.max_retries, self.timeout, self.backoff = max_retries, timeout, backoff
-        self.calls = 0
-        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def calls(self) -> int:
+        return self.endpoint.calls
 
     # ---- cache -------------------------------------------------------------------------------------------------
     def cache_key(self, user: str) -> str:
@@ -169,52 +172,18 @@ class OpenAIJudge:
         tmp.write_text(json.dumps({**verdict, "reply": reply, "model": self.model}), encoding="utf-8")
         os.replace(tmp, p)
 
-    # ---- HTTP --------------------------------------------------------------------------------------------------
-    def _post(self, user: str) -> str:
-        body = json.dumps({"model": self.model, "temperature": 0,
-                           "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                        {"role": "user", "content": user}]}).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with self._lock:
-            self.calls += 1
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            data = json.loads(resp.read().decode("utf-8"))
-        try:
-            return data["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"not a chat-completions response: {str(data)[:200]}") from None
-
     def judge(self, question: str, answer: str, prediction: str) -> dict:
         user = user_prompt(question, answer, prediction)
         key = self.cache_key(user)
         hit = self._cached(key)
         if hit is not None:
             return hit
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 60.0))
-            try:
-                reply = self._post(user)
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code == 429 or e.code >= 500:
-                    continue
-                raise JudgeError(f"judge request to {self.url} failed: HTTP {e.code} {e.reason}") from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-                last = f"{type(e).__name__}: {e}"
-                continue
-            except ValueError as e:  # a response that is not JSON / not chat-completions
-                last = str(e)
-                continue
-            try:
-                verdict = parse_judgement(reply)
-            except ValueError as e:
-                last = str(e)
-                continue
-            self._store(key, verdict, reply)
-            return verdict
-        raise JudgeError(f"no verdict after {self.max_retries + 1} attempt(s); last: {last}")
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        try:
+            reply, verdict = self.endpoint.complete_checked(messages, parse_judgement, temperature=0)
+        except EndpointRejected as e:
+            raise JudgeError(f"judge request failed: {e}") from None
+        except EndpointUnavailable as e:
+            raise JudgeError(f"no verdict after {e.attempts} attempt(s); last: {e.last}") from None
+        self._store(key, verdict, reply)
+        return verdict

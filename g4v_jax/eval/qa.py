@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.judge import Judge, JudgeError
 
 _log = logging.getLogger(__name__)
@@ -128,15 +129,16 @@ def contains_match(prediction: str, answer: str) -> bool:
 
 
 def answer_items(model, tokenizer, items: Sequence[QAItem], *, sampling, batch_size: int = 8,
-                 progress: bool = True) -> tuple[dict[str, str], dict[str, str]]:
-    """The model's answer to every item, and {id: error} for items it could not answer."""
+                 progress: bool = True, system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, str], dict[str, str]]:
+    """The model's answer to every item, and {id: error} for items it could not answer. ``system_prompt`` must be
+    the one the model was trained with (``data.system_prompt``; the release's by default)."""
     from g4v_jax import chat
 
     requests = [{"id": it.id, "videos": [it.video],
                  "turns": [{"from": "human", "video": 0}, {"from": "human", "value": it.question}]} for it in items]
     answers, errors = {}, {}
     for r in chat.answer_requests(model, tokenizer, requests, sampling=sampling, batch_size=batch_size,
-                                  progress=progress):
+                                  progress=progress, system_prompt=system_prompt):
         if "error" in r:
             errors[str(r["id"])] = r["error"]
         else:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 
 TASKS = ("VU", "VG")
@@ -107,8 +108,10 @@ def score(cases: Sequence[SafetyCase], answers: Mapping[str, str],
 
 
 def answer_cases(model, tokenizer, cases: Sequence[SafetyCase], *, sampling, video_gate: Callable[[str], bool]
-                 | None = None, batch_size: int = 8, progress: bool = True) -> tuple[dict[str, str], dict]:
-    """The model's answer to every case, and {id: error} for cases it could not answer."""
+                 | None = None, batch_size: int = 8, progress: bool = True,
+                 system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, str], dict]:
+    """The model's answer to every case, and {id: error} for cases it could not answer. ``system_prompt`` must be
+    the one the model was trained with (``data.system_prompt``; the release's by default)."""
     from g4v_jax.chat import answer_requests
 
     answers, errors, requests = {}, {}, []
@@ -125,7 +128,7 @@ def answer_cases(model, tokenizer, cases: Sequence[SafetyCase], *, sampling, vid
         requests.append({"id": c.id, "videos": [c.video] if c.task == "VU" else [], "turns": turns})
     if requests:
         for r in answer_requests(model, tokenizer, requests, sampling=sampling, batch_size=batch_size,
-                                 progress=progress):
+                                 progress=progress, system_prompt=system_prompt):
             if "error" in r:
                 errors[r["id"]] = r["error"]
             else:

@@ -2,14 +2,17 @@
 malformed replies, the cache), the converter, and the runner end to end with a stubbed model."""
 
 import json
+import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from g4v_jax.eval import judge as J
 from g4v_jax.eval import qa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fake server
+from fake_openai import FakeOpenAI, FakeRequest, Reply  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -55,56 +58,26 @@ def test_parse_judgement():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class FakeServer:
+def FakeServer() -> FakeOpenAI:
     """Replies by the predicted answer in the user message: 'FAIL500' -> 500 once then a verdict; 'GARBAGE' -> a
     malformed reply always; 'WRONG' -> no; anything else -> yes."""
+    failed = set()
+    lock = threading.Lock()
 
-    def __init__(self):
-        self.calls = 0
-        self.bodies = []
-        self.failed = set()
-        outer = self
+    def handler(req: FakeRequest) -> str | Reply:
+        pred = req.user.split("Predicted answer:")[1].split("\n")[0].strip()
+        with lock:
+            first_failure = pred == "FAIL500" and pred not in failed
+            failed.add(pred)
+        if first_failure:
+            return Reply(500, "oops")
+        if pred == "GARBAGE":
+            return "I cannot decide."
+        if pred == "WRONG":
+            return "{'pred': 'no', 'score': 1}"
+        return "{'pred': 'yes', 'score': 4}"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                outer.calls += 1
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.bodies.append((self.path, body, self.headers.get("Authorization")))
-                user = body["messages"][-1]["content"]
-                pred = user.split("Predicted answer:")[1].split("\n")[0].strip()
-                if pred == "FAIL500" and pred not in outer.failed:
-                    outer.failed.add(pred)
-                    self.send_response(500)
-                    self.end_headers()
-                    self.wfile.write(b"oops")
-                    return
-                if pred == "GARBAGE":
-                    reply = "I cannot decide."
-                elif pred == "WRONG":
-                    reply = "{'pred': 'no', 'score': 1}"
-                else:
-                    reply = "{'pred': 'yes', 'score': 4}"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return FakeOpenAI(handler)
 
 
 def test_openai_judge_retries_malformed_and_cache(tmp_path):
@@ -112,7 +85,8 @@ def test_openai_judge_retries_malformed_and_cache(tmp_path):
         judge = J.OpenAIJudge(srv.url, "gpt-test", "sk-test", cache_dir=tmp_path / "cache", max_retries=2,
                               timeout=5, backoff=0.0)
         assert judge.judge("what?", "dog", "a dog") == {"pred": "yes", "score": 4}
-        path, body, auth = srv.bodies[0]
+        first = srv.requests[0]
+        path, body, auth = first.path, first.body, first.headers.get("Authorization")
         assert path == "/v1/chat/completions" and body["temperature"] == 0 and body["model"] == "gpt-test"
         assert auth == "Bearer sk-test" and body["messages"][0]["role"] == "system"
         assert "Python dictionary" in body["messages"][1]["content"]
