@@ -1,0 +1,294 @@
+"""The world's data: splits, answers, safety wording and file formats of a quick build_world."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from g4v_jax.data.manifest import read_manifest
+from g4v_jax.data.video import load_video
+from g4v_jax.eval.qa import read_qa
+from g4v_jax.eval.safety import read_cases
+from g4v_jax.safety.refusal import is_refusal
+from g4v_jax.tags import parse_video_tags
+from g4v_jax.world import tasks
+from g4v_jax.world.scene import HELD_OUT_PAIRS, caption, parse_caption, random_scene, same_scene
+from g4v_jax.world.tasks import (
+    BACKGROUND_QUESTION,
+    COUNT_QUESTION,
+    COUNT_WORDS,
+    DESCRIBE_INSTRUCTION,
+    GENERATION_TEMPLATES,
+    HARMFUL_CONTENT_TEST,
+    HARMFUL_CONTENT_TRAIN,
+    HARMFUL_TEMPLATES_TEST,
+    HARMFUL_TEMPLATES_TRAIN,
+    LOOKALIKE_TEMPLATES_TEST,
+    LOOKALIKE_TEMPLATES_TRAIN,
+    REFUSALS,
+    build_world,
+    detector_examples,
+    fill_request,
+    generation_answer,
+    ordinary_questions,
+    parse_request,
+    world_text,
+)
+
+HELD_OUT_WORDS = re.compile("|".join(rf"\b{c} {s}\b" for c, s in HELD_OUT_PAIRS))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"), quick=True, seed=0)
+
+
+def jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def texts(example):
+    return [t.text for t in example.turns if t.video is None]
+
+
+def tagged_scene(text):
+    """The scene of the (single) <video>caption</video> span in ``text``."""
+    requests = parse_video_tags(text)
+    assert len(requests) == 1, text
+    return parse_caption(requests[0].prompt)
+
+
+def qa_pairs(example):
+    """(question, answer) for each human text turn followed by an AI turn."""
+    turns = example.turns
+    return [(turns[k].text, turns[k + 1].text) for k in range(len(turns) - 1)
+            if turns[k].role == "human" and turns[k].video is None and turns[k + 1].role == "ai"]
+
+
+def catalogue(world):
+    return {row["video"]: row for row in jsonl(world.catalogue)}
+
+
+def test_quick_build_is_fast_and_every_file_reads_back(world):
+    assert world.seconds < 30, world.seconds  # a few seconds on a 2-core machine
+    assert 150 <= world.counts["videos"] <= 250
+    for name in ("stage0", "stage1", "stage2"):
+        assert len(read_manifest(getattr(world, name))) == world.counts[name] > 0
+    assert len(read_qa(world.test_qa)) == world.counts["test_qa"]
+    assert len(read_qa(world.test_count)) == world.counts["test_count"]
+    cases = read_cases(world.safety_cases)
+    assert {(c.task, c.label) for c in cases} == {("VU", "harmful"), ("VU", "safe"), ("VG", "harmful"),
+                                                  ("VG", "safe")}
+    rows = catalogue(world)
+    assert len(rows) == world.counts["videos"]
+    assert all((world.root / v).is_file() for v in rows)
+    clip = load_video(world.root / next(iter(rows)), num_frames=4, size=32)
+    assert clip.frames.shape == (4, 32, 32, 3) and clip.frame_mask.all()
+
+
+def test_held_out_pairs_never_in_training_and_in_every_test_scene(world):
+    for name in ("stage0", "stage1", "stage2"):
+        for ex in read_manifest(getattr(world, name)):
+            for text in texts(ex) + list(ex.captions):
+                assert not HELD_OUT_WORDS.search(text), (name, ex.id, text)
+            for c in ex.captions:
+                assert not parse_caption(c).pairs & HELD_OUT_PAIRS
+    for row in catalogue(world).values():
+        held = parse_caption(row["caption"]).pairs & HELD_OUT_PAIRS
+        assert len(held) == (1 if row["split"] in ("test", "safety") else 0), row
+    for row in jsonl(world.test_generation):
+        assert len(parse_caption(row["caption"]).pairs & HELD_OUT_PAIRS) == 1
+    for case in read_cases(world.safety_cases):
+        if case.task == "VG" and case.label == "safe":
+            assert len(parse_request(case.query).pairs & HELD_OUT_PAIRS) == 1
+
+
+def test_count_question_only_in_stage2_text(world):
+    for name in ("stage0", "stage1"):
+        for ex in read_manifest(getattr(world, name)):
+            assert not any("how many" in t.lower() for t in texts(ex)), (name, ex.id)
+    stage2 = read_manifest(world.stage2)
+    counted = 0
+    for ex in stage2:
+        assert not ex.videos
+        for q, a in qa_pairs(ex):
+            if q == COUNT_QUESTION:
+                assert a == COUNT_WORDS[len(tagged_scene(ex.turns[0].text).objects) - 1]
+                counted += 1
+    assert counted >= 0.2 * len(stage2)
+    assert {a for _, a in (pair for ex in stage2 for pair in qa_pairs(ex)) if a in COUNT_WORDS} == set(COUNT_WORDS)
+
+
+def test_answers_match_the_scene_in_every_stage(world):
+    def check(scene, pairs, where):
+        truth = dict(ordinary_questions(scene))
+        assert len(truth) == len(ordinary_questions(scene)), "a question would be ambiguous"
+        for q, a in pairs:
+            if q == DESCRIBE_INSTRUCTION:
+                assert a == caption(scene), where
+            elif q != COUNT_QUESTION:
+                assert truth[q] == a, (where, q, a)
+
+    for ex in read_manifest(world.stage1):
+        assert ex.turns[0].video == 0 and ex.turns[-2].text == DESCRIBE_INSTRUCTION  # questions before description
+        check(parse_caption(ex.captions[0]), qa_pairs(ex), ex.id)
+    for name in ("stage0", "stage2"):
+        for ex in read_manifest(getattr(world, name)):
+            if ex.turns[0].text.startswith("<video>"):
+                check(tagged_scene(ex.turns[0].text), qa_pairs(ex), ex.id)
+    rows = catalogue(world)
+    items = read_qa(world.test_qa)
+    for item in items:
+        scene = parse_caption(rows[str(Path(item.video).relative_to(world.root))]["caption"])
+        assert dict(ordinary_questions(scene))[item.question] == item.answer
+        # Test questions are about the held-out object: its colour, its shape or (named by both) its motion.
+        held = next(o for o in scene.objects if o.pair in HELD_OUT_PAIRS)
+        assert (item.question == BACKGROUND_QUESTION or item.answer in held.pair
+                or f"{held.colour} {held.shape}" in item.question), item
+    assert sum(i.question != BACKGROUND_QUESTION for i in items) >= len(items) / 2
+    for item in read_qa(world.test_count):
+        scene = parse_caption(rows[str(Path(item.video).relative_to(world.root))]["caption"])
+        assert item.answer == COUNT_WORDS[len(scene.objects) - 1]
+
+
+def test_question_ambiguity_rules():
+    scene = parse_caption("a small red circle grows, a big green circle shrinks and a big red square bounces on a "
+                          "black background")
+    questions = dict(ordinary_questions(scene))
+    assert "What colour is the circle?" not in questions  # two circles
+    assert "What shape is the red object?" not in questions  # two red objects
+    assert questions["What colour is the square?"] == "red"
+    assert questions["What shape is the green object?"] == "circle"
+    assert questions["How does the green circle move?"] == "shrinks"
+    assert questions["What is the background colour?"] == "black"
+
+
+def test_generation_answers_hold_the_requested_scene(world):
+    generation = 0
+    for ex in read_manifest(world.stage2):
+        answer = ex.turns[-1].text
+        if not answer.startswith("Sure, here it is:"):
+            continue
+        requested = parse_request(ex.turns[0].text)
+        assert answer == generation_answer(requested) == f"Sure, here it is: <video>{caption(requested)}</video>"
+        assert same_scene(tagged_scene(answer), requested)
+        generation += 1
+    assert generation >= 0.3 * world.counts["stage2"]
+    for row in jsonl(world.test_generation):
+        assert set(row) == {"id", "request", "caption"}
+        assert caption(parse_request(row["request"])) == row["caption"]
+
+
+def test_every_request_template_round_trips():
+    rng = np.random.default_rng(0)
+    for template in GENERATION_TEMPLATES + LOOKALIKE_TEMPLATES_TRAIN + LOOKALIKE_TEMPLATES_TEST:
+        for _ in range(20):
+            scene = random_scene(rng)
+            assert parse_request(fill_request(template, scene)) == scene, template
+            assert parse_request(fill_request(template, scene).upper()) == scene
+    for _, request in tasks.harmful_requests("train") + tasks.harmful_requests("test"):
+        with pytest.raises(ValueError, match="not a generation request"):
+            parse_request(request)
+
+
+def test_refusals_exactly_for_harmful_requests(world):
+    assert all(is_refusal(r) for r in REFUSALS)
+    labels = {"harmful": 0, "safe": 0}
+    for ex in read_manifest(world.stage2):
+        answers = [t.text for t in ex.turns if t.role == "ai"]
+        if ex.safety == "harmful":
+            assert len(answers) == 1 and answers[0] in REFUSALS and is_refusal(answers[0])
+        else:
+            assert not any(is_refusal(a) for a in answers), (ex.id, answers)
+        if ex.safety:
+            labels[ex.safety] += 1
+    assert labels["harmful"] >= 0.1 * world.counts["stage2"] and labels["safe"] >= 0.1 * world.counts["stage2"]
+    for name in ("stage0", "stage1"):
+        for ex in read_manifest(getattr(world, name)):
+            assert ex.safety is None and not any(is_refusal(t.text) for t in ex.turns if t.role == "ai")
+
+
+def _template_pattern(template):
+    before, after = re.split(r"\{\w+\}", template)
+    return re.compile(re.escape(before) + ".+" + re.escape(after) + "$")
+
+
+def test_safety_wording_of_train_and_test_is_disjoint(world):
+    assert not set(HARMFUL_TEMPLATES_TRAIN) & set(HARMFUL_TEMPLATES_TEST)
+    assert not set(LOOKALIKE_TEMPLATES_TRAIN) & set(LOOKALIKE_TEMPLATES_TEST)
+    function_words = {"a", "an", "the", "with", "on", "in", "of", "to", "and", "until", "their", "someone",
+                      "person", "man", "woman", "people", "being"}
+    for cat in HARMFUL_CONTENT_TRAIN:
+        assert not set(HARMFUL_CONTENT_TRAIN[cat]) & set(HARMFUL_CONTENT_TEST[cat])
+        train_words = set(" ".join(HARMFUL_CONTENT_TRAIN[cat]).split()) - function_words
+        for phrase in HARMFUL_CONTENT_TEST[cat]:  # new phrases, but built around charged words seen in training
+            assert set(phrase.split()) & train_words, phrase
+    test_patterns = [_template_pattern(t) for t in HARMFUL_TEMPLATES_TEST + LOOKALIKE_TEMPLATES_TEST]
+    train_patterns = [_template_pattern(t) for t in HARMFUL_TEMPLATES_TRAIN + LOOKALIKE_TEMPLATES_TRAIN]
+    test_contents = [x for xs in HARMFUL_CONTENT_TEST.values() for x in xs]
+    stage2_requests = {ex.turns[0].text for ex in read_manifest(world.stage2) if ex.safety}
+    for text in stage2_requests:  # no training request uses a test template or a test content phrase
+        assert not any(p.match(text) for p in test_patterns), text
+        assert not any(x in text for x in test_contents), text
+    vg = [c for c in read_cases(world.safety_cases) if c.task == "VG"]
+    assert not {c.query for c in vg} & stage2_requests
+    lookalikes = 0
+    for case in vg:
+        if case.label == "harmful":
+            assert any(x in case.query for x in test_contents), case.query
+        if case.label == "harmful" or any(p.match(case.query) for p in test_patterns):
+            assert any(p.match(case.query) for p in test_patterns), case.query
+            assert not any(p.match(case.query) for p in train_patterns), case.query
+            lookalikes += case.label == "safe"
+        else:  # a plain generation request (its templates are shared with training: the held-out pair is the test)
+            assert any(_template_pattern(t).match(case.query) for t in GENERATION_TEMPLATES), case.query
+    assert lookalikes > 0
+
+
+def test_vu_cases_and_detector_examples_follow_the_hazard(world):
+    rows = catalogue(world)
+    cases = read_cases(world.safety_cases)
+    for task in ("VU", "VG"):  # harmful and safe alternate, so a prefix of the file is balanced
+        assert [c.label for c in cases if c.task == task][:4] == ["harmful", "safe"] * 2
+    for case in read_cases(world.safety_cases):
+        if case.task == "VU":
+            row = rows[str(Path(case.video).relative_to(world.root))]
+            assert row["hazard"] == (case.label == "harmful")
+    examples = detector_examples(world.detector_train)
+    assert {h for _, h in examples} == {True, False}
+    for path, harmful in examples:
+        row = rows[str(Path(path).relative_to(world.root))]
+        assert row["hazard"] == harmful and row["split"] in ("train", "detector")
+    bad = world.root / "bad_detector.jsonl"
+    bad.write_text('{"video": "videos/x.mp4", "harmful": "yes"}\n')
+    with pytest.raises(ValueError, match="bad_detector.jsonl:1"):
+        detector_examples(bad)
+
+
+def test_examples_are_deterministic_given_the_seed():
+    make = lambda: (tasks.stage0_examples(tasks._rng(3, "stage0"), 50),  # noqa: E731
+                    tasks.stage2_examples(tasks._rng(3, "stage2"), 50))
+    assert make() == make()
+    assert tasks.stage2_examples(tasks._rng(4, "stage2"), 50) != make()[1]
+    assert world_text(1) == world_text(1)
+
+
+def test_world_text_covers_every_word_of_the_data(world):
+    corpus = set(" ".join(world_text(0)).split())
+    words = set()
+    for name in ("stage0", "stage1", "stage2"):
+        for ex in read_manifest(getattr(world, name)):
+            for t in texts(ex) + list(ex.captions):
+                words.update(t.split())
+    words.update(" ".join(c.query for c in read_cases(world.safety_cases)).split())
+    words.update(" ".join(r["request"] for r in jsonl(world.test_generation)).split())
+    # Held-out captions are made of training words; tags glue to the first and last word, so compare bare words.
+    bare = lambda ws: {re.sub(r"</?video>", "", w) for w in ws}  # noqa: E731
+    assert bare(words) - bare(corpus) == set()
+
+
+def test_bad_sizes_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="n_train_videos"):
+        build_world(tmp_path, n_train_videos=0)
