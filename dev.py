@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Set up and run the project with nothing but Python: `python3 dev.py demo` or `python3 dev.py test`.
 
+`demo` trains a tiny GPT4Video from scratch on the synthetic video world and judges it (`python -m
+g4v_jax.world.demo`, about 15 minutes on a 2-core CPU; `--quick` for about two); `forward` runs the jitted forward
+pass of a random model on a written video (`python -m g4v_jax.demo`, seconds).
+
 Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch`, `eval` and `dev` extras,
 then runs the demo or the whole test suite inside it. Extra arguments go to the demo / pytest.
 """
@@ -35,12 +39,14 @@ def ensure_env() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("demo", "test", "setup"):
+    if not argv or argv[0] not in ("demo", "forward", "test", "setup"):
         sys.exit(__doc__)
     ensure_env()
     task, rest = argv[0], argv[1:]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if task == "demo":
+        run(str(PY), "-m", "g4v_jax.world.demo", *rest, env=env)
+    elif task == "forward":
         run(str(PY), "-m", "g4v_jax.demo", *rest, env=env)
     elif task == "test":
         run(str(PY), "-m", "pytest", "-q", "-n", "2", "--durations=15", *rest, env=env)

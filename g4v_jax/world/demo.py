@@ -60,12 +60,13 @@ class RunSize:
     detector_steps: int
     max_eval: int  # cap on evaluated items per set
     sample_videos: int  # generated videos written next to their requests
+    batch_size: int = 32  # sequences per optimizer step, every stage
 
 
-FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=6000, stage0_steps=400, stage1_steps=300,
-               stage2_steps=200, detector_steps=200, max_eval=200, sample_videos=4)
-QUICK = RunSize(n_train_videos=160, n_test_videos=32, n_text=600, stage0_steps=40, stage1_steps=30,
-                stage2_steps=20, detector_steps=40, max_eval=32, sample_videos=2)
+FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, stage0_steps=800, stage1_steps=300,
+               stage2_steps=250, detector_steps=200, max_eval=200, sample_videos=4)
+QUICK = RunSize(n_train_videos=160, n_test_videos=32, n_text=800, stage0_steps=120, stage1_steps=60,
+                stage2_steps=60, detector_steps=40, max_eval=32, sample_videos=2, batch_size=16)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,10 +95,11 @@ def loss_summary(metrics_file: Path) -> dict:
 
 
 def train_stage(stage: int, out: Path, manifest: Path, tokenizer: Path, steps: int, init_from: Path | None,
-                seed: int, progress: bool) -> dict:
+                seed: int, progress: bool, batch_size: int = 32) -> dict:
     from g4v_jax.train import fit
 
-    cfg = stage_config(stage, out, manifest, tokenizer, steps, init_from, seed)
+    cfg = stage_config(stage, out, manifest, tokenizer, steps, init_from, seed,
+                       [f"train.global_batch_size={batch_size}"])
     if (out / f"stage{stage}" / "final").is_dir():  # a finished stage of an interrupted demo is kept
         print(f"stage {stage}: already trained ({out / f'stage{stage}' / 'final'})")
     else:
@@ -144,9 +146,43 @@ def eval_qa(model, tokenizer, qa_file: Path, limit: int, progress: bool) -> dict
     items = qa.read_qa(qa_file)[:limit]
     answers, errors = qa.answer_items(model, tokenizer, items, sampling=_sampling(16), batch_size=32,
                                       progress=progress, system_prompt=SYSTEM_PROMPT)
-    return {**qa.score(items, answers)["offline"], "errors": len(errors),
+    by_type: dict[str, list[bool]] = {}
+    for it in items:
+        by_type.setdefault(question_type(it.question), []).append(qa.exact_match(answers.get(it.id, ""), it.answer))
+    # whether the answer is one the question's type allows, right or wrong: the QA format was learned
+    valid = [answers.get(it.id, "").strip() in answer_vocabulary(it.question) for it in items]
+    return {**qa.score(items, answers)["offline"], "errors": len(errors), "valid_answer_rate": float(np.mean(valid)),
+            "exact_match_by_type": {k: float(np.mean(v)) for k, v in by_type.items()},
             "examples": [{"question": it.question, "answer": it.answer, "prediction": answers.get(it.id, "")}
                          for it in items[:5]]}
+
+
+def question_type(question: str) -> str:
+    """The question's template: its first two words ("What colour", "How does", "How many", ...)."""
+    return " ".join(question.split()[:2])
+
+
+def answer_vocabulary(question: str) -> tuple[str, ...]:
+    """The answers the world allows for ``question``'s type (the colours for a colour question, ...)."""
+    from g4v_jax.world.scene import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+    from g4v_jax.world.tasks import COUNT_WORDS
+
+    return {"What colour": COLOURS, "What shape": SHAPES, "How does": MOTIONS, "What is": BACKGROUNDS,
+            "How many": COUNT_WORDS}.get(question_type(question), ())
+
+
+def chance_accuracy(qa_file: str | Path) -> float:
+    """The exact-match accuracy of the best blind guesser: for each question type, always the answer most frequent
+    in ``qa_file`` itself (an upper bound on any answer that ignores the video)."""
+    from collections import Counter
+
+    from g4v_jax.eval.qa import read_qa
+
+    by_type: dict[str, Counter] = {}
+    items = read_qa(qa_file)
+    for it in items:
+        by_type.setdefault(question_type(it.question), Counter())[it.answer] += 1
+    return sum(c.most_common(1)[0][1] for c in by_type.values()) / max(len(items), 1)
 
 
 def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path, n_videos: int,
@@ -243,47 +279,66 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _row(label: str, values: Sequence[str], target: str = "") -> str:
+    return f"| {label} | " + " | ".join(values) + f" | {target} |"
+
+
+STAGE_ROLES = {"stage0": "LLM (pre-training on the world's text)", "stage1": "vision tower + abstractor (LLM frozen)",
+               "stage2": "LoRA adapters (text only, videos as captions)"}
+
+
 def markdown_report(r: dict) -> str:
+    """The report a person reads: training, understanding/generation, safety (Table 4 layout), targets, samples."""
     from g4v_jax.eval.safety import markdown_table as safety_table
 
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items() if k != "total")
     lines = [f"# GPT4Video on the synthetic world ({r['mode']} run)", "",
-             f"Seed {r['seed']}; {r['seconds']['total']:.0f} s in all on this machine "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in r['seconds'].items() if k != 'total')}).", "",
-             "## Training", "", "| Stage | What trains | Steps | Loss (first 10%) | Loss (last 10%) |", "|---|---|---|---|---|"]
-    what = {"stage0": "LLM (pre-training on the world's text)", "stage1": "vision tower + abstractor (LLM frozen)",
-            "stage2": "LoRA adapters (text only, videos as captions)"}
+             f"Seed {r['seed']}; {r['seconds']['total']:.0f} s in all on this machine ({secs}).", "",
+             "## Training", "", "| Stage | What trains | Steps | Loss (first 10%) | Loss (last 10%) |",
+             "|---|---|---|---|---|"]
     for k, v in r["training"].items():
-        lines.append(f"| {k} | {what[k]} | {v['steps']} | {v['first_loss']:.3f} | {v['last_loss']:.3f} |")
-    lines += ["", "Loss curves: " + ", ".join(f"![{k}]({Path(v['loss_curve']).name})" for k, v in r["training"].items()),
-              "", "## Video understanding and generation (held-out (colour, shape) pairs)", "",
-              "| Metric | Stage 1 model | Stage 2 model | Target |", "|---|---|---|---|"]
+        lines.append(f"| {k} | {STAGE_ROLES[k]} | {v['steps']} | {v['first_loss']:.3f} | {v['last_loss']:.3f} |")
+    curves = ", ".join(f"![{k}]({Path(v['loss_curve']).name})" for k, v in r["training"].items())
     e1, e2 = r["eval"]["stage1"], r["eval"]["stage2"]
-    lines.append(f"| Video-QA exact-match accuracy | {_pct(e1['qa']['exact_match'])} | {_pct(e2['qa']['exact_match'])} "
-                 f"| ≥ {_pct(TARGETS['video_qa_accuracy'])} |")
-    lines.append(f"| Counting on videos (taught in stage 2 with captions only) | {_pct(e1['count']['exact_match'])} | "
-                 f"{_pct(e2['count']['exact_match'])} | clearly above stage 1 |")
-    lines.append(f"| Generation-tag accuracy | {_pct(e1['generation']['accuracy'])} | "
-                 f"{_pct(e2['generation']['accuracy'])} | ≥ {_pct(TARGETS['generation_tag_accuracy'])} |")
+    pair = lambda f: [_pct(f(e1)), _pct(f(e2))]  # noqa: E731
+    lines += ["", f"Loss curves: {curves}", "",
+              "## Video understanding and generation (held-out videos: each has a (colour, shape) pair never seen "
+              "in training)", "", "| Metric (%) | Stage 1 model | Stage 2 model | Target |", "|---|---|---|---|",
+              _row("Video-QA exact match", pair(lambda e: e["qa"]["exact_match"]),
+                   f"≥ {_pct(TARGETS['video_qa_accuracy'])}"),
+              _row("Video-QA, blind guesser (most frequent answer per question type)", [_pct(r["chance"]["qa"])] * 2),
+              _row("Video-QA answers of the right type (a colour for a colour question, ...)",
+                   pair(lambda e: e["qa"]["valid_answer_rate"]))]
+    for qtype in e2["qa"]["exact_match_by_type"]:
+        lines.append(_row(f"Video-QA exact match: {qtype} ...?",
+                          pair(lambda e: e["qa"]["exact_match_by_type"].get(qtype, 0.0))))
+    lines += [_row("Counting objects in videos (taught only in stage 2, with captions)",
+                   pair(lambda e: e["count"]["exact_match"]), "clearly above stage 1"),
+              _row("Counting, blind guesser", [_pct(r["chance"]["count"])] * 2),
+              _row("Generation-tag accuracy (the <video> prompt is the requested scene)",
+                   pair(lambda e: e["generation"]["accuracy"]), f"≥ {_pct(TARGETS['generation_tag_accuracy'])}")]
+    table = [safety_table({"tasks": e["safety"]["tasks"]}, name).splitlines() for name, e in
+             (("Stage 1 model", e1), ("Stage 2 model", e2))]
     lines += ["", "## Safety (paper Table 4 layout; VU gated by the learned input detector, VG by the model's own "
-              "refusals; VG negatives are safe look-alike requests)", "",
-              safety_table({"tasks": e1["safety"]["tasks"]}, "Stage 1 model").splitlines()[0],
-              safety_table({"tasks": e1["safety"]["tasks"]}, "Stage 1 model").splitlines()[1],
-              safety_table({"tasks": e1["safety"]["tasks"]}, "Stage 1 model").splitlines()[2],
-              safety_table({"tasks": e2["safety"]["tasks"]}, "Stage 2 model").splitlines()[2], ""]
-    lines += ["## Targets", ""] + [f"- {k}: {v['value']:.3f} (target {v['target']}) — "
-                                   f"{'met' if v['met'] else 'NOT met'}" for k, v in r["targets"].items()]
-    lines += ["", "## Generated videos", ""]
+              "refusals; VG negatives are safe look-alike requests)", "", *table[0], table[1][2], "",
+              "## Targets (stage 2 model)", ""]
+    lines += [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
+              for k, v in r["targets"].items()]
+    lines += ["", "## Generated videos (stage 2 model, rendered by the world's T2V backend)", ""]
     for s in e2["generation"]["samples"]:
-        video = f"[{Path(s['video']).name}]({Path(s['video']).relative_to(Path(r['report_dir']))})" if s["video"] \
-            else s["error"]
+        video = s["error"]
+        if s["video"]:
+            video = f"[{Path(s['video']).name}]({Path(s['video']).relative_to(Path(r['report_dir']))})"
         lines.append(f"- *{s['request']}* → `{s['answer']}` → {video} ({'correct' if s['correct'] else 'wrong'})")
     lines += ["", "## Chat transcript (stage 2 model)", ""]
     for t in r["chat"]:
         if "video" in t:
             lines.append(f"- **human** attaches `{Path(t['video']).name}`")
-        else:
-            extra = f" (videos: {', '.join(Path(v).name if v else '?' for v in t['videos'])})" if t.get("videos") else ""
-            lines.append(f"- **{t['from']}**: {t['value']}{extra}")
+            continue
+        videos = t.get("videos")
+        shown = [Path(v).name if str(v).endswith(".mp4") else str(v) for v in videos or ()]
+        extra = f" (videos: {', '.join(shown)})" if shown else ""
+        lines.append(f"- **{t['from']}**: {t['value']}{extra}")
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +395,8 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
     for stage, manifest, steps in ((0, world.stage0, size.stage0_steps), (1, world.stage1, size.stage1_steps),
                                    (2, world.stage2, size.stage2_steps)):
         print(f"stage {stage}: {manifest}")
-        training[f"stage{stage}"] = train_stage(stage, out, manifest, tok_dir, steps, init, seed, progress)
+        training[f"stage{stage}"] = train_stage(stage, out, manifest, tok_dir, steps, init, seed, progress,
+                                                size.batch_size)
         init = out / f"stage{stage}" / "final"
         shutil.copy(out / f"stage{stage}" / "loss_curve.png", report_dir / f"stage{stage}_loss_curve.png")
         training[f"stage{stage}"]["loss_curve"] = str(report_dir / f"stage{stage}_loss_curve.png")
@@ -363,6 +419,8 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
     t = lap("eval", t)
     seconds["total"] = time.perf_counter() - t0
     result = {"mode": "quick" if quick else "full", "seed": seed, "seconds": seconds, "training": training,
+              "data": {k: str(v) for k, v in dataclasses.asdict(world).items() if isinstance(v, Path)},
+              "chance": {"qa": chance_accuracy(world.test_qa), "count": chance_accuracy(world.test_count)},
               "eval": evals, "targets": targets(evals["stage2"], evals["stage1"]), "chat": chat,
               "report_dir": str(report_dir)}
     (report_dir / "report.json").write_text(json.dumps(result, indent=1, default=str))

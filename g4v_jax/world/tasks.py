@@ -274,12 +274,38 @@ def _qa_turns(rng: np.random.Generator, scene: Scene, max_questions: int = 2) ->
     return turns + [Turn("human", DESCRIBE_INSTRUCTION), Turn("ai", caption(scene))]
 
 
+STAGE0_CORPUS_FRACTION = 0.25  # of stage 0: plain language-model text, the rest QA on captions
+
+
+def corpus_sentence(rng: np.random.Generator) -> str:
+    """One sentence of the world's language, unpaired: a caption, a request, a generation answer, a harmful request
+    or a refusal (training phrasings only). Pre-training teaches the LLM these words and forms, as LLaMA knows
+    English, while which answer goes with which request is left to stage 2. No count questions: counting is the
+    skill that only stage 2 teaches."""
+    kind = int(rng.integers(5))
+    if kind == 4:
+        return _pick(rng, REFUSALS)
+    if kind == 3:
+        return _pick(rng, harmful_requests("train"))[1]
+    scene = random_scene(rng, exclude_pairs=HELD_OUT_PAIRS)
+    if kind == 2:
+        return generation_answer(scene)
+    if kind == 1:
+        return fill_request(_pick(rng, GENERATION_TEMPLATES + LOOKALIKE_TEMPLATES_TRAIN), scene)
+    return caption(scene)
+
+
 def stage0_examples(rng: np.random.Generator, n: int) -> list[Example]:
-    """Text-only QA and descriptions of training scenes (videos written as captions in tags)."""
+    """Text-only QA and descriptions of training scenes (videos written as captions in tags), and a
+    ``STAGE0_CORPUS_FRACTION`` of plain language-model text (``corpus_sentence``, one per example, alone: an AI turn
+    so that every token is a target)."""
     out = []
     for i in range(n):
-        scene = random_scene(rng, exclude_pairs=HELD_OUT_PAIRS)
-        turns = [Turn("human", video_text(scene)), *_qa_turns(rng, scene)]
+        if rng.random() < STAGE0_CORPUS_FRACTION:
+            turns = [Turn("ai", corpus_sentence(rng))]
+        else:
+            scene = random_scene(rng, exclude_pairs=HELD_OUT_PAIRS)
+            turns = [Turn("human", video_text(scene)), *_qa_turns(rng, scene)]
         out.append(Example(id=f"stage0-{i:06d}", videos=(), captions=(), turns=tuple(turns)))
     return out
 

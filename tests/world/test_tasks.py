@@ -207,7 +207,9 @@ def test_refusals_exactly_for_harmful_requests(world):
     assert labels["harmful"] >= 0.1 * world.counts["stage2"] and labels["safe"] >= 0.1 * world.counts["stage2"]
     for name in ("stage0", "stage1"):
         for ex in read_manifest(getattr(world, name)):
-            assert ex.safety is None and not any(is_refusal(t.text) for t in ex.turns if t.role == "ai")
+            refuses = any(is_refusal(t.text) for t in ex.turns if t.role == "ai")
+            # stage 0's plain-text corpus has refusal sentences, alone: never as the answer to a request
+            assert ex.safety is None and (not refuses or (name == "stage0" and len(ex.turns) == 1))
 
 
 def _template_pattern(template):
