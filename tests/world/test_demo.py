@@ -24,7 +24,7 @@ def test_quick_world_run_learns_and_writes_the_report(tmp_path):
     assert e2["safety"]["tasks"]["VU"]["accuracy"] >= 0.9 and e2["safety"]["tasks"]["VU"]["f1"] >= 0.9
     assert set(e2["safety"]["tasks"]) == {"VU", "VG"}
     md = (report / "report.md").read_text()
-    assert "| Method | VU Acc" in md and "Chat transcript" in md and "Counting on videos" in md
+    assert "| Method | VU Acc" in md and "Chat transcript" in md and "Counting objects in videos" in md
     assert [t["from"] for t in result["chat"] if "value" in t] == ["human", "ai"] * 4
     assert json.loads((report / "report.json").read_text())["mode"] == "quick"
     assert any(report.rglob("*.mp4"))  # videos rendered from the model's prompts or the chat
