@@ -199,15 +199,21 @@ def read_manifest(path: str | os.PathLike) -> list[Example]:
     return examples
 
 
-def write_manifest(path: str | os.PathLike, examples: Iterable[Example]) -> None:
-    """Write ``examples`` as JSONL (UTF-8, one per line); the file appears complete or not at all."""
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write ``rows`` as JSONL (UTF-8, one object per line), creating the parent directory; the file appears
+    complete or not at all."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(example_to_dict(ex), ensure_ascii=False) + "\n")
-    os.replace(tmp, p)  # atomic: a crash mid-write never leaves a truncated manifest behind
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, p)  # atomic: a crash mid-write never leaves a truncated file behind
+
+
+def write_manifest(path: str | os.PathLike, examples: Iterable[Example]) -> None:
+    """Write ``examples`` as JSONL (UTF-8, one per line); the file appears complete or not at all."""
+    write_jsonl(path, (example_to_dict(ex) for ex in examples))
 
 
 def resolve_video_path(video: str, manifest_dir: str | os.PathLike) -> str:

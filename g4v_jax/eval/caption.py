@@ -46,7 +46,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, write_jsonl
 from g4v_jax.eval.qa import QAItem, _find_video, answer_items, sha256_of
 
 _log = logging.getLogger(__name__)
@@ -413,10 +413,7 @@ def from_msrvtt(json_path: str | os.PathLike, video_dir: str | os.PathLike, out:
                 continue
             file = video_dir / (name if Path(name).suffix else name + ".mp4")
         lines.append({"id": key, "video": os.path.relpath(file, out_dir), "captions": captions[key]})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
-    os.replace(tmp, out)
+    write_jsonl(out, lines)
     if skipped:
         _log.warning("from_msrvtt: skipped %s", dict(skipped))
     return len(lines)

@@ -37,7 +37,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, write_jsonl
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.judge import Judge, JudgeError
 
@@ -293,10 +293,7 @@ def from_msrvtt_qa(json_path: str | os.PathLike, video_dir: str | os.PathLike, o
         seen.add(qid)
         lines.append({"id": qid, "video": os.path.relpath(file, out_dir), "question": q.strip(),
                       "answer": str(a).strip()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
-    os.replace(tmp, out)
+    write_jsonl(out, lines)
     if skipped:
         _log.warning("from_msrvtt_qa: skipped %s", dict(skipped))
     return len(lines)

@@ -53,18 +53,17 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import json
 import os
 import re
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from g4v_jax.data.manifest import Example, iter_jsonl, resolve_video_path, write_manifest
+from g4v_jax.data.manifest import Example, iter_jsonl, resolve_video_path, write_jsonl, write_manifest
 from g4v_jax.data.template import AI_PREFIX, HUMAN_PREFIX, SYSTEM_PROMPT, Turn, video_tags
 from g4v_jax.data.video import write_video
 from g4v_jax.safety.refusal import POLITE_REFUSAL
@@ -409,12 +408,6 @@ def _render_all(jobs: Sequence[_VideoJob], num_frames: int, size: int, workers: 
             f.result()
 
 
-def _write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The world
 # --------------------------------------------------------------------------------------------------------------------
@@ -572,7 +565,7 @@ def build_world(
     for name, examples in manifests.items():
         write_manifest(paths[name], examples)
     for name, lines in rows.items():
-        _write_jsonl(paths[name], lines)
+        write_jsonl(paths[name], lines)
     counts = {"videos": len(videos.jobs), **{name: len(x) for name, x in [*manifests.items(), *rows.items()]}}
     return WorldData(root=root, **paths, counts=counts, seconds=time.perf_counter() - t0)
 

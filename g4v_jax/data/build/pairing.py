@@ -51,7 +51,6 @@ import csv
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import sys
 import time
@@ -63,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from g4v_jax.data.manifest import iter_jsonl
+from g4v_jax.data.manifest import iter_jsonl, write_jsonl
 
 CSV_ID_COLUMN = "videoid"
 CSV_CAPTION_COLUMN = "name"
@@ -422,13 +421,7 @@ def group_records(groups: Sequence[Group], pool: CaptionPool) -> Iterator[dict]:
 
 
 def write_groups(path: str | os.PathLike, groups: Sequence[Group], pool: CaptionPool) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as f:
-        for rec in group_records(groups, pool):
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, group_records(groups, pool))
 
 
 def summary_table(pool: CaptionPool, groups: Sequence[Group], *, top_k: int, cache_hit: bool | None,
