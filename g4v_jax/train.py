@@ -49,6 +49,7 @@ from g4v_jax.models.gpt4video import build_model
 from g4v_jax.models.lora import LoRAParam
 from g4v_jax.sharding import batch_sharding, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
+from g4v_jax.weights import load_model_config
 from g4v_jax.weights import save_pretrained
 
 log = logging.getLogger("g4v_jax.train")
@@ -252,13 +253,30 @@ class Trainer:
         return out
 
 
+def _config_fields(tree: Any, prefix: str) -> dict[str, Any]:
+    """{"model.vision.image_size": 224, ...}: the leaves of a config dataclass by dotted name."""
+    if dataclasses.is_dataclass(tree):
+        tree = dataclasses.asdict(tree)
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for name, sub in tree.items() for k, v in _config_fields(sub, f"{prefix}.{name}").items()}
+
+
 def _initial_model(cfg: Config) -> nnx.Module:
     if cfg.train.init_from:
         # the run's compute settings apply on top of the loaded directory's own config
         m = cfg.model
-        return load_model_dir(cfg.train.init_from, [f"model.compute_dtype={m.compute_dtype}",
-                                                    f"model.attention_impl={m.attention_impl}",
-                                                    f"model.remat={m.remat}"])
+        compute = [f"model.compute_dtype={m.compute_dtype}", f"model.attention_impl={m.attention_impl}",
+                   f"model.remat={m.remat}"]
+        # the final checkpoint is saved with the run's model section, so it must describe the loaded weights
+        # (param_dtype may differ: weights are cast on load)
+        loaded = _config_fields(load_model_config(cfg.train.init_from, compute).model, "model")
+        differ = [f"{k}: {loaded[k]!r} in {cfg.train.init_from}, {v!r} in this run" for k, v in
+                  _config_fields(m, "model").items() if k in loaded and loaded[k] != v and k != "model.param_dtype"]
+        if differ:
+            raise TrainingError("train.init_from's model config differs from this run's model section, so the "
+                                "saved checkpoint would not load; make them agree:\n  " + "\n  ".join(differ))
+        return load_model_dir(cfg.train.init_from, compute)
     return build_model(cfg.model, seed=cfg.train.seed)
 
 

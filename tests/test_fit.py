@@ -109,3 +109,20 @@ def test_vision_cache_trains_like_decoding_frames(dataset, tmp_path):
     b = [r["loss"] for r in read_metrics(tmp_path / "cached" / "metrics.jsonl")]
     print(f"stage 1 on frames {a}\nstage 1 on cache  {b}")
     np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_init_from_with_another_architecture_is_refused_before_training(dataset, tmp_path):
+    """The final checkpoint is written with the run's model section: a run whose model section disagrees with the
+    init_from checkpoint's would save weights that its own config.yaml cannot load, so it must not start."""
+    from g4v_jax.models.gpt4video import build_model
+    from g4v_jax.train import TrainingError
+
+    cfg = _cfg(dataset, tmp_path / "base_run", "train.stage=stage1")
+    g4v_jax.save_pretrained(build_model(cfg.model, seed=0), cfg, tmp_path / "base")
+    with pytest.raises(TrainingError) as e:
+        fit(_cfg(dataset, tmp_path / "run", "train.stage=stage1", f"train.init_from={tmp_path / 'base'}",
+                 "model.vision.temporal_adapter=false", "model.lora.rank=8"), progress=False)
+    message = str(e.value)
+    assert "model.vision.temporal_adapter: True in" in message and "False in this run" in message
+    assert "model.lora.rank" in message
+    assert not (tmp_path / "run" / "final").exists()
