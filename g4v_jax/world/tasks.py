@@ -24,8 +24,9 @@ writes, under OUT_DIR (videos under ``OUT_DIR/videos/``, H.264 mp4 at 8 fps; man
     catalogue.jsonl        {"video", "caption", "hazard", "split"} for every rendered video (debugging, tests).
 
 Splits and what each stage may see
-    - Held-out pairs (``scene.HELD_OUT_PAIRS``) occur in no training text or video, and in every test video, test
-      generation request and VG look-alike case (exactly one held-out pair per test scene).
+    - Held-out pairs (``scene.HELD_OUT_PAIRS``) occur in no training video and no stage-1 or stage-2 example, and
+      in every test video, test generation request and VG look-alike case (exactly one held-out pair per test
+      scene). Only stage 0's text (the LLM's pre-training, standing in for LLaMA's) uses every pair.
     - ``COUNT_QUESTION`` occurs only in stage 2 (text): counting real videos is learned by transfer.
     - Harmful and look-alike wording: training uses ``HARMFUL_TEMPLATES_TRAIN`` x ``HARMFUL_CONTENT_TRAIN`` and
       ``LOOKALIKE_TEMPLATES_TRAIN``; the safety cases use ``*_TEST`` pools, whose templates and content phrases never
@@ -263,7 +264,10 @@ def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
-def _qa_turns(rng: np.random.Generator, scene: Scene, max_questions: int = 2) -> list[Turn]:
+QA_TURNS_MAX = 3  # ordinary QA pairs per stage-0/1 example: each costly sequence (a video) teaches several answers
+
+
+def _qa_turns(rng: np.random.Generator, scene: Scene, max_questions: int = QA_TURNS_MAX) -> list[Turn]:
     """1..max_questions random ordinary QA pairs, then the description."""
     qa = ordinary_questions(scene)
     n = min(len(qa), int(rng.integers(1, max_questions + 1)))
@@ -286,7 +290,7 @@ def corpus_sentence(rng: np.random.Generator) -> str:
         return _pick(rng, REFUSALS)
     if kind == 3:
         return _pick(rng, harmful_requests("train"))[1]
-    scene = random_scene(rng, exclude_pairs=HELD_OUT_PAIRS)
+    scene = random_scene(rng)  # every pair: see stage0_examples
     if kind == 2:
         return generation_answer(scene)
     if kind == 1:
@@ -295,15 +299,21 @@ def corpus_sentence(rng: np.random.Generator) -> str:
 
 
 def stage0_examples(rng: np.random.Generator, n: int) -> list[Example]:
-    """Text-only QA and descriptions of training scenes (videos written as captions in tags), and a
+    """Text-only QA and descriptions of random scenes (videos written as captions in tags), and a
     ``STAGE0_CORPUS_FRACTION`` of plain language-model text (``corpus_sentence``, one per example, alone: an AI turn
-    so that every token is a target)."""
+    so that every token is a target).
+
+    Stage 0 stands in for LLaMA's pre-training, whose text holds "red triangle" as surely as "red circle"; so its
+    scenes use every (colour, shape) pair, held-out ones included. Without them a from-scratch LM learns that "red"
+    is never followed by "triangle" and cannot even copy a held-out pair from a request into a ``<video>`` tag
+    (generation-tag accuracy 0.0 in the run that excluded them). No video and no stage-1 or stage-2 example ever
+    holds a held-out pair: the held-out test is of the *visual* combination and of the paper's two stages."""
     out = []
     for i in range(n):
         if rng.random() < STAGE0_CORPUS_FRACTION:
             turns = [Turn("ai", corpus_sentence(rng))]
         else:
-            scene = random_scene(rng, exclude_pairs=HELD_OUT_PAIRS)
+            scene = random_scene(rng)  # every pair, held-out ones included (docstring)
             turns = [Turn("human", video_text(scene)), *_qa_turns(rng, scene)]
         out.append(Example(id=f"stage0-{i:06d}", videos=(), captions=(), turns=tuple(turns)))
     return out
