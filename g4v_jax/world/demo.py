@@ -66,8 +66,8 @@ class RunSize:
     batch_size: int = 32  # sequences per optimizer step, every stage
 
 
-FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, stage0_steps=800, stage1_steps=300,
-               stage2_steps=300, detector_steps=200, max_eval=200, sample_videos=4)
+FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, stage0_steps=600, stage1_steps=250,
+               stage2_steps=250, detector_steps=200, max_eval=200, sample_videos=4)
 QUICK = RunSize(n_train_videos=160, n_test_videos=32, n_text=800, stage0_steps=120, stage1_steps=60,
                 stage2_steps=60, detector_steps=40, max_eval=32, sample_videos=2, batch_size=16)
 

@@ -277,7 +277,11 @@ def _qa_turns(rng: np.random.Generator, scene: Scene, max_questions: int = QA_TU
     return turns + [Turn("human", DESCRIBE_INSTRUCTION), Turn("ai", caption(scene))]
 
 
-STAGE0_CORPUS_FRACTION = 0.25  # of stage 0: plain language-model text, the rest QA on captions
+# Of stage 0's examples, this fraction is plain language-model text of CORPUS_SENTENCES_PER_EXAMPLE sentences each
+# (the rest QA on captions): one sentence for every three QA examples. A sentence is ~15 tokens, so three share a
+# row instead of padding one each to the row length (the longest three-sentence example is ~130 tokens).
+STAGE0_CORPUS_FRACTION = 0.1
+CORPUS_SENTENCES_PER_EXAMPLE = 3
 
 
 def corpus_sentence(rng: np.random.Generator) -> str:
@@ -300,8 +304,8 @@ def corpus_sentence(rng: np.random.Generator) -> str:
 
 def stage0_examples(rng: np.random.Generator, n: int) -> list[Example]:
     """Text-only QA and descriptions of random scenes (videos written as captions in tags), and a
-    ``STAGE0_CORPUS_FRACTION`` of plain language-model text (``corpus_sentence``, one per example, alone: an AI turn
-    so that every token is a target).
+    ``STAGE0_CORPUS_FRACTION`` of plain language-model text (``CORPUS_SENTENCES_PER_EXAMPLE`` unrelated
+    ``corpus_sentence``s, each an AI turn so that every token is a target).
 
     Stage 0 stands in for LLaMA's pre-training, whose text holds "red triangle" as surely as "red circle"; so its
     scenes use every (colour, shape) pair, held-out ones included. Without them a from-scratch LM learns that "red"
@@ -311,7 +315,7 @@ def stage0_examples(rng: np.random.Generator, n: int) -> list[Example]:
     out = []
     for i in range(n):
         if rng.random() < STAGE0_CORPUS_FRACTION:
-            turns = [Turn("ai", corpus_sentence(rng))]
+            turns = [Turn("ai", corpus_sentence(rng)) for _ in range(CORPUS_SENTENCES_PER_EXAMPLE)]
         else:
             scene = random_scene(rng)  # every pair, held-out ones included (docstring)
             turns = [Turn("human", video_text(scene)), *_qa_turns(rng, scene)]

@@ -210,8 +210,8 @@ def test_refusals_exactly_for_harmful_requests(world):
     for name in ("stage0", "stage1"):
         for ex in read_manifest(getattr(world, name)):
             refuses = any(is_refusal(t.text) for t in ex.turns if t.role == "ai")
-            # stage 0's plain-text corpus has refusal sentences, alone: never as the answer to a request
-            assert ex.safety is None and (not refuses or (name == "stage0" and len(ex.turns) == 1))
+            # stage 0's plain-text corpus has refusal sentences among AI-only turns: never as the answer to a request
+            assert ex.safety is None and (not refuses or (name == "stage0" and {t.role for t in ex.turns} == {"ai"}))
 
 
 def _template_pattern(template):
