@@ -255,6 +255,7 @@ class DataConfig:
     on_bad_video: str = "skip"  # skip (counted, logged) | error
     on_too_long: str = "skip"  # skip | error
     vision_cache: str = ""  # stage 1: directory of precomputed vision features (g4v_jax.data.feature_cache)
+    pack_sequences: bool = False  # text stages: several examples per row, attention kept within each
 
     def __post_init__(self):
         for name in ("on_bad_video", "on_too_long"):

@@ -136,7 +136,8 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], accum: int) -> dict[str
     return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
 
 
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "positions", "videos", "frame_mask", "video_features")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "positions", "segment_ids", "videos", "frame_mask",
+                "video_features")
 
 
 def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
@@ -163,7 +164,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int) -> Ca
         model.train()
         logits, _ = model(mb["input_ids"], videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
                           video_features=mb.get("video_features"), attention_mask=mb["attention_mask"],
-                          positions=mb.get("positions"))
+                          positions=mb.get("positions"), segment_ids=mb.get("segment_ids"))
         return answer_nll(logits, mb["labels"])
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -469,7 +470,9 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     usable = problems["ok"]
     if jax.process_index() == 0:
         print(f"{cfg.data.train_manifest}: {pipeline.describe_problems(problems)}")
-    steps_per_epoch = usable // t.global_batch_size
+    # a packed row holds several examples, so an epoch is as many rows as next-fit packing makes of them
+    rows = pipeline.packed_row_count(problems["lengths"], data_cfg.seq_len) if data_cfg.pack_sequences else usable
+    steps_per_epoch = rows // t.global_batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"{usable} usable examples are fewer than one global batch of {t.global_batch_size}")
     total = t.epochs * steps_per_epoch if t.max_steps <= 0 else min(t.max_steps, t.epochs * steps_per_epoch)
@@ -551,7 +554,7 @@ def pipeline_config(cfg: Config):
         use_videos=cfg.train.stage == "stage1", num_video_tokens=cfg.model.num_video_tokens,
         system_prompt=cfg.data.system_prompt, worker_count=cfg.data.worker_count, shuffle=cfg.data.shuffle,
         seed=cfg.train.seed, on_bad_video=cfg.data.on_bad_video, on_too_long=cfg.data.on_too_long,
-        vision_cache=cfg.data.vision_cache)
+        vision_cache=cfg.data.vision_cache, pack_sequences=cfg.data.pack_sequences)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

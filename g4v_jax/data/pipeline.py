@@ -86,7 +86,8 @@ import grain
 import numpy as np
 
 from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions, resolve_video_path
-from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, pad_batch, tokenize_conversation
+from g4v_jax.data.template import (IGNORE_INDEX, SYSTEM_PROMPT, TokenizedConversation, pad_batch,
+                                   tokenize_conversation)
 from g4v_jax.data.feature_cache import load_entry
 from g4v_jax.data.video import VideoReadError, load_video
 
@@ -121,6 +122,8 @@ class DataConfig:
     vision_cache: str = ""
     feature_shape: tuple[int, ...] = ()
     feature_dtype: str = "float32"
+    # text rows only (stages 0 and 2): consecutive examples share a row, each attending only to itself
+    pack_sequences: bool = False
 
     def __post_init__(self) -> None:
         check_data_config(self)
@@ -140,6 +143,9 @@ def check_data_config(cfg: Any) -> None:
             raise ValueError(f"data.{name} must be one of {list(ON_PROBLEM)}, got {getattr(cfg, name)!r}")
     if cfg.system_prompt is not None and not isinstance(cfg.system_prompt, str):
         raise ValueError(f"data.system_prompt must be a string or null, got {cfg.system_prompt!r}")
+    if cfg.pack_sequences and cfg.use_videos:
+        raise ValueError("data.pack_sequences packs text rows (stage 2, or a text-only LLM stage); rows that carry "
+                         "videos (stage 1) are not packed")
 
 
 def as_data_config(cfg: Any) -> DataConfig:
@@ -167,6 +173,8 @@ def batch_spec(cfg: DataConfig, per_host_batch: int) -> dict[str, tuple[tuple[in
         "attention_mask": ((b, l), np.dtype(np.bool_)),
         "positions": ((b, l), np.dtype(np.int32)),
     }
+    if cfg.pack_sequences:
+        spec["segment_ids"] = ((b, l), np.dtype(np.int32))
     if cfg.use_videos:
         v, t, s = cfg.max_videos_per_example, cfg.num_frames, cfg.image_size
         if cfg.vision_cache:
@@ -331,6 +339,38 @@ def collate(rows: Sequence[_Row], cfg: DataConfig) -> dict[str, np.ndarray]:
     return batch
 
 
+def collate_packed(bins: Sequence[Sequence[_Row]], cfg: DataConfig, pad_id: int) -> dict[str, np.ndarray]:
+    """One row per bin, its examples side by side: ``segment_ids`` 1, 2, ... (0 at pads), ``positions`` restarting
+    at 0 in each segment, and no label on a segment's first token (so no position learns to predict across a
+    border; an unpacked row's first label is never a target either)."""
+    b, l = len(bins), cfg.seq_len
+    batch = {"input_ids": np.full((b, l), pad_id, np.int32), "labels": np.full((b, l), IGNORE_INDEX, np.int32),
+             "attention_mask": np.zeros((b, l), np.bool_), "positions": np.zeros((b, l), np.int32),
+             "segment_ids": np.zeros((b, l), np.int32)}
+    for i, rows in enumerate(bins):
+        start = 0
+        for k, r in enumerate(rows):
+            n = int(r.attention_mask.sum())
+            span = slice(start, start + n)
+            for name in ("input_ids", "labels", "attention_mask", "positions"):
+                batch[name][i, span] = getattr(r, name)[:n]
+            batch["labels"][i, start] = IGNORE_INDEX
+            batch["segment_ids"][i, span] = k + 1
+            start += n
+    return batch
+
+
+def packed_row_count(lengths: Sequence[int], seq_len: int) -> int:
+    """Rows that next-fit packing (the iterator's: a row takes examples in order until the next does not fit)
+    makes of examples of these token ``lengths``."""
+    rows, used = 0, seq_len
+    for n in lengths:
+        if used + n > seq_len:
+            rows, used = rows + 1, 0
+        used += n
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Dataset and iterator
 # --------------------------------------------------------------------------------------------------------------------
@@ -402,6 +442,7 @@ class BatchIterator(grain.DatasetIterator):
         self._skipped = dict.fromkeys(SKIP_REASONS, 0)
         self._logged: set[str] = set()
         self._inner: Iterator[Any] | None = None  # started lazily, so that set_state before next() starts it once
+        self._carry: _Row | None = None  # packing: read, did not fit the last batch, opens the next (= next_index)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -416,6 +457,7 @@ class BatchIterator(grain.DatasetIterator):
         return self._inner
 
     def _stop(self) -> None:
+        self._carry = None  # a restart at next_index reads it again
         inner, self._inner = self._inner, None
         if inner is not None and hasattr(inner, "close"):
             inner.close()
@@ -423,14 +465,27 @@ class BatchIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         self._assert_not_closed()
         inner = self._start()
+        cfg, size = self._ds.cfg, self._ds.per_host_batch
         rows: list[_Row] = []
+        bins: list[list[_Row]] = []  # packing: the batch's rows, each a list of examples
+        used = 0  # packing: tokens in the last bin
         skips: list[_Skip] = []
         run = 0  # skips since the last usable row
         # 2N skips in a row span a whole epoch (a permutation of the N examples): nothing will ever be usable.
         hopeless = 2 * len(self._ds.examples)
         try:
-            while len(rows) < self._ds.per_host_batch:
-                element = next(inner)  # StopIteration: end of the data; a partial batch is dropped
+            while True:
+                if not cfg.pack_sequences and len(rows) == size:
+                    break
+                if self._carry is not None:
+                    element, self._carry = self._carry, None
+                else:
+                    try:
+                        element = next(inner)  # StopIteration: end of the data; a partial batch is dropped
+                    except StopIteration:
+                        if cfg.pack_sequences and len(bins) == size:
+                            break
+                        raise
                 if isinstance(element, _Skip):
                     skips.append(element)
                     run += 1
@@ -438,9 +493,22 @@ class BatchIterator(grain.DatasetIterator):
                         reasons = collections.Counter(k.reason for k in skips)
                         raise ValueError(f"every one of this host's {len(self._ds.examples)} examples is skipped "
                                          f"({dict(reasons)}); the first: {skips[0].id!r}: {skips[0].detail}")
-                else:
-                    rows.append(element)
-                    run = 0
+                    continue
+                run = 0
+                rows.append(element)
+                if not cfg.pack_sequences:
+                    continue
+                n = int(element.attention_mask.sum())
+                if bins and used + n <= cfg.seq_len:
+                    bins[-1].append(element)
+                    used += n
+                elif len(bins) < size:
+                    bins.append([element])
+                    used = n
+                else:  # the batch is full: this example opens the next one
+                    rows.pop()
+                    self._carry = element
+                    break
         except StopIteration:
             raise
         except BaseException:
@@ -452,8 +520,10 @@ class BatchIterator(grain.DatasetIterator):
             if skip.id not in self._logged:
                 self._logged.add(skip.id)
                 _log.warning("skipping example %r (%s): %s", skip.id, skip.reason, skip.detail)
-        self._next_index = rows[-1].index + 1
-        return collate(rows, self._ds.cfg)
+        self._next_index = self._carry.index if self._carry is not None else rows[-1].index + 1
+        if cfg.pack_sequences:
+            return collate_packed(bins, cfg, self._ds._prepare.pad_id)
+        return collate(rows, cfg)
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -570,24 +640,29 @@ def count_problems(
     """Run the pipeline's per-example checks over ``examples`` once (whatever ``on_*`` says; nothing raises).
 
     Returns ``{"examples": N, "ok": n, "skipped": s, "unreadable_video": ..., "too_long": ...,
-    "too_many_videos": ..., "problems": [{"id", "reason", "detail"}, ...]}``. Videos are decoded exactly as in
+    "too_many_videos": ..., "problems": [{"id", "reason", "detail"}, ...], "lengths": [tokens of each usable
+    example]}``. Videos are decoded exactly as in
     training (``check_videos=False`` checks only lengths and video counts, in seconds), in ``num_threads`` threads.
     """
     scan_cfg = dataclasses.replace(as_data_config(cfg), on_bad_video="skip", on_too_long="skip")
     _check_examples(examples, scan_cfg)
     directory = os.fspath(manifest_dir)
 
-    def check(ex: Example) -> tuple[str, str] | None:
+    def check(ex: Example) -> tuple[tuple[str, str] | None, int]:
         staged = ex if scan_cfg.use_videos else replace_videos_with_captions(ex)
-        problem = _text_problem(staged, None, scan_cfg) or _text_problem(
-            staged, _tokenize(staged, tokenizer, scan_cfg), scan_cfg)
+        problem = _text_problem(staged, None, scan_cfg)
+        length = 0
+        if problem is None:
+            conv = _tokenize(staged, tokenizer, scan_cfg)
+            problem, length = _text_problem(staged, conv, scan_cfg), len(conv)
         if problem is None and check_videos and scan_cfg.use_videos:
             problem = _decode(staged, scan_cfg, directory)[1]
-        return problem
+        return problem, length
 
     with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
         results = list(pool.map(check, examples))
-    problems = [{"id": ex.id, "reason": p[0], "detail": p[1]} for ex, p in zip(examples, results) if p is not None]
+    problems = [{"id": ex.id, "reason": p[0], "detail": p[1]} for ex, (p, _) in zip(examples, results)
+                if p is not None]
     counts = collections.Counter(p["reason"] for p in problems)
     return {
         "examples": len(examples),
@@ -595,6 +670,7 @@ def count_problems(
         "skipped": len(problems),
         **{reason: counts[reason] for reason in SKIP_REASONS},
         "problems": problems,
+        "lengths": [n for p, n in results if p is None],  # tokens of each usable example, in order
     }
 
 

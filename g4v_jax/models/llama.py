@@ -149,8 +149,10 @@ class LlamaDecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
-def _attention_mask(attention_mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array | None]:
-    """(B, 1, L, S) mask: valid keys at or before the query's slot; and the cache's new ``valid``."""
+def _attention_mask(attention_mask: jax.Array, cache: KVCache | None, segment_ids: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array | None]:
+    """(B, 1, L, S) mask: valid keys at or before the query's slot (and, for packed rows, in the query's segment);
+    and the cache's new ``valid``."""
     b, l = attention_mask.shape
     if cache is None:
         key_valid, q_slot, k_slot = attention_mask, jnp.arange(l), jnp.arange(l)
@@ -162,7 +164,12 @@ def _attention_mask(attention_mask: jax.Array, cache: KVCache | None) -> tuple[j
     causal = k_slot[None, :] <= q_slot[:, None]  # (L, S)
     # a padded query keeps its own slot so that its (unused) row never attends to nothing
     own = k_slot[None, :] == q_slot[:, None]
-    mask = (causal[None] & key_valid[:, None, :]) | own[None]
+    mask = causal[None] & key_valid[:, None, :]
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("segment_ids (packed rows) are for training and scoring, not for decoding with a cache")
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    mask = mask | own[None]
     return mask[:, None], new_valid
 
 
@@ -222,8 +229,11 @@ class LlamaForCausalLM(nnx.Module):
         inputs_embeds: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
+        """``segment_ids`` (B, L) int: a packed row holds several sequences (1, 2, ... per token, 0 at pads); a token
+        attends only within its own, and ``positions`` must then restart at each (the data pipeline writes both)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, l, _ = x.shape
         if cache is None and l > self.cfg.max_position_embeddings:
@@ -234,7 +244,7 @@ class LlamaForCausalLM(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         if positions is None:
             positions = default_positions(attention_mask, cache)
-        mask, new_valid = _attention_mask(attention_mask, cache)
+        mask, new_valid = _attention_mask(attention_mask, cache, segment_ids)
         index = None if cache is None else cache.index
         ks, vs = [], []
         run = _remat(_run_layer, self.remat)

@@ -142,3 +142,29 @@ def test_not_a_llama_config(tmp_path):
     (path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     with pytest.raises(ValueError, match="model_type='mistral', expected 'llama'"):
         load_hf_llama(path)
+
+
+def test_packed_row_equals_its_sequences_alone(tmp_path):
+    """Segment ids keep packed sequences apart: each segment's logits are those of the sequence on its own row
+    (positions restarting at 0), and the padded tail changes nothing."""
+    path, _ = _save_hf(tmp_path, "m")
+    _, ours = load_hf_llama(path)
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(3, VOCAB, (1, 6)), rng.integers(3, VOCAB, (1, 5))
+
+    @nnx.jit
+    def packed_forward(model, ids, mask, positions, segment_ids):
+        return model(ids, attention_mask=mask, positions=positions, segment_ids=segment_ids)
+
+    row = np.concatenate([a, b, np.zeros((1, 3), np.int64)], 1)
+    segments = np.array([[1] * 6 + [2] * 5 + [0] * 3])
+    positions = np.array([list(range(6)) + list(range(5)) + [0] * 3])
+    logits = np.asarray(packed_forward(ours, row, segments > 0, positions, segments)[0])[0]
+    alone_a = np.asarray(_forward(ours, np.concatenate([a, a]))[0])[0]
+    alone_b = np.asarray(_forward(ours, np.concatenate([b, b]))[0])[0]
+    assert np.abs(logits[:6] - alone_a).max() <= 1e-5
+    assert np.abs(logits[6:11] - alone_b).max() <= 1e-5
+    unmasked = np.asarray(packed_forward(ours, row, segments > 0, positions, np.minimum(segments, 1))[0])[0]
+    assert np.abs(unmasked[6:11] - alone_b).max() > 1e-3  # without segments b would see a: the mask does the work
+    with pytest.raises(ValueError, match="not for decoding"):
+        ours(row, segment_ids=segments, cache=init_cache(ours.cfg, 1, 16))
