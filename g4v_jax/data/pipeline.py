@@ -9,9 +9,16 @@ Batches
     ``labels``          (B, L) int32           ``IGNORE_INDEX`` (-100) except AI answers and their EOS
     ``attention_mask``  (B, L) bool            True on real tokens (right padding)
     ``positions``       (B, L) int32           0, 1, ... over real tokens, 0 at pads
+    ``segment_ids``     (B, L) int32           only when ``pack_sequences``: 1, 2, ... per example of the row, 0 at
+                                               pads (positions restart at each example)
     ``videos``          (B, V, T, S, S, 3)     uint8; only when ``use_videos``
     ``frame_mask``      (B, V, T) bool         False at padded frames and padding videos; only when ``use_videos``
     ==================  =====================  ====================================================================
+
+    Packing (``pack_sequences``, text rows only): a row takes consecutive examples while they fit (next-fit, so the
+    order is kept); the example that does not fit opens the next row, or is carried to the next batch (the iterator
+    state's ``next_index`` then points at it). A token attends only within its own example (the model's
+    ``segment_ids``), so a packed example trains exactly as it would alone.
 
     B = ``per_host_batch``, L = ``seq_len``, V = ``max_videos_per_example``, T = ``num_frames``, S = ``image_size``.
     Videos travel with their rows, as ``GPT4Video`` takes them: row b's i-th run of video slots receives

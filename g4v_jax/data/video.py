@@ -414,22 +414,27 @@ def _add_video_stream(container: av.container.OutputContainer, fps: int):
     return stream
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> str:
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, full_chroma: bool = False) -> str:
     """Write uint8 RGB frames (N, H, W, 3) as an H.264 (or MPEG-4 part 2) yuv420p video; returns the path.
 
-    Odd H or W is padded by one edge pixel, since yuv420p needs even sizes.
+    Odd H or W is padded by one edge pixel, since yuv420p needs even sizes. ``full_chroma`` writes H.264 yuv444p
+    instead (colour at full resolution; yuv420p keeps it at half, which at a few dozen pixels blurs the outline of
+    an object that differs from its background in colour more than in brightness). Players that only know 4:2:0
+    may not show such a file; FFmpeg (and so ``load_video``) reads it.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"write_video needs non-empty uint8 frames (N, H, W, 3), got {frames.dtype} {frames.shape}")
     if fps < 1:
         raise ValueError(f"fps must be >= 1, got {fps}")
-    frames = _even_frames(frames)
     out = os.fspath(path)
     with av.open(out, mode="w") as container:
         stream = _add_video_stream(container, fps)
+        full_chroma = full_chroma and stream.codec_context.name == "libx264"  # mpeg4 knows 4:2:0 only
+        if not full_chroma:
+            frames = _even_frames(frames)
         stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "yuv444p" if full_chroma else "yuv420p"
         for rgb in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode())  # flush delayed (B-)frames

@@ -300,7 +300,7 @@ class _Track:
     high: np.ndarray
 
 
-def _symmetry(shape: str) -> float:
+def symmetry_angle(shape: str) -> float:
     return {"circle": 2 * math.pi, "square": math.pi / 2, "triangle": 2 * math.pi / 3}[shape]
 
 
@@ -331,7 +331,7 @@ def _track(obj: Obj, num_frames: int, size: int) -> _Track:
     elif obj.motion == "shrinks":
         side = nominal * 2.0 ** (0.5 - p)
     elif obj.motion == "spins":
-        angle = SPIN_SYMMETRIES * _symmetry(obj.shape) * p
+        angle = SPIN_SYMMETRIES * symmetry_angle(obj.shape) * p
     if obj.shape == "circle":
         half = np.stack([side / 2, side / 2], axis=-1)
         low, high = offset - half, offset + half
@@ -400,9 +400,19 @@ def hazard_mask(size: int) -> tuple[np.ndarray, np.ndarray]:
     return band, band & (((i + j) // stripe) % 2 == 0)
 
 
-def render(scene: Scene, *, num_frames: int = 8, size: int = 64, seed: int = 0) -> np.ndarray:
-    """uint8 (num_frames, size, size, 3) frames of ``scene`` (geometry in the module docstring); positions from
-    ``seed``, everything else from the scene, so the same arguments always give the same frames."""
+@dataclasses.dataclass(frozen=True)
+class Rendering:
+    """What ``render_scene`` drew: the frames and, per frame, which object covers each pixel and where it is."""
+
+    frames: np.ndarray  # uint8 (T, S, S, 3)
+    owner: np.ndarray  # int8 (T, S, S): index into scene.objects of the object a pixel shows, -1 for none
+    centre: np.ndarray  # float (N, T, 2): each object's centre (x, y) in pixels, per frame
+    side: np.ndarray  # float (N, T): each object's side in pixels (a circle's diameter)
+    angle: np.ndarray  # float (N, T): each object's rotation in radians
+
+
+def render_scene(scene: Scene, *, num_frames: int = 8, size: int = 64, seed: int = 0) -> Rendering:
+    """``render``'s frames with the ground truth behind them (the world's vision pre-training reads it)."""
     if not isinstance(scene, Scene):
         raise ValueError(f"render needs a Scene, got {type(scene).__name__}")
     if num_frames < 1:
@@ -424,4 +434,13 @@ def render(scene: Scene, *, num_frames: int = 8, size: int = 64, seed: int = 0) 
         band, magenta = hazard_mask(size)
         labels[:, band] = 2
         labels[:, magenta] = 1
-    return np.asarray(palette, np.uint8)[labels]
+    owner = np.where(labels >= 3, labels.astype(np.int8) - 3, -1).astype(np.int8)
+    return Rendering(frames=np.asarray(palette, np.uint8)[labels], owner=owner,
+                     centre=np.stack([t.offset + s for t, s in zip(tracks, starts)]),
+                     side=np.stack([t.side for t in tracks]), angle=np.stack([t.angle for t in tracks]))
+
+
+def render(scene: Scene, *, num_frames: int = 8, size: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 (num_frames, size, size, 3) frames of ``scene`` (geometry in the module docstring); positions from
+    ``seed``, everything else from the scene, so the same arguments always give the same frames."""
+    return render_scene(scene, num_frames=num_frames, size=size, seed=seed).frames

@@ -3,7 +3,7 @@
     python -m g4v_jax.world.tasks OUT_DIR [--quick] [--seed 0] [--n-train-videos N] [--n-test-videos N]
                                           [--n-text N] [--num-frames 8] [--size 64] [--workers W]
 
-writes, under OUT_DIR (videos under ``OUT_DIR/videos/``, H.264 mp4 at 8 fps; manifests pass ``read_manifest``)::
+writes, under OUT_DIR (videos under ``OUT_DIR/videos/``, H.264 4:4:4 mp4 at 8 fps; manifests pass ``read_manifest``)::
 
     stage0.jsonl           text only (no "videos"): each video written as its caption between <video> tags, then
                            QA turns and "Describe the video." -> caption. Teaches the language and the QA skills.
@@ -21,7 +21,9 @@ writes, under OUT_DIR (videos under ``OUT_DIR/videos/``, H.264 mp4 at 8 fps; man
                            so an evaluation of the first N cases is balanced.
     detector_train.jsonl   {"video", "harmful"}: training videos with the hazard (true) and without (false),
                            alternating; read with ``detector_examples``.
-    catalogue.jsonl        {"video", "caption", "hazard", "split"} for every rendered video (debugging, tests).
+    catalogue.jsonl        {"video", "caption", "hazard", "split", "seed"} for every rendered video: with
+                           ``scene.render_scene`` the seed gives back the ground truth behind each frame (the
+                           vision pre-training's targets).
 
 Splits and what each stage may see
     - Held-out pairs (``scene.HELD_OUT_PAIRS``) occur in no training video and no stage-1 or stage-2 example, and
@@ -406,7 +408,9 @@ class _VideoJob:
 
 def _write_jobs(jobs: Sequence[_VideoJob], num_frames: int, size: int) -> None:
     for job in jobs:
-        write_video(job.path, render(job.scene, num_frames=num_frames, size=size, seed=job.seed), fps=FPS)
+        # full chroma: at 48 px, 4:2:0 blurs the outline of a green shape on gray (nearly equal brightness)
+        write_video(job.path, render(job.scene, num_frames=num_frames, size=size, seed=job.seed), fps=FPS,
+                    full_chroma=True)
 
 
 def _render_all(jobs: Sequence[_VideoJob], num_frames: int, size: int, workers: int) -> None:
@@ -438,8 +442,10 @@ class _Videos:
     def add(self, name: str, scene: Scene, rng: np.random.Generator, split: str) -> str:
         """Queue ``videos/{name}.mp4`` (positions seeded from ``rng``); returns its path relative to the root."""
         rel = f"videos/{name}.mp4"
-        self.jobs.append(_VideoJob(str((self.root / rel).resolve()), scene, int(rng.integers(2**31))))
-        self.catalogue.append({"video": rel, "caption": caption(scene), "hazard": scene.hazard, "split": split})
+        seed = int(rng.integers(2**31))
+        self.jobs.append(_VideoJob(str((self.root / rel).resolve()), scene, seed))
+        self.catalogue.append({"video": rel, "caption": caption(scene), "hazard": scene.hazard, "split": split,
+                               "seed": seed})
         return rel
 
 
