@@ -21,7 +21,7 @@ training videos (``catalogue.jsonl`` rows of split "train"), which hold no held-
 measures the tower on the held-out test videos.
 
     data = clip_data(world.catalogue, "train", num_frames=4, size=48, patch_size=8)   # decoded clips + targets
-    heads, history = pretrain_vision_tower(model.vision_model, data, steps=400)        # trains the tower in place
+    heads, history = pretrain_vision_tower(model.vision_model, data, steps=1000)       # trains the tower in place
     patch_accuracy(model.vision_model, heads, clip_data(world.catalogue, "test", ...))  # {"colour": ..., ...}
 
 The read-out heads (``PretrainHeads``) are discarded afterwards, as CLIP's projection is.
