@@ -359,7 +359,7 @@ def markdown_report(r: dict) -> str:
     acc = r["training"]["vision"]["test_patch_accuracy"]
     lines += ["", f"Loss curves: {curves}", "",
               "The pre-trained vision tower on the held-out test videos' frames (linear read-outs, patches that show "
-              "an object): " + ", ".join(f"{k} {_pct(acc[k])}%" for k in ("colour", "shape", "size"))
+              "an object): " + ", ".join(f"{k} {_pct(v)}%" for k, v in acc.items() if k != "background")
               + f"; background (per frame) {_pct(acc['background'])}%.", "",
               "## Video understanding and generation (held-out videos: each has a (colour, shape) pair never seen "
               "in training)", "", "| Metric (%) | Stage 1 model | Stage 2 model | Target |", "|---|---|---|---|",
