@@ -134,8 +134,10 @@ def clip_data(catalogue: str | Path, split: str, *, num_frames: int, size: int, 
 def grayscale_some(batch: dict[str, np.ndarray], rng: np.random.Generator, fraction: float) -> dict[str, np.ndarray]:
     """``batch`` with a random ``fraction`` of its clips in gray (ITU-R 601 luma) and their colour targets masked
     (``colour`` = -1: no loss). In the training videos every shape appears with only the colours its held-out pairs
-    leave it, so a tower that may use colour to guess shape learns "red is never a triangle"; gray frames make it
-    read the outline (random grayscale is also one of CLIP-era vision pre-training's standard augmentations)."""
+    leave it, so a tower that may use colour to guess shape learns "red is never a triangle"; gray frames are meant
+    to make it read the outline (random grayscale is a standard augmentation of vision pre-training). Measured on
+    per-frame pre-training (600 videos, 600 steps, one run each): held-out test shape accuracy 0.28 with it against
+    0.25 without, so it barely helps: brightness still tells the world's colours apart."""
     gray = rng.random(len(batch["frames"])) < fraction
     if not gray.any():
         return batch
@@ -168,7 +170,8 @@ def _tokens(tower, frames: jax.Array) -> jax.Array:
 
 
 def pretrain_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-    """Cross-entropy of the three patch classes and the background, plus the masked squared error of the geometry."""
+    """Cross-entropy of each patch class (``TARGET_CLASSES``) and of the background, plus the masked squared error of
+    the geometry."""
     ce = optax.softmax_cross_entropy_with_integer_labels
     # three quarters of the patches show no object; weighting the others up keeps the loss on what is hard
     weight = jnp.where(batch["shape"] > 0, OBJECT_PATCH_WEIGHT, 1.0)
