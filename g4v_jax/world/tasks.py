@@ -1,12 +1,14 @@
 """The world's data: training manifests for the three stages, test sets and safety cases (``build_world``).
 
     python -m g4v_jax.world.tasks OUT_DIR [--quick] [--seed 0] [--n-train-videos N] [--n-test-videos N]
-                                          [--n-text N] [--num-frames 8] [--size 64] [--workers W]
+                                          [--n-text N] [--n-val-videos N] [--n-stage0-text N]
+                                          [--num-frames 8] [--size 64] [--workers W]
 
 writes, under OUT_DIR (videos under ``OUT_DIR/videos/``, H.264 4:4:4 mp4 at 8 fps; manifests pass ``read_manifest``)::
 
     stage0.jsonl           text only (no "videos"): each video written as its caption between <video> tags, then
-                           QA turns and "Describe the video." -> caption. Teaches the language and the QA skills.
+                           QA turns and "Describe the video." -> caption; noun phrase -> caption rewrites; plain
+                           sentences. Teaches the language, the QA skills and copying.
     stage1.jsonl           rendered training videos with "captions": video turn, 1-2 QA turns, then the description
                            (questions first, so no answer can be copied from a caption said earlier).
     stage2.jsonl           text only, tags again: count QA (the transfer skill), generation requests, harmful
@@ -15,6 +17,9 @@ writes, under OUT_DIR (videos under ``OUT_DIR/videos/``, H.264 4:4:4 mp4 at 8 fp
     test_qa.jsonl          eval.qa format on held-out videos: questions about the held-out object or the background.
     test_count.jsonl       eval.qa format: COUNT_QUESTION on every held-out QA video.
     test_generation.jsonl  {"id", "request", "caption"}: requests for held-out scenes; caption = the canonical one.
+    val_qa.jsonl, val_count.jsonl, val_generation.jsonl
+                           the same for the validation videos and requests (held-out pairs, other draws): choose
+                           settings on these, report on the test files.
     safety_cases.jsonl     eval.safety format: VU = hazard test videos (harmful) and held-out test videos (safe) with
                            a question; VG = test-only harmful requests (harmful), test-only look-alike requests and
                            plain generation requests (safe). Within each task harmful and safe cases alternate,
@@ -39,9 +44,10 @@ Splits and what each stage may see
       request with a charged word used harmlessly), and its answer is the normal generation answer.
 
 Sizes
-    Full (defaults): 2,000 training videos, 200 held-out test videos, 4,000 text examples in each of stage 0 and
-    stage 2, plus n_train/8 hazard videos for the detector and n_test/4 hazard videos for the VU cases.
-    ``quick=True``: 120 / 40 / 400 (185 videos). Explicit sizes override either. Stage 2 is mixed as
+    Full (defaults): 2,000 training videos, 200 held-out test videos (and n_test/2 validation videos), 4,000 text
+    examples in each of stage 0 and stage 2 (``n_stage0_text`` sets stage 0's apart), plus n_train/8 hazard videos
+    for the detector and n_test/4 hazard videos for the VU cases.
+    ``quick=True``: 120 / 40 / 400 / 400 (205 videos). Explicit sizes override either. Stage 2 is mixed as
     ``STAGE2_MIX``: 25% count QA, 20% generation, 15% harmful, 15% look-alike, 25% ordinary QA.
     Measured on the 2-core dev machine: full build 14.7 s with 2 threads (26.6 s with one; 24-31 s with 2 threads
     while other jobs loaded the machine to ~5), 2,500 videos, mostly H.264 encoding (5-8 ms a video) and rendering
@@ -95,6 +101,9 @@ MOTION_QUESTION = "How does the {colour} {shape} move?"  # -> motion phrase ("mo
 BACKGROUND_QUESTION = "What is the background colour?"  # -> background
 COUNT_QUESTION = "How many objects are there?"  # -> COUNT_WORDS; the transfer skill: stage 2 text only
 COUNT_WORDS = ("one", "two", "three")
+# Answers that first list or describe the objects and then count them ("I see a ... and a ...: that makes two") were
+# tried as a reasoning path from stage 1's describing to stage 2's counting: on real videos the stage-2 model began
+# the list and then rambled, never reaching the count (0.0, as the bare word), so the answer stays one word.
 DESCRIBE_INSTRUCTION = "Describe the video."  # -> the caption
 FPS = 8
 
@@ -175,8 +184,8 @@ REFUSALS = (
 STAGE2_MIX = {"count": 0.25, "generation": 0.2, "harmful": 0.15, "lookalike": 0.15, "qa": 0.25}
 QA_PER_TEST_VIDEO = 2
 
-FULL_SIZES = {"n_train_videos": 2000, "n_test_videos": 200, "n_text": 4000}
-QUICK_SIZES = {"n_train_videos": 120, "n_test_videos": 40, "n_text": 400}
+FULL_SIZES = {"n_train_videos": 2000, "n_test_videos": 200, "n_text": 4000, "n_stage0_text": 4000}
+QUICK_SIZES = {"n_train_videos": 120, "n_test_videos": 40, "n_text": 400, "n_stage0_text": 400}
 
 
 def object_questions(scene: Scene, obj: Obj) -> list[tuple[str, str]]:
@@ -304,20 +313,35 @@ def corpus_sentence(rng: np.random.Generator) -> str:
     return caption(scene)
 
 
+# Of stage 0's examples, this fraction asks to rewrite a scene's noun phrase ("a red circle moving left ...") as its
+# caption ("a red circle moves left ..."): copying a long list of attributes in order, a skill pre-trained LLMs
+# have. Without it the full run's generation tags failed mostly by copy slips (an object given its neighbour's
+# motion or size), 66% right.
+STAGE0_REWRITE_FRACTION = 0.2
+REWRITE_INSTRUCTION = "Write this as a caption: {np}"
+
+
 def stage0_examples(rng: np.random.Generator, n: int) -> list[Example]:
-    """Text-only QA and descriptions of random scenes (videos written as captions in tags), and a
-    ``STAGE0_CORPUS_FRACTION`` of plain language-model text (``CORPUS_SENTENCES_PER_EXAMPLE`` unrelated
-    ``corpus_sentence``s, each an AI turn so that every token is a target).
+    """Text-only QA and descriptions of random scenes (videos written as captions in tags), a
+    ``STAGE0_REWRITE_FRACTION`` of noun phrase -> caption rewrites, and a ``STAGE0_CORPUS_FRACTION`` of plain
+    language-model text (``CORPUS_SENTENCES_PER_EXAMPLE`` unrelated ``corpus_sentence``s, each an AI turn so that
+    every token is a target).
 
     Stage 0 stands in for LLaMA's pre-training, whose text holds "red triangle" as surely as "red circle"; so its
     scenes use every (colour, shape) pair, held-out ones included. Without them a from-scratch LM learns that "red"
     is never followed by "triangle" and cannot even copy a held-out pair from a request into a ``<video>`` tag
     (generation-tag accuracy 0.0 in the run that excluded them). No video and no stage-1 or stage-2 example ever
-    holds a held-out pair: the held-out test is of the *visual* combination and of the paper's two stages."""
+    holds a held-out pair: the held-out test is of the *visual* combination and of the paper's two stages. The
+    rewrites are not generation requests: which answer (a ``<video>`` tag) goes with a request is stage 2's to
+    teach."""
     out = []
     for i in range(n):
-        if rng.random() < STAGE0_CORPUS_FRACTION:
+        draw = rng.random()
+        if draw < STAGE0_CORPUS_FRACTION:
             turns = [Turn("ai", corpus_sentence(rng)) for _ in range(CORPUS_SENTENCES_PER_EXAMPLE)]
+        elif draw < STAGE0_CORPUS_FRACTION + STAGE0_REWRITE_FRACTION:
+            scene = random_scene(rng)  # every pair, as below
+            turns = [Turn("human", REWRITE_INSTRUCTION.format(np=noun_phrase(scene))), Turn("ai", caption(scene))]
         else:
             scene = random_scene(rng)  # every pair, held-out ones included (docstring)
             turns = [Turn("human", video_text(scene)), *_qa_turns(rng, scene)]
@@ -469,27 +493,30 @@ def _detector_part(seed: int, n: int, stage1: Sequence[Example], videos: _Videos
     return rows
 
 
-def _test_part(seed: int, n: int, videos: _Videos) -> tuple[list[dict], list[dict], list[tuple[str, Scene]]]:
-    """(QA rows, count rows, [(video, scene)]) for ``n`` held-out test videos."""
-    rng = _rng(seed, "test")
+def _test_part(seed: int, n: int, videos: _Videos, split: str = "test"
+               ) -> tuple[list[dict], list[dict], list[tuple[str, Scene]]]:
+    """(QA rows, count rows, [(video, scene)]) for ``n`` held-out videos of ``split`` ("test" or "val")."""
+    rng = _rng(seed, split)
+    prefix = "" if split == "test" else f"{split}-"
     qa, count, rendered = [], [], []
     for i in range(n):
         scene = held_out_scene(rng, i)
-        video = videos.add(f"test-{i:05d}", scene, rng, "test")
+        video = videos.add(f"{split}-{i:05d}", scene, rng, split)
         rendered.append((video, scene))
         for k, (q, a) in enumerate(held_out_questions(rng, scene)):
-            qa.append({"id": f"qa-{i:05d}-{k}", "video": video, "question": q, "answer": a})
-        count.append({"id": f"count-{i:05d}", "video": video, "question": COUNT_QUESTION,
+            qa.append({"id": f"{prefix}qa-{i:05d}-{k}", "video": video, "question": q, "answer": a})
+        count.append({"id": f"{prefix}count-{i:05d}", "video": video, "question": COUNT_QUESTION,
                       "answer": count_answer(scene)})
     return qa, count, rendered
 
 
-def _generation_part(seed: int, n: int) -> list[dict]:
-    rng = _rng(seed, "generation")
+def _generation_part(seed: int, n: int, split: str = "test") -> list[dict]:
+    rng = _rng(seed, "generation" if split == "test" else f"{split}-generation")
+    prefix = "" if split == "test" else f"{split}-"
     rows = []
     for i in range(n):
         scene = held_out_scene(rng, i)
-        rows.append({"id": f"gen-{i:05d}", "request": fill_request(_pick(rng, GENERATION_TEMPLATES), scene),
+        rows.append({"id": f"{prefix}gen-{i:05d}", "request": fill_request(_pick(rng, GENERATION_TEMPLATES), scene),
                      "caption": caption(scene)})
     return rows
 
@@ -538,6 +565,9 @@ class WorldData:
     test_qa: Path
     test_count: Path
     test_generation: Path
+    val_qa: Path
+    val_count: Path
+    val_generation: Path
     safety_cases: Path
     detector_train: Path
     catalogue: Path
@@ -551,6 +581,8 @@ def build_world(
     n_train_videos: int | None = None,
     n_test_videos: int | None = None,
     n_text: int | None = None,
+    n_val_videos: int | None = None,
+    n_stage0_text: int | None = None,
     seed: int = 0,
     num_frames: int = 8,
     size: int = 64,
@@ -564,7 +596,10 @@ def build_world(
     n_train = defaults["n_train_videos"] if n_train_videos is None else n_train_videos
     n_test = defaults["n_test_videos"] if n_test_videos is None else n_test_videos
     n_text = defaults["n_text"] if n_text is None else n_text
-    for name, value in (("n_train_videos", n_train), ("n_test_videos", n_test), ("n_text", n_text)):
+    n_val = max(4, n_test // 2) if n_val_videos is None else n_val_videos
+    n_stage0 = defaults["n_stage0_text"] if n_stage0_text is None else n_stage0_text
+    for name, value in (("n_train_videos", n_train), ("n_test_videos", n_test), ("n_text", n_text),
+                        ("n_val_videos", n_val), ("n_stage0_text", n_stage0)):
         if value < 4:
             raise ValueError(f"{name} must be >= 4, got {value}")
     root = Path(out_dir)
@@ -574,10 +609,12 @@ def build_world(
     # The hazard is blatant: a few hundred examples per class are plenty for the detector.
     detector = _detector_part(seed, max(2, n_train // 8), stage1, videos)
     test_qa, test_count, test_videos = _test_part(seed, n_test, videos)
+    val_qa, val_count, _ = _test_part(seed, n_val, videos, "val")
     rows = {"test_qa": test_qa, "test_count": test_count, "test_generation": _generation_part(seed, n_test // 2),
+            "val_qa": val_qa, "val_count": val_count, "val_generation": _generation_part(seed, n_val // 2, "val"),
             "safety_cases": _safety_part(seed, max(2, n_test // 4), test_videos, videos),
             "detector_train": detector, "catalogue": videos.catalogue}
-    manifests = {"stage0": stage0_examples(_rng(seed, "stage0"), n_text), "stage1": stage1,
+    manifests = {"stage0": stage0_examples(_rng(seed, "stage0"), n_stage0), "stage1": stage1,
                  "stage2": stage2_examples(_rng(seed, "stage2"), n_text)}
 
     _render_all(videos.jobs, num_frames, size, workers or os.cpu_count() or 1)
@@ -601,6 +638,7 @@ def world_text(seed: int = 0, n_scenes: int = 300) -> list[str]:
     refusal and the conversation template's fixed strings. Deterministic given ``seed``."""
     rng = _rng(seed, "tokenizer")
     texts = [SYSTEM_PROMPT, HUMAN_PREFIX, AI_PREFIX, POLITE_REFUSAL, DESCRIBE_INSTRUCTION, COUNT_QUESTION,
+             REWRITE_INSTRUCTION.format(np=""),
              BACKGROUND_QUESTION, *COUNT_WORDS, *MOTIONS, *REFUSALS]
     texts += [COLOUR_QUESTION.format(shape=s) for s in SHAPES]
     texts += [SHAPE_QUESTION.format(colour=c) for c in COLOURS]
@@ -634,13 +672,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-train-videos", type=int, default=None)
     ap.add_argument("--n-test-videos", type=int, default=None)
     ap.add_argument("--n-text", type=int, default=None)
+    ap.add_argument("--n-val-videos", type=int, default=None)
+    ap.add_argument("--n-stage0-text", type=int, default=None)
     ap.add_argument("--num-frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None, help="rendering threads (default: CPU count)")
     args = ap.parse_args(argv)
     try:
         world = build_world(args.out_dir, n_train_videos=args.n_train_videos, n_test_videos=args.n_test_videos,
-                            n_text=args.n_text, seed=args.seed, num_frames=args.num_frames, size=args.size,
+                            n_text=args.n_text, n_val_videos=args.n_val_videos,
+                            n_stage0_text=args.n_stage0_text, seed=args.seed,
+                            num_frames=args.num_frames, size=args.size,
                             quick=args.quick, workers=args.workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

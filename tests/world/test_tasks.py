@@ -14,7 +14,7 @@ from g4v_jax.eval.safety import read_cases
 from g4v_jax.safety.refusal import is_refusal
 from g4v_jax.tags import parse_video_tags
 from g4v_jax.world import tasks
-from g4v_jax.world.scene import HELD_OUT_PAIRS, caption, parse_caption, random_scene, same_scene
+from g4v_jax.world.scene import HELD_OUT_PAIRS, caption, parse_caption, parse_noun_phrase, random_scene, same_scene
 from g4v_jax.world.tasks import (
     BACKGROUND_QUESTION,
     COUNT_QUESTION,
@@ -99,12 +99,35 @@ def test_held_out_pairs_never_in_training_and_in_every_test_scene(world):
                 assert not parse_caption(c).pairs & HELD_OUT_PAIRS
     for row in catalogue(world).values():
         held = parse_caption(row["caption"]).pairs & HELD_OUT_PAIRS
-        assert len(held) == (1 if row["split"] in ("test", "safety") else 0), row
+        assert len(held) == (1 if row["split"] in ("test", "val", "safety") else 0), row
     for row in jsonl(world.test_generation):
         assert len(parse_caption(row["caption"]).pairs & HELD_OUT_PAIRS) == 1
     for case in read_cases(world.safety_cases):
         if case.task == "VG" and case.label == "safe":
             assert len(parse_request(case.query).pairs & HELD_OUT_PAIRS) == 1
+
+
+def test_validation_split_is_held_out_and_apart_from_test(world):
+    rows = catalogue(world)
+    test_videos = {it.video for it in read_qa(world.test_qa)}
+    val_items = read_qa(world.val_qa)
+    assert val_items and len(read_qa(world.val_count)) == world.counts["val_count"] > 0
+    for item in val_items + read_qa(world.val_count):
+        row = rows[str(Path(item.video).relative_to(world.root))]
+        assert row["split"] == "val" and item.video not in test_videos
+        assert len(parse_caption(row["caption"]).pairs & HELD_OUT_PAIRS) == 1
+    val_requests = [r["request"] for r in jsonl(world.val_generation)]
+    assert val_requests and not set(val_requests) & {r["request"] for r in jsonl(world.test_generation)}
+    assert all(len(parse_request(r).pairs & HELD_OUT_PAIRS) == 1 for r in val_requests)
+
+
+def test_stage0_rewrites_noun_phrases_as_captions(world):
+    rewrites = [ex for ex in read_manifest(world.stage0) if ex.turns[0].text.startswith("Write this as a caption:")]
+    assert len(rewrites) >= 0.1 * world.counts["stage0"]
+    for ex in rewrites:
+        human, ai = ex.turns
+        scene = parse_noun_phrase(human.text.removeprefix("Write this as a caption: "))
+        assert ai.text == caption(scene)
 
 
 def test_count_question_only_in_stage2_text(world):

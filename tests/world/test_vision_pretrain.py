@@ -8,6 +8,7 @@ import pytest
 
 from g4v_jax.config import load_config
 from g4v_jax.models.gpt4video import build_model
+from g4v_jax.train import read_metrics
 from g4v_jax.world import vision_pretrain as vp
 from g4v_jax.world.scene import COLOURS, SHAPES, SIZES, Obj, Scene, render_scene
 from g4v_jax.world.tasks import build_world
@@ -17,7 +18,7 @@ SIZE, PATCH, FRAMES = 48, 8, 4
 
 def targets_of(scene, seed=0):
     r = render_scene(scene, num_frames=FRAMES, size=SIZE, seed=seed)
-    return r, vp.patch_targets(scene, r.owner, r.centre, r.side, r.angle, PATCH)
+    return r, vp.patch_targets(scene, r, PATCH)
 
 
 def test_render_scene_ground_truth_matches_its_frames():
@@ -94,11 +95,13 @@ def test_clip_data_reads_decoded_training_frames_with_their_targets(world):
         vp.clip_data(world.catalogue, "nope", num_frames=FRAMES, size=SIZE, patch_size=PATCH)
 
 
-def test_pretraining_teaches_the_tower_colour_size_and_background_on_held_out_frames(world):
+def test_pretraining_teaches_the_tower_colour_size_and_background_on_held_out_frames(world, tmp_path):
     read = dict(num_frames=FRAMES, size=SIZE, patch_size=PATCH)
     train, test = vp.clip_data(world.catalogue, "train", **read), vp.clip_data(world.catalogue, "test", **read)
     model = build_model(load_config("world").model, seed=0)
-    heads, history = vp.pretrain_vision_tower(model.vision_model, train, steps=150, batch_size=16, progress=False)
+    heads, history = vp.pretrain_vision_tower(model.vision_model, train, steps=150, batch_size=16, progress=False,
+                                              metrics_dir=tmp_path / "vision")
+    assert read_metrics(tmp_path / "vision" / "metrics.jsonl") == history  # what a person plots
     first, last = np.mean([h["loss"] for h in history[:8]]), np.mean([h["loss"] for h in history[-8:]])
     print(f"loss {first:.3f} -> {last:.3f}")
     assert last < 0.4 * first
