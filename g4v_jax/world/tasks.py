@@ -493,11 +493,16 @@ def _detector_part(seed: int, n: int, stage1: Sequence[Example], videos: _Videos
     return rows
 
 
+def _id_prefix(split: str) -> str:
+    """What starts the row ids (and generator parts) of a held-out split: none for "test", which came first."""
+    return "" if split == "test" else f"{split}-"
+
+
 def _test_part(seed: int, n: int, videos: _Videos, split: str = "test"
                ) -> tuple[list[dict], list[dict], list[tuple[str, Scene]]]:
     """(QA rows, count rows, [(video, scene)]) for ``n`` held-out videos of ``split`` ("test" or "val")."""
     rng = _rng(seed, split)
-    prefix = "" if split == "test" else f"{split}-"
+    prefix = _id_prefix(split)
     qa, count, rendered = [], [], []
     for i in range(n):
         scene = held_out_scene(rng, i)
@@ -511,8 +516,8 @@ def _test_part(seed: int, n: int, videos: _Videos, split: str = "test"
 
 
 def _generation_part(seed: int, n: int, split: str = "test") -> list[dict]:
-    rng = _rng(seed, "generation" if split == "test" else f"{split}-generation")
-    prefix = "" if split == "test" else f"{split}-"
+    prefix = _id_prefix(split)
+    rng = _rng(seed, f"{prefix}generation")
     rows = []
     for i in range(n):
         scene = held_out_scene(rng, i)
