@@ -58,6 +58,7 @@ def test_loss_falls_and_only_the_stage_trains(stage, prefix, lr, extra):
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed and all(k.startswith(prefix) for k in changed)
     assert all(any(k.startswith(p) for k in changed) for p in prefix)  # every listed module trained
+    assert trainer.step_fn._cache_size() == 1  # the first step's state and every later one's compile alike
     if stage == "stage2":
         assert all(".lora_" in k for k in changed)  # frozen base weights are bit-identical
 
