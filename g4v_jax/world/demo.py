@@ -296,16 +296,23 @@ def eval_safety(model, tokenizer, cases_file: Path, detector, limit: int, progre
     return {"tasks": safety.score(cases, answers), "errors": len(errors), "n": len(cases)}
 
 
+def split_files(world, split: str) -> dict[str, Path]:
+    """The evaluation files of a held-out split ("test" or "val"): qa, count, generation and safety cases."""
+    files = {kind: getattr(world, f"{split}_{kind}") for kind in ("qa", "count", "generation")}
+    return {**files, "safety": world.safety_cases if split == "test" else world.val_safety_cases}
+
+
 def chat_transcript(model, tokenizer, detector, world, out: Path, split: str = "test") -> list[dict]:
     """A short scripted chat: a video question, a generation request (rendered), a harmful request, a flagged video."""
     from g4v_jax.chat import ChatSession, make_renderer
     from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
     from g4v_jax.safety.gates import make_video_gate
 
-    qa_file, gen_file = getattr(world, f"{split}_qa"), getattr(world, f"{split}_generation")
+    files = split_files(world, split)
+    qa_file = files["qa"]
     qa_rows = [row for _, row in iter_jsonl(qa_file)]
-    gen_rows = [row for _, row in iter_jsonl(gen_file)]
-    cases = [row for _, row in iter_jsonl(world.safety_cases)]
+    gen_rows = [row for _, row in iter_jsonl(files["generation"])]
+    cases = [row for _, row in iter_jsonl(files["safety"])]
     harmful_request = next(c for c in cases if c["task"] == "VG" and c["label"] == "harmful")
     flagged_video = next(c for c in cases if c["task"] == "VU" and c["label"] == "harmful")
     renderer = make_renderer("world", out / "chat_videos", settings=RENDER_SETTINGS)
@@ -328,7 +335,7 @@ def chat_transcript(model, tokenizer, detector, world, out: Path, split: str = "
     say(gen_rows[0]["request"])
     say(harmful_request["query"])
     session.reset()
-    say(flagged_video["query"], str(resolve_video_path(flagged_video["video"], world.safety_cases.parent)))
+    say(flagged_video["query"], str(resolve_video_path(flagged_video["video"], files["safety"].parent)))
     return log
 
 
@@ -387,8 +394,8 @@ def markdown_report(r: dict) -> str:
                    pair(lambda e: e["generation"]["accuracy"]), f"≥ {_pct(TARGETS['generation_tag_accuracy'])}")]
     table = [safety_table({"tasks": e["safety"]["tasks"]}, name).splitlines() for name, e in
              (("Stage 1 model", e1), ("Stage 2 model", e2))]
-    lines += ["", "## Safety (paper Table 4 layout; VU gated by the learned input detector, VG by the model's own "
-              "refusals; VG negatives are safe look-alike requests)", "", *table[0], table[1][2], "",
+    lines += ["", f"## Safety ({split} cases; paper Table 4 layout; VU gated by the learned input detector, VG by the "
+              "model's own refusals; VG negatives are safe look-alike requests)", "", *table[0], table[1][2], "",
               "## Targets (stage 2 model)", ""]
     lines += [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
               for k, v in r["targets"].items()]
@@ -432,7 +439,7 @@ def targets(e2: dict, e1: dict) -> dict:
 def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True, eval_split: str = "test"
         ) -> dict:
     """The whole run of the module docstring; ``eval_split="val"`` judges on the validation videos and requests
-    (choose settings there; the safety cases are the test split's either way)."""
+    and the validation safety cases (choose settings there)."""
     if eval_split not in ("test", "val"):
         raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
     import g4v_jax
@@ -491,7 +498,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
                               progress=progress)
     t = lap("detector", t)
 
-    files = {kind: getattr(world, f"{eval_split}_{kind}") for kind in ("qa", "count", "generation")}
+    files = split_files(world, eval_split)
     evals = {}
     for name in ("stage1", "stage2"):
         model = g4v_jax.load(out / name / "final")
@@ -500,7 +507,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
             "count": eval_qa(model, tokenizer, files["count"], size.max_eval, progress),
             "generation": eval_generation(model, tokenizer, files["generation"], size.max_eval,
                                           report_dir / name, size.sample_videos if name == "stage2" else 0, progress),
-            "safety": eval_safety(model, tokenizer, world.safety_cases, detector, size.max_eval, progress),
+            "safety": eval_safety(model, tokenizer, files["safety"], detector, size.max_eval, progress),
         }
     chat = chat_transcript(model, tokenizer, detector, world, report_dir, eval_split)
     t = lap("eval", t)

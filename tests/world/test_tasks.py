@@ -21,11 +21,8 @@ from g4v_jax.world.tasks import (
     COUNT_WORDS,
     DESCRIBE_INSTRUCTION,
     GENERATION_TEMPLATES,
-    HARMFUL_CONTENT_TEST,
     HARMFUL_CONTENT_TRAIN,
-    HARMFUL_TEMPLATES_TEST,
     HARMFUL_TEMPLATES_TRAIN,
-    LOOKALIKE_TEMPLATES_TEST,
     LOOKALIKE_TEMPLATES_TRAIN,
     REFUSALS,
     build_world,
@@ -78,9 +75,10 @@ def test_quick_build_is_fast_and_every_file_reads_back(world):
         assert len(read_manifest(getattr(world, name))) == world.counts[name] > 0
     assert len(read_qa(world.test_qa)) == world.counts["test_qa"]
     assert len(read_qa(world.test_count)) == world.counts["test_count"]
-    cases = read_cases(world.safety_cases)
-    assert {(c.task, c.label) for c in cases} == {("VU", "harmful"), ("VU", "safe"), ("VG", "harmful"),
-                                                  ("VG", "safe")}
+    for cases_file in (world.safety_cases, world.val_safety_cases):
+        cases = read_cases(cases_file)
+        assert {(c.task, c.label) for c in cases} == {("VU", "harmful"), ("VU", "safe"), ("VG", "harmful"),
+                                                      ("VG", "safe")}
     rows = catalogue(world)
     assert len(rows) == world.counts["videos"]
     assert all((world.root / v).is_file() for v in rows)
@@ -99,10 +97,10 @@ def test_held_out_pairs_never_in_training_and_in_every_test_scene(world):
                 assert not parse_caption(c).pairs & HELD_OUT_PAIRS
     for row in catalogue(world).values():
         held = parse_caption(row["caption"]).pairs & HELD_OUT_PAIRS
-        assert len(held) == (1 if row["split"] in ("test", "val", "safety") else 0), row
+        assert len(held) == (1 if row["split"] in ("test", "val", "safety", "val-safety") else 0), row
     for row in jsonl(world.test_generation):
         assert len(parse_caption(row["caption"]).pairs & HELD_OUT_PAIRS) == 1
-    for case in read_cases(world.safety_cases):
+    for case in read_cases(world.safety_cases) + read_cases(world.val_safety_cases):
         if case.task == "VG" and case.label == "safe":
             assert len(parse_request(case.query).pairs & HELD_OUT_PAIRS) == 1
 
@@ -208,12 +206,13 @@ def test_generation_answers_hold_the_requested_scene(world):
 
 def test_every_request_template_round_trips():
     rng = np.random.default_rng(0)
-    for template in GENERATION_TEMPLATES + LOOKALIKE_TEMPLATES_TRAIN + LOOKALIKE_TEMPLATES_TEST:
+    for template in GENERATION_TEMPLATES + sum(tasks.LOOKALIKE_TEMPLATES.values(), ()):
         for _ in range(20):
             scene = random_scene(rng)
             assert parse_request(fill_request(template, scene)) == scene, template
             assert parse_request(fill_request(template, scene).upper()) == scene
-    for _, request in tasks.harmful_requests("train") + tasks.harmful_requests("test"):
+    harmful = [r for split in tasks.HARMFUL_POOLS for r in tasks.harmful_requests(split)]
+    for _, request in harmful + tasks.harmful_training_requests():
         with pytest.raises(ValueError, match="not a generation request"):
             parse_request(request)
 
@@ -237,52 +236,69 @@ def test_refusals_exactly_for_harmful_requests(world):
             assert ex.safety is None and (not refuses or (name == "stage0" and {t.role for t in ex.turns} == {"ai"}))
 
 
+def test_stage2_harmful_requests_come_in_the_safe_requests_wording_too(world):
+    harmful = [ex.turns[0].text for ex in read_manifest(world.stage2) if ex.safety == "harmful"]
+    safe_patterns = [_template_pattern(t) for t in GENERATION_TEMPLATES + LOOKALIKE_TEMPLATES_TRAIN]
+    in_safe_wording = [h for h in harmful if any(p.match(h) for p in safe_patterns)]
+    assert 0 < len(in_safe_wording) < len(harmful)  # the content decides, not the template
+    assert set(tasks.harmful_requests("train")) < set(tasks.harmful_training_requests())
+
+
 def _template_pattern(template):
     before, after = re.split(r"\{\w+\}", template)
     return re.compile(re.escape(before) + ".+" + re.escape(after) + "$")
 
 
-def test_safety_wording_of_train_and_test_is_disjoint(world):
-    assert not set(HARMFUL_TEMPLATES_TRAIN) & set(HARMFUL_TEMPLATES_TEST)
-    assert not set(LOOKALIKE_TEMPLATES_TRAIN) & set(LOOKALIKE_TEMPLATES_TEST)
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_safety_wording_of_train_and_held_out_splits_is_disjoint(world, split):
+    other = {"test": "val", "val": "test"}[split]
+    templates, contents = tasks.HARMFUL_POOLS[split]
+    lookalikes = tasks.LOOKALIKE_TEMPLATES[split]
+    for pool in ("train", other):  # neither training nor the other held-out split shares a template or phrase
+        assert not set(templates) & set(tasks.HARMFUL_POOLS[pool][0])
+        assert not set(lookalikes) & set(tasks.LOOKALIKE_TEMPLATES[pool])
+        for cat in contents:
+            assert not set(contents[cat]) & set(tasks.HARMFUL_POOLS[pool][1][cat])
     function_words = {"a", "an", "the", "with", "on", "in", "of", "to", "and", "until", "their", "someone",
                       "person", "man", "woman", "people", "being"}
     for cat in HARMFUL_CONTENT_TRAIN:
-        assert not set(HARMFUL_CONTENT_TRAIN[cat]) & set(HARMFUL_CONTENT_TEST[cat])
         train_words = set(" ".join(HARMFUL_CONTENT_TRAIN[cat]).split()) - function_words
-        for phrase in HARMFUL_CONTENT_TEST[cat]:  # new phrases, but built around charged words seen in training
+        for phrase in contents[cat]:  # new phrases, but built around charged words seen in training
             assert set(phrase.split()) & train_words, phrase
-    test_patterns = [_template_pattern(t) for t in HARMFUL_TEMPLATES_TEST + LOOKALIKE_TEMPLATES_TEST]
+    held_patterns = [_template_pattern(t) for t in templates + lookalikes]
     train_patterns = [_template_pattern(t) for t in HARMFUL_TEMPLATES_TRAIN + LOOKALIKE_TEMPLATES_TRAIN]
-    test_contents = [x for xs in HARMFUL_CONTENT_TEST.values() for x in xs]
+    held_contents = [x for xs in contents.values() for x in xs]
     stage2_requests = {ex.turns[0].text for ex in read_manifest(world.stage2) if ex.safety}
-    for text in stage2_requests:  # no training request uses a test template or a test content phrase
-        assert not any(p.match(text) for p in test_patterns), text
-        assert not any(x in text for x in test_contents), text
-    vg = [c for c in read_cases(world.safety_cases) if c.task == "VG"]
+    for text in stage2_requests:  # no training request uses a held-out template or content phrase
+        assert not any(p.match(text) for p in held_patterns), text
+        assert not any(x in text for x in held_contents), text
+    cases_file = world.safety_cases if split == "test" else world.val_safety_cases
+    vg = [c for c in read_cases(cases_file) if c.task == "VG"]
     assert not {c.query for c in vg} & stage2_requests
-    lookalikes = 0
+    n_lookalikes = 0
     for case in vg:
         if case.label == "harmful":
-            assert any(x in case.query for x in test_contents), case.query
-        if case.label == "harmful" or any(p.match(case.query) for p in test_patterns):
-            assert any(p.match(case.query) for p in test_patterns), case.query
+            assert any(x in case.query for x in held_contents), case.query
+        if case.label == "harmful" or any(p.match(case.query) for p in held_patterns):
+            assert any(p.match(case.query) for p in held_patterns), case.query
             assert not any(p.match(case.query) for p in train_patterns), case.query
-            lookalikes += case.label == "safe"
+            n_lookalikes += case.label == "safe"
         else:  # a plain generation request (its templates are shared with training: the held-out pair is the test)
             assert any(_template_pattern(t).match(case.query) for t in GENERATION_TEMPLATES), case.query
-    assert lookalikes > 0
+    assert n_lookalikes > 0
 
 
 def test_vu_cases_and_detector_examples_follow_the_hazard(world):
     rows = catalogue(world)
-    cases = read_cases(world.safety_cases)
-    for task in ("VU", "VG"):  # harmful and safe alternate, so a prefix of the file is balanced
-        assert [c.label for c in cases if c.task == task][:4] == ["harmful", "safe"] * 2
-    for case in read_cases(world.safety_cases):
-        if case.task == "VU":
-            row = rows[str(Path(case.video).relative_to(world.root))]
-            assert row["hazard"] == (case.label == "harmful")
+    for cases_file, split in ((world.safety_cases, "test"), (world.val_safety_cases, "val")):
+        cases = read_cases(cases_file)
+        for task in ("VU", "VG"):  # harmful and safe alternate, so a prefix of the file is balanced
+            assert [c.label for c in cases if c.task == task][:4] == ["harmful", "safe"] * 2
+        for case in cases:
+            if case.task == "VU":
+                row = rows[str(Path(case.video).relative_to(world.root))]
+                assert row["hazard"] == (case.label == "harmful")
+                assert row["split"] in ((split, "safety") if split == "test" else (split, "val-safety")), row
     examples = detector_examples(world.detector_train)
     assert {h for _, h in examples} == {True, False}
     for path, harmful in examples:
@@ -309,7 +325,7 @@ def test_world_text_covers_every_word_of_the_data(world):
         for ex in read_manifest(getattr(world, name)):
             for t in texts(ex) + list(ex.captions):
                 words.update(t.split())
-    words.update(" ".join(c.query for c in read_cases(world.safety_cases)).split())
+    words.update(" ".join(c.query for f in (world.safety_cases, world.val_safety_cases) for c in read_cases(f)).split())
     words.update(" ".join(r["request"] for r in jsonl(world.test_generation)).split())
     # Held-out captions are made of training words; tags glue to the first and last word, so compare bare words.
     bare = lambda ws: {re.sub(r"</?video>", "", w) for w in ws}  # noqa: E731
