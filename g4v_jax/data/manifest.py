@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -197,6 +198,11 @@ def read_manifest(path: str | os.PathLike) -> list[Example]:
         first_line[ex.id] = lineno
         examples.append(ex)
     return examples
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes: reports record it so a figure can be traced to the exact data."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:

@@ -27,7 +27,6 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, write_jsonl
+from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, sha256_of, write_jsonl
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.judge import Judge, JudgeError
 
@@ -213,10 +212,6 @@ def markdown_table(report: Mapping, method: str) -> str:
         sep += "---|---|---|"
         row += f" {100 * j['accuracy']:.1f} | {j['score']:.2f} | {j['judge_errors']} |"
     return "\n".join([head, sep, row])
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def build_report(*, checkpoint: str, data: str | os.PathLike, items: Sequence[QAItem], answers: Mapping[str, str],

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, sha256_of
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 
@@ -145,10 +144,6 @@ def markdown_table(report: Mapping, method: str) -> str:
         r = report["tasks"].get(t)
         cells += ([f"{100 * r[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1")] if r else ["–"] * 4)
     return "\n".join([head, sep, f"| {method} | " + " | ".join(cells) + " |"])
-
-
-def sha256_of(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def main(argv=None) -> None:
