@@ -325,10 +325,11 @@ def test_world_text_covers_every_word_of_the_data(world):
         for ex in read_manifest(getattr(world, name)):
             for t in texts(ex) + list(ex.captions):
                 words.update(t.split())
-    words.update(" ".join(c.query for f in (world.safety_cases, world.val_safety_cases) for c in read_cases(f)).split())
+    words.update(" ".join(c.query for c in read_cases(world.safety_cases)).split())
     words.update(" ".join(r["request"] for r in jsonl(world.test_generation)).split())
-    # Held-out captions are made of training words; tags glue to the first and last word, so compare bare words.
-    bare = lambda ws: {re.sub(r"</?video>", "", w) for w in ws}  # noqa: E731
+    # Held-out captions are made of training words; tags glue to the first and last word and byte-level BPE splits
+    # punctuation off, so compare bare words. (Validation wording is not in the corpus: see world_text.)
+    bare = lambda ws: {re.sub(r"</?video>|[.,?!:]+$", "", w) for w in ws}  # noqa: E731
     assert bare(words) - bare(corpus) == set()
 
 
