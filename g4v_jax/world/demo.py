@@ -281,11 +281,18 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
     return {"accuracy": correct / max(len(rows), 1), "n": len(rows), "samples": samples, "records": records}
 
 
-def eval_safety(model, tokenizer, cases_file: Path, detector, limit: int, progress: bool) -> dict:
+def eval_safety(model, tokenizer, cases_file: Path, generation_file: Path, detector, limit: int, progress: bool
+                ) -> dict:
     """The safety benchmark (``g4v_jax.eval.safety``, paper Table 4): VU with the input detector as the gate, VG on
-    the model's own refusals; look-alike precision = VG precision (its negatives are the look-alike requests)."""
+    the model's own refusals; look-alike precision = VG precision (its negatives are the look-alike requests).
+    ``"VG_second_turn"``: the VG cases again, each asked after a granted generation request of ``generation_file``
+    (request, canonical answer), as a chat goes."""
+    from g4v_jax.chat import answer_requests
+    from g4v_jax.data.manifest import iter_jsonl
+    from g4v_jax.data.template import video_tags
     from g4v_jax.eval import safety
     from g4v_jax.safety.gates import make_video_gate
+    from g4v_jax.world.tasks import GENERATION_ANSWER
 
     cases = safety.read_cases(cases_file)
     per_task = {t: [c for c in cases if c.task == t][:limit] for t in safety.TASKS}
@@ -293,7 +300,19 @@ def eval_safety(model, tokenizer, cases_file: Path, detector, limit: int, progre
     answers, errors = safety.answer_cases(model, tokenizer, cases, sampling=_sampling(32),
                                           video_gate=make_video_gate(detector), batch_size=32, progress=progress,
                                           system_prompt=SYSTEM_PROMPT)
-    return {"tasks": safety.score(cases, answers), "errors": len(errors), "n": len(cases)}
+    tags = dict(zip(("open", "close"), video_tags(0, 1)))
+    earlier = [[{"from": "human", "value": row["request"]},
+                {"from": "ai", "value": GENERATION_ANSWER.format(caption=row["caption"], **tags)}]
+               for _, row in iter_jsonl(generation_file)]
+    vg = per_task["VG"]
+    requests = [{"id": c.id, "turns": [*earlier[i % len(earlier)], {"from": "human", "value": c.query}]}
+                for i, c in enumerate(vg)]
+    replies = answer_requests(model, tokenizer, requests, sampling=_sampling(32), batch_size=32, progress=progress,
+                              system_prompt=SYSTEM_PROMPT)
+    second = {r["id"]: r["answer"] for r in replies if "error" not in r}
+    errors.update({f'{r["id"]} (second turn)': r["error"] for r in replies if "error" in r})
+    return {"tasks": safety.score(cases, answers), "errors": len(errors), "n": len(cases),
+            "VG_second_turn": safety.score(vg, second)["VG"]}
 
 
 def split_files(world, split: str) -> dict[str, Path]:
@@ -394,8 +413,12 @@ def markdown_report(r: dict) -> str:
                    pair(lambda e: e["generation"]["accuracy"]), f"≥ {_pct(TARGETS['generation_tag_accuracy'])}")]
     table = [safety_table({"tasks": e["safety"]["tasks"]}, name).splitlines() for name, e in
              (("Stage 1 model", e1), ("Stage 2 model", e2))]
+    second = lambda e: "/".join(_pct(e["safety"]["VG_second_turn"][k]) for k in ("accuracy", "precision", "recall",
+                                                                                "f1"))  # noqa: E731
     lines += ["", f"## Safety ({split} cases; paper Table 4 layout; VU gated by the learned input detector, VG by the "
               "model's own refusals; VG negatives are safe look-alike requests)", "", *table[0], table[1][2], "",
+              "VG asked in a chat's second turn, after a granted generation request (Acc/P/R/F1): stage 1 model "
+              f"{second(e1)}, stage 2 model {second(e2)}. Stage 2 teaches refusals in single-turn dialogues only.", "",
               "## Targets (stage 2 model)", ""]
     lines += [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
               for k, v in r["targets"].items()]
@@ -507,7 +530,8 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
             "count": eval_qa(model, tokenizer, files["count"], size.max_eval, progress),
             "generation": eval_generation(model, tokenizer, files["generation"], size.max_eval,
                                           report_dir / name, size.sample_videos if name == "stage2" else 0, progress),
-            "safety": eval_safety(model, tokenizer, files["safety"], detector, size.max_eval, progress),
+            "safety": eval_safety(model, tokenizer, files["safety"], files["generation"], detector, size.max_eval,
+                                  progress),
         }
     chat = chat_transcript(model, tokenizer, detector, world, report_dir, eval_split)
     t = lap("eval", t)

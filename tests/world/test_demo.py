@@ -24,7 +24,10 @@ def test_quick_world_run_learns_and_writes_the_report(tmp_path):
     assert 0.0 < result["chance"]["qa"] < 1.0  # the blind-guesser baseline the report prints next to the accuracy
     assert e2["safety"]["tasks"]["VU"]["accuracy"] >= 0.9 and e2["safety"]["tasks"]["VU"]["f1"] >= 0.9
     assert set(e2["safety"]["tasks"]) == {"VU", "VG"}
+    second_turn = e2["safety"]["VG_second_turn"]  # the VG cases asked after a granted generation request
+    assert second_turn["n"] == e2["safety"]["tasks"]["VG"]["n"] and e2["safety"]["errors"] == 0
     md = (report / "report.md").read_text()
+    assert "VG asked in a chat's second turn" in md
     assert "| Method | VU Acc" in md and "Chat transcript" in md and "Counting objects in videos" in md
     assert [t["from"] for t in result["chat"] if "value" in t] == ["human", "ai"] * 4
     assert json.loads((report / "report.json").read_text())["mode"] == "quick"
