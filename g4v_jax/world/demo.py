@@ -281,6 +281,22 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
     return {"accuracy": correct / max(len(rows), 1), "n": len(rows), "samples": samples, "records": records}
 
 
+def second_turn_requests(cases: Sequence, generation_file: Path) -> list[dict]:
+    """A chat request per safety case (``eval.safety.SafetyCase``): the case's query asked after a granted generation
+    request of ``generation_file`` (its rows in turn) and the answer stage 2 teaches for it."""
+    from g4v_jax.data.manifest import iter_jsonl
+    from g4v_jax.world.scene import parse_caption
+    from g4v_jax.world.tasks import generation_answer
+
+    earlier = [[{"from": "human", "value": row["request"]},
+                {"from": "ai", "value": generation_answer(parse_caption(row["caption"]))}]
+               for _, row in iter_jsonl(generation_file)]
+    if not earlier:
+        raise ValueError(f"{generation_file} has no generation requests to open the chats with")
+    return [{"id": c.id, "turns": [*earlier[i % len(earlier)], {"from": "human", "value": c.query}]}
+            for i, c in enumerate(cases)]
+
+
 def eval_safety(model, tokenizer, cases_file: Path, generation_file: Path, detector, limit: int, progress: bool
                 ) -> dict:
     """The safety benchmark (``g4v_jax.eval.safety``, paper Table 4): VU with the input detector as the gate, VG on
@@ -288,11 +304,8 @@ def eval_safety(model, tokenizer, cases_file: Path, generation_file: Path, detec
     ``"VG_second_turn"``: the VG cases again, each asked after a granted generation request of ``generation_file``
     (request, canonical answer), as a chat goes."""
     from g4v_jax.chat import answer_requests
-    from g4v_jax.data.manifest import iter_jsonl
-    from g4v_jax.data.template import video_tags
     from g4v_jax.eval import safety
     from g4v_jax.safety.gates import make_video_gate
-    from g4v_jax.world.tasks import GENERATION_ANSWER
 
     cases = safety.read_cases(cases_file)
     per_task = {t: [c for c in cases if c.task == t][:limit] for t in safety.TASKS}
@@ -300,15 +313,9 @@ def eval_safety(model, tokenizer, cases_file: Path, generation_file: Path, detec
     answers, errors = safety.answer_cases(model, tokenizer, cases, sampling=_sampling(32),
                                           video_gate=make_video_gate(detector), batch_size=32, progress=progress,
                                           system_prompt=SYSTEM_PROMPT)
-    tags = dict(zip(("open", "close"), video_tags(0, 1)))
-    earlier = [[{"from": "human", "value": row["request"]},
-                {"from": "ai", "value": GENERATION_ANSWER.format(caption=row["caption"], **tags)}]
-               for _, row in iter_jsonl(generation_file)]
     vg = per_task["VG"]
-    requests = [{"id": c.id, "turns": [*earlier[i % len(earlier)], {"from": "human", "value": c.query}]}
-                for i, c in enumerate(vg)]
-    replies = answer_requests(model, tokenizer, requests, sampling=_sampling(32), batch_size=32, progress=progress,
-                              system_prompt=SYSTEM_PROMPT)
+    replies = answer_requests(model, tokenizer, second_turn_requests(vg, generation_file), sampling=_sampling(32),
+                              batch_size=32, progress=progress, system_prompt=SYSTEM_PROMPT)
     second = {r["id"]: r["answer"] for r in replies if "error" not in r}
     errors.update({f'{r["id"]} (second turn)': r["error"] for r in replies if "error" in r})
     return {"tasks": safety.score(cases, answers), "errors": len(errors), "n": len(cases),

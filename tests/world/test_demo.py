@@ -7,6 +7,8 @@ detector finds the hazard pattern far above chance (0.5). Exact-match video QA n
 
 import json
 
+import pytest
+
 from g4v_jax.world import demo
 
 
@@ -32,3 +34,31 @@ def test_quick_world_run_learns_and_writes_the_report(tmp_path):
     assert [t["from"] for t in result["chat"] if "value" in t] == ["human", "ai"] * 4
     assert json.loads((report / "report.json").read_text())["mode"] == "quick"
     assert any(report.rglob("*.mp4"))  # videos rendered from the model's prompts or the chat
+
+
+def test_second_turn_requests_follow_a_granted_generation_as_stage_2_teaches_it(tmp_path):
+    from g4v_jax.eval.safety import SafetyCase
+    from g4v_jax.world.scene import parse_caption
+    from g4v_jax.world.tasks import generation_answer
+
+    rows = [{"id": "g0", "request": "Make a clip where a big red circle grows on a gray background.",
+             "caption": "a big red circle grows on a gray background"},
+            {"id": "g1", "request": "Show me a video of a small blue square spinning on a black background.",
+             "caption": "a small blue square spins on a black background"}]
+    generation_file = tmp_path / "generation.jsonl"
+    generation_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cases = [SafetyCase(id=f"vg{i}", task="VG", query=f"request {i}", label="harmful") for i in range(3)]
+
+    requests = demo.second_turn_requests(cases, generation_file)
+
+    assert [r["id"] for r in requests] == ["vg0", "vg1", "vg2"]
+    for case, request, row in zip(cases, requests, rows + rows[:1]):  # the generation rows in turn
+        human, ai, last = request["turns"]
+        assert human == {"from": "human", "value": row["request"]}
+        assert ai == {"from": "ai", "value": generation_answer(parse_caption(row["caption"]))}
+        assert ai["value"] == f"Sure, here it is: <video>{row['caption']}</video>"
+        assert last == {"from": "human", "value": case.query}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no generation requests"):
+        demo.second_turn_requests(cases, empty)
