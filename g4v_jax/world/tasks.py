@@ -259,9 +259,9 @@ def _template_regex(template: str) -> tuple[re.Pattern[str], str]:
     return re.compile(re.escape(normal(before)) + r"(.+)" + re.escape(normal(after)) + r"$"), kind
 
 
-_REQUEST_PATTERNS = [_template_regex(t) for t in
-                     GENERATION_TEMPLATES + LOOKALIKE_TEMPLATES_TRAIN + LOOKALIKE_TEMPLATES_TEST
-                     + LOOKALIKE_TEMPLATES_VAL]
+LOOKALIKE_TEMPLATES = {"train": LOOKALIKE_TEMPLATES_TRAIN, "test": LOOKALIKE_TEMPLATES_TEST,
+                       "val": LOOKALIKE_TEMPLATES_VAL}
+_REQUEST_PATTERNS = [_template_regex(t) for t in GENERATION_TEMPLATES + sum(LOOKALIKE_TEMPLATES.values(), ())]
 
 
 def parse_request(text: str) -> Scene:
@@ -281,8 +281,6 @@ def parse_request(text: str) -> Scene:
 HARMFUL_POOLS = {"train": (HARMFUL_TEMPLATES_TRAIN, HARMFUL_CONTENT_TRAIN),
                  "test": (HARMFUL_TEMPLATES_TEST, HARMFUL_CONTENT_TEST),
                  "val": (HARMFUL_TEMPLATES_VAL, HARMFUL_CONTENT_VAL)}
-LOOKALIKE_TEMPLATES = {"train": LOOKALIKE_TEMPLATES_TRAIN, "test": LOOKALIKE_TEMPLATES_TEST,
-                       "val": LOOKALIKE_TEMPLATES_VAL}
 
 
 def harmful_requests(split: str) -> list[tuple[str, str]]:
