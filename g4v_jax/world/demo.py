@@ -386,6 +386,7 @@ STAGE_ROLES = {"vision": "vision tower (pre-training on rendered frames, standin
 def markdown_report(r: dict) -> str:
     """The report a person reads: training, understanding/generation, safety (Table 4 layout), targets, samples."""
     from g4v_jax.eval.safety import markdown_table as safety_table
+    from g4v_jax.world.tasks import STAGE2_REQUEST_AFTER_EXCHANGE
 
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items() if k != "total")
     lines = [f"# GPT4Video on the synthetic world ({r['mode']} run)", "",
@@ -425,7 +426,8 @@ def markdown_report(r: dict) -> str:
     lines += ["", f"## Safety ({split} cases; paper Table 4 layout; VU gated by the learned input detector, VG by the "
               "model's own refusals; VG negatives are safe look-alike requests)", "", *table[0], table[1][2], "",
               "VG asked in a chat's second turn, after a granted generation request (Acc/P/R/F1): stage 1 model "
-              f"{second(e1)}, stage 2 model {second(e2)}. Stage 2 teaches refusals in single-turn dialogues only.", "",
+              f"{second(e1)}, stage 2 model {second(e2)}. Stage 2 asks {STAGE2_REQUEST_AFTER_EXCHANGE:.0%} of its harmful "
+              "and look-alike requests in a chat's second turn.", "",
               "## Targets (stage 2 model)", ""]
     lines += [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
               for k, v in r["targets"].items()]

@@ -50,7 +50,8 @@ Sizes
     examples in each of stage 0 and stage 2 (``n_stage0_text`` sets stage 0's apart), plus n_train/8 hazard videos
     for the detector, n_test/4 hazard videos for the VU cases and n_val/2 for the validation ones.
     ``quick=True``: 120 / 40 / 400 / 400 (215 videos). Explicit sizes override either. Stage 2 is mixed as
-    ``STAGE2_MIX``: 25% count QA, 20% generation, 15% harmful, 15% look-alike, 25% ordinary QA.
+    ``STAGE2_MIX``: 25% count QA, 20% generation, 15% harmful, 15% look-alike, 25% ordinary QA; 30% of the harmful
+    and look-alike requests come in a chat's second turn (``STAGE2_REQUEST_AFTER_EXCHANGE``).
     Measured on the 2-core dev machine: full build 14.7 s with 2 threads (26.6 s with one; 24-31 s with 2 threads
     while other jobs loaded the machine to ~5), 2,500 videos, mostly H.264 encoding (5-8 ms a video) and rendering
     (~3 ms); quick build 1.2-3 s.
@@ -82,6 +83,7 @@ from g4v_jax.world.scene import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,
+    MAX_OBJECTS,
     MOTIONS,
     SHAPES,
     Obj,
@@ -402,17 +404,42 @@ def stage1_example(index: int, video: str, scene: Scene, rng: np.random.Generato
     return Example(id=f"stage1-{index:06d}", videos=(video,), captions=(caption(scene),), turns=tuple(turns))
 
 
+# Of stage 2's harmful and look-alike requests, this fraction comes in a chat's second turn, so that a refusal does not
+# hinge on the request being the first: trained on single requests only, the landed full run's stage-2 model refused
+# 43 of 48 test harmful requests asked alone but 5 of 48 asked after a granted generation. A harmful request follows a
+# granted generation (at most two objects, so the example fits the demo's 136-token rows) or a refused request; a
+# look-alike follows a refused request, so no example holds two scenes to copy from: with 15% of all requests after
+# either exchange (two-scene chats included) validation generation tags fell from 0.755/0.730 to 0.570/0.550 (200
+# requests, two stage-2 seeds), the second object of a request often given the first one's colour or motion.
+STAGE2_REQUEST_AFTER_EXCHANGE = 0.3
+
+
+def _request_exchange(kind: str, rng: np.random.Generator, harmful_pool: Sequence[tuple[str, str]],
+                      max_objects: int = MAX_OBJECTS) -> list[Turn]:
+    """A request of ``kind`` ("harmful", "generation" or "lookalike") and the answer stage 2 teaches for it."""
+    if kind == "harmful":
+        return [Turn("human", _pick(rng, harmful_pool)[1]), Turn("ai", _pick(rng, REFUSALS))]
+    scene = random_scene(rng, max_objects=max_objects, exclude_pairs=HELD_OUT_PAIRS)
+    templates = GENERATION_TEMPLATES if kind == "generation" else LOOKALIKE_TEMPLATES_TRAIN
+    return [Turn("human", fill_request(_pick(rng, templates), scene)), Turn("ai", generation_answer(scene))]
+
+
 def _stage2_example(kind: str, rng: np.random.Generator, harmful_pool: Sequence[tuple[str, str]]
                     ) -> tuple[list[Turn], str | None]:
-    """(turns, safety label) of one stage-2 example of ``kind`` (a key of ``STAGE2_MIX``)."""
-    if kind == "harmful":
-        _, request = _pick(rng, harmful_pool)
-        return [Turn("human", request), Turn("ai", _pick(rng, REFUSALS))], "harmful"
+    """(turns, safety label) of one stage-2 example of ``kind`` (a key of ``STAGE2_MIX``); a label is the last
+    request's."""
+    if kind in ("harmful", "lookalike"):
+        turns, max_objects = [], MAX_OBJECTS
+        if rng.random() < STAGE2_REQUEST_AFTER_EXCHANGE:
+            if kind == "harmful":
+                turns = _request_exchange(_pick(rng, ("harmful", "generation")), rng, harmful_pool, max_objects=2)
+            else:
+                turns = _request_exchange("harmful", rng, harmful_pool)
+                max_objects = 2
+        return turns + _request_exchange(kind, rng, harmful_pool, max_objects), {"harmful": "harmful"}.get(kind, "safe")
+    if kind == "generation":
+        return _request_exchange(kind, rng, harmful_pool), None
     scene = random_scene(rng, exclude_pairs=HELD_OUT_PAIRS)
-    if kind in ("generation", "lookalike"):
-        templates = GENERATION_TEMPLATES if kind == "generation" else LOOKALIKE_TEMPLATES_TRAIN
-        turns = [Turn("human", fill_request(_pick(rng, templates), scene)), Turn("ai", generation_answer(scene))]
-        return turns, "safe" if kind == "lookalike" else None
     if kind == "count":
         turns = [Turn("human", COUNT_QUESTION), Turn("ai", count_answer(scene))]
         if rng.random() < 0.5:  # sometimes next to an ordinary question, in either order

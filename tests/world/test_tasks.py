@@ -191,13 +191,13 @@ def test_question_ambiguity_rules():
 def test_generation_answers_hold_the_requested_scene(world):
     generation = 0
     for ex in read_manifest(world.stage2):
-        answer = ex.turns[-1].text
-        if not answer.startswith("Sure, here it is:"):
-            continue
-        requested = parse_request(ex.turns[0].text)
-        assert answer == generation_answer(requested) == f"Sure, here it is: <video>{caption(requested)}</video>"
-        assert same_scene(tagged_scene(answer), requested)
-        generation += 1
+        for request, answer in qa_pairs(ex):
+            if not answer.startswith("Sure, here it is:"):
+                continue
+            requested = parse_request(request)
+            assert answer == generation_answer(requested) == f"Sure, here it is: <video>{caption(requested)}</video>"
+            assert same_scene(tagged_scene(answer), requested)
+            generation += ex.turns[-1].text == answer
     assert generation >= 0.3 * world.counts["stage2"]
     for row in jsonl(world.test_generation):
         assert set(row) == {"id", "request", "caption"}
@@ -219,15 +219,18 @@ def test_every_request_template_round_trips():
 
 def test_refusals_exactly_for_harmful_requests(world):
     assert all(is_refusal(r) for r in REFUSALS)
+    harmful_requests = {r for _, r in tasks.harmful_training_requests()}
     labels = {"harmful": 0, "safe": 0}
     for ex in read_manifest(world.stage2):
-        answers = [t.text for t in ex.turns if t.role == "ai"]
-        if ex.safety == "harmful":
-            assert len(answers) == 1 and answers[0] in REFUSALS and is_refusal(answers[0])
-        else:
-            assert not any(is_refusal(a) for a in answers), (ex.id, answers)
-        if ex.safety:
+        pairs = qa_pairs(ex)
+        for request, answer in pairs:  # in a two-request chat too: each request gets its own answer
+            assert is_refusal(answer) == (request in harmful_requests), (ex.id, request, answer)
+            assert not is_refusal(answer) or answer in REFUSALS
+        if ex.safety:  # the label is the last request's
+            assert ex.safety == ("harmful" if pairs[-1][0] in harmful_requests else "safe")
             labels[ex.safety] += 1
+        else:
+            assert not any(is_refusal(a) for _, a in pairs), ex.id
     assert labels["harmful"] >= 0.1 * world.counts["stage2"] and labels["safe"] >= 0.1 * world.counts["stage2"]
     for name in ("stage0", "stage1"):
         for ex in read_manifest(getattr(world, name)):
@@ -236,8 +239,25 @@ def test_refusals_exactly_for_harmful_requests(world):
             assert ex.safety is None and (not refuses or (name == "stage0" and {t.role for t in ex.turns} == {"ai"}))
 
 
+def test_some_stage2_requests_come_in_a_chats_second_turn_without_two_scenes_to_copy_from(world):
+    firsts = {"harmful": [], "safe": []}  # the earlier answer of each two-request safety example
+    for ex in read_manifest(world.stage2):
+        pairs = qa_pairs(ex)
+        granted = [a for _, a in pairs if a.startswith("Sure, here it is:")]
+        assert len(granted) <= 1, ex.id  # copying from the right one of two requests is what the tiny LLM fails at
+        if ex.safety and len(pairs) == 2:
+            firsts[ex.safety].append("refused" if is_refusal(pairs[0][1]) else "granted")
+        else:
+            assert len(pairs) == 1 or not ex.safety, ex.id
+    n_safety = sum(ex.safety is not None for ex in read_manifest(world.stage2))
+    in_second_turn = len(firsts["harmful"]) + len(firsts["safe"])
+    assert 0.15 * n_safety < in_second_turn < 0.45 * n_safety  # STAGE2_REQUEST_AFTER_EXCHANGE = 0.3
+    assert {"granted", "refused"} == set(firsts["harmful"])  # a harmful request after a granted generation, too
+    assert set(firsts["safe"]) == {"refused"}
+
+
 def test_stage2_harmful_requests_come_in_the_safe_requests_wording_too(world):
-    harmful = [ex.turns[0].text for ex in read_manifest(world.stage2) if ex.safety == "harmful"]
+    harmful = [qa_pairs(ex)[-1][0] for ex in read_manifest(world.stage2) if ex.safety == "harmful"]
     safe_patterns = [_template_pattern(t) for t in GENERATION_TEMPLATES + LOOKALIKE_TEMPLATES_TRAIN]
     in_safe_wording = [h for h in harmful if any(p.match(h) for p in safe_patterns)]
     assert 0 < len(in_safe_wording) < len(harmful)  # the content decides, not the template
@@ -268,7 +288,7 @@ def test_safety_wording_of_train_and_held_out_splits_is_disjoint(world, split):
     held_patterns = [_template_pattern(t) for t in templates + lookalikes]
     train_patterns = [_template_pattern(t) for t in HARMFUL_TEMPLATES_TRAIN + LOOKALIKE_TEMPLATES_TRAIN]
     held_contents = [x for xs in contents.values() for x in xs]
-    stage2_requests = {ex.turns[0].text for ex in read_manifest(world.stage2) if ex.safety}
+    stage2_requests = {q for ex in read_manifest(world.stage2) if ex.safety for q, _ in qa_pairs(ex)}
     for text in stage2_requests:  # no training request uses a held-out template or content phrase
         assert not any(p.match(text) for p in held_patterns), text
         assert not any(x in text for x in held_contents), text
