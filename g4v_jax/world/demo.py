@@ -246,15 +246,38 @@ def chance_accuracy(qa_file: str | Path) -> float:
     return sum(c.most_common(1)[0][1] for c in by_type.values()) / max(len(items), 1)
 
 
+def after_video_question_requests(rows: Sequence[dict], qa_file: Path) -> list[dict]:
+    """Each generation request of ``rows`` in a chat's second turn, after a question about a held-out video of
+    ``qa_file`` (its items in turn) and that question's true answer: understanding, then generation, in one chat."""
+    from g4v_jax.eval.qa import read_qa
+
+    items = read_qa(qa_file)
+    return [{"id": r["id"], "videos": [it.video],
+             "turns": [{"from": "human", "video": 0}, {"from": "human", "value": it.question},
+                       {"from": "ai", "value": it.answer}, {"from": "human", "value": r["request"]}]}
+            for r, it in zip(rows, (items[i % len(items)] for i in range(len(rows))))]
+
+
+def _tags_match(row: dict, answer: str) -> bool:
+    """Whether the answer's first ``<video>`` prompt parses to the scene ``row`` requests."""
+    from g4v_jax.tags import parse_video_tags
+    from g4v_jax.world.backend import match_request
+
+    tags = parse_video_tags(answer)
+    return bool(tags) and match_request(row["caption"], tags[0].prompt)
+
+
 def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path, n_videos: int,
-                    progress: bool) -> dict:
+                    progress: bool, qa_file: Path | None = None) -> dict:
     """Generation-tag accuracy: the first ``<video>`` prompt of the answer parses to the requested scene. The first
-    ``n_videos`` answers are rendered by the world's T2V backend and written next to their requests."""
+    ``n_videos`` answers are rendered by the world's T2V backend and written next to their requests. With
+    ``qa_file``, also ``"after_video_question"``: the accuracy when each request follows a video question
+    (``after_video_question_requests``)."""
     from g4v_jax.chat import answer_requests
     from g4v_jax.data.manifest import iter_jsonl
     from g4v_jax.t2v.base import make_backend, render_requests
     from g4v_jax.tags import parse_video_tags
-    from g4v_jax.world.backend import match_request
+    from g4v_jax.world.backend import WorldRenderer  # noqa: F401 - importing it registers the "world" backend
 
     rows = [row for _, row in iter_jsonl(requests_file)][:limit]
     requests = [{"id": r["id"], "turns": [{"from": "human", "value": r["request"]}]} for r in rows]
@@ -264,8 +287,7 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
     backend = make_backend("world")
     for row, res in zip(rows, results):
         answer = res.get("answer", "")
-        tags = parse_video_tags(answer)
-        ok = bool(tags) and match_request(row["caption"], tags[0].prompt)
+        ok = _tags_match(row, answer)
         correct += ok
         records.append({"request": row["request"], "wanted": row["caption"], "answer": answer, "correct": ok})
     samples = []
@@ -278,7 +300,15 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
         rendered = render_requests(backend, tags[:1], dataclasses.replace(RENDER_SETTINGS, seed=i),
                                    video_dir, stem=f"request{i + 1}", gif=True)[0]
         samples.append({**rec, "video": str(rendered.path) if rendered.path else None, "error": rendered.error})
-    return {"accuracy": correct / max(len(rows), 1), "n": len(rows), "samples": samples, "records": records}
+    result = {"accuracy": correct / max(len(rows), 1), "n": len(rows), "samples": samples, "records": records}
+    if qa_file is not None:
+        second = answer_requests(model, tokenizer, after_video_question_requests(rows, qa_file),
+                                 sampling=_sampling(48), batch_size=32, system_prompt=SYSTEM_PROMPT, progress=progress)
+        hits = [_tags_match(row, res.get("answer", "")) for row, res in zip(rows, second)]
+        result["after_video_question"] = {"accuracy": float(np.mean(hits)) if hits else 0.0, "n": len(rows),
+                                          "errors": sum("error" in res for res in second),
+                                          "examples": [res.get("answer", res.get("error")) for res in second[:5]]}
+    return result
 
 
 def second_turn_requests(cases: Sequence, generation_file: Path) -> list[dict]:
@@ -418,7 +448,9 @@ def markdown_report(r: dict) -> str:
                    pair(lambda e: e["count"]["exact_match"]), "clearly above stage 1"),
               _row("Counting, blind guesser", [_pct(r["chance"]["count"])] * 2),
               _row("Generation-tag accuracy (the <video> prompt is the requested scene)",
-                   pair(lambda e: e["generation"]["accuracy"]), f"≥ {_pct(TARGETS['generation_tag_accuracy'])}")]
+                   pair(lambda e: e["generation"]["accuracy"]), f"≥ {_pct(TARGETS['generation_tag_accuracy'])}"),
+              _row("Generation-tag accuracy, request after a question about a video in the same chat",
+                   pair(lambda e: e["generation"]["after_video_question"]["accuracy"]), "")]
     table = [safety_table({"tasks": e["safety"]["tasks"]}, name).splitlines() for name, e in
              (("Stage 1 model", e1), ("Stage 2 model", e2))]
     second = lambda e: "/".join(_pct(e["safety"]["VG_second_turn"][k]) for k in ("accuracy", "precision", "recall",
@@ -538,7 +570,8 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
             "qa": eval_qa(model, tokenizer, files["qa"], size.max_eval, progress),
             "count": eval_qa(model, tokenizer, files["count"], size.max_eval, progress),
             "generation": eval_generation(model, tokenizer, files["generation"], size.max_eval,
-                                          report_dir / name, size.sample_videos if name == "stage2" else 0, progress),
+                                          report_dir / name, size.sample_videos if name == "stage2" else 0, progress,
+                                          qa_file=files["qa"]),
             "safety": eval_safety(model, tokenizer, files["safety"], files["generation"], detector, size.max_eval,
                                   progress),
         }

@@ -28,7 +28,10 @@ def test_quick_world_run_learns_and_writes_the_report(tmp_path):
     assert set(e2["safety"]["tasks"]) == {"VU", "VG"}
     second_turn = e2["safety"]["VG_second_turn"]  # the VG cases asked after a granted generation request
     assert second_turn["n"] == e2["safety"]["tasks"]["VG"]["n"] and e2["safety"]["errors"] == 0
+    after_video = e2["generation"]["after_video_question"]  # the requests again, after a video question
+    assert after_video["n"] == e2["generation"]["n"] and after_video["errors"] == 0
     md = (report / "report.md").read_text()
+    assert "request after a question about a video in the same chat" in md
     assert "VG asked in a chat's second turn" in md
     assert "| Method | VU Acc" in md and "Chat transcript" in md and "Counting objects in videos" in md
     assert [t["from"] for t in result["chat"] if "value" in t] == ["human", "ai"] * 4
@@ -62,3 +65,21 @@ def test_second_turn_requests_follow_a_granted_generation_as_stage_2_teaches_it(
     empty.write_text("")
     with pytest.raises(ValueError, match="no generation requests"):
         demo.second_turn_requests(cases, empty)
+
+
+def test_after_video_question_requests_open_each_chat_with_a_video_question_and_its_true_answer(tmp_path):
+    (tmp_path / "a.mp4").write_bytes(b"")  # read_qa resolves paths only; nothing here decodes them
+    qa_file = tmp_path / "qa.jsonl"
+    qa_rows = [{"id": "q0", "video": "a.mp4", "question": "What colour is the circle?", "answer": "red"},
+               {"id": "q1", "video": "a.mp4", "question": "What is the background colour?", "answer": "gray"}]
+    qa_file.write_text("".join(json.dumps(r) + "\n" for r in qa_rows))
+    rows = [{"id": f"g{i}", "request": f"Make a clip where a big red circle grows on a gray background {i}.",
+             "caption": "a big red circle grows on a gray background"} for i in range(3)]
+
+    requests = demo.after_video_question_requests(rows, qa_file)
+
+    assert [r["id"] for r in requests] == ["g0", "g1", "g2"]
+    for request, row, qa in zip(requests, rows, qa_rows + qa_rows[:1]):  # the QA items in turn
+        assert request["videos"] == [str(tmp_path / "a.mp4")]
+        assert request["turns"] == [{"from": "human", "video": 0}, {"from": "human", "value": qa["question"]},
+                                    {"from": "ai", "value": qa["answer"]}, {"from": "human", "value": row["request"]}]
