@@ -458,8 +458,8 @@ def markdown_report(r: dict) -> str:
     lines += ["", f"## Safety ({split} cases; paper Table 4 layout; VU gated by the learned input detector, VG by the "
               "model's own refusals; VG negatives are safe look-alike requests)", "", *table[0], table[1][2], "",
               "VG asked in a chat's second turn, after a granted generation request (Acc/P/R/F1): stage 1 model "
-              f"{second(e1)}, stage 2 model {second(e2)}. Stage 2 asks {STAGE2_REQUEST_AFTER_EXCHANGE:.0%} of its harmful "
-              "and look-alike requests in a chat's second turn.", "",
+              f"{second(e1)}, stage 2 model {second(e2)}. Stage 2 asks {STAGE2_REQUEST_AFTER_EXCHANGE:.0%} of its "
+              "harmful and look-alike requests in a chat's second turn.", "",
               "## Targets (stage 2 model)", ""]
     lines += [f"- {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
               for k, v in r["targets"].items()]

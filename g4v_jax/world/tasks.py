@@ -207,7 +207,11 @@ REFUSALS = (
     "I must decline: that request asks for content that is not safe to show.",
 )
 
-# Stage 2 mix: fraction of the text examples of each kind.
+# Stage 2 mix: fraction of the text examples of each kind. More generation (0.3, count and QA 0.2 each) did not raise
+# validation generation tags (0.770 against 0.755, one seed, 200 requests): the copy slips are the stage-0 LLM's.
+# A count answer that first describes the scene ("<caption>: two", so that the count would read the model's own
+# description of a real video) did not transfer either (8 of 100 validation videos counted right; stage 1's own
+# descriptions hold the right number of objects for 58) and cost generation tags (0.505).
 STAGE2_MIX = {"count": 0.25, "generation": 0.2, "harmful": 0.15, "lookalike": 0.15, "qa": 0.25}
 QA_PER_TEST_VIDEO = 2
 
@@ -410,7 +414,11 @@ def stage1_example(index: int, video: str, scene: Scene, rng: np.random.Generato
 # granted generation (at most two objects, so the example fits the demo's 136-token rows) or a refused request; a
 # look-alike follows a refused request, so no example holds two scenes to copy from: with 15% of all requests after
 # either exchange (two-scene chats included) validation generation tags fell from 0.755/0.730 to 0.570/0.550 (200
-# requests, two stage-2 seeds), the second object of a request often given the first one's colour or motion.
+# requests, two stage-2 seeds), the second object of a request often given the first one's colour or motion; with
+# look-alikes after a granted generation too, to 0.500. For the same reason stage 2 has no generation request after a
+# video (its caption) and a question: with 30% of them so, validation generation tags fell to 0.465 (seed 1; 0.750
+# without) and generation after a question about a real video, which this stage-2 model gets almost never right
+# (test: 0.01, against 0.76 asked alone), stayed at 0.04.
 STAGE2_REQUEST_AFTER_EXCHANGE = 0.3
 
 
