@@ -444,7 +444,8 @@ def _stage2_example(kind: str, rng: np.random.Generator, harmful_pool: Sequence[
             else:
                 turns = _request_exchange("harmful", rng, harmful_pool)
                 max_objects = 2
-        return turns + _request_exchange(kind, rng, harmful_pool, max_objects), {"harmful": "harmful"}.get(kind, "safe")
+        label = "harmful" if kind == "harmful" else "safe"
+        return turns + _request_exchange(kind, rng, harmful_pool, max_objects), label
     if kind == "generation":
         return _request_exchange(kind, rng, harmful_pool), None
     scene = random_scene(rng, exclude_pairs=HELD_OUT_PAIRS)
