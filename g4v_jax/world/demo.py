@@ -252,10 +252,13 @@ def after_video_question_requests(rows: Sequence[dict], qa_file: Path) -> list[d
     from g4v_jax.eval.qa import read_qa
 
     items = read_qa(qa_file)
-    return [{"id": r["id"], "videos": [it.video],
-             "turns": [{"from": "human", "video": 0}, {"from": "human", "value": it.question},
-                       {"from": "ai", "value": it.answer}, {"from": "human", "value": r["request"]}]}
-            for r, it in zip(rows, (items[i % len(items)] for i in range(len(rows))))]
+    chats = []
+    for i, row in enumerate(rows):
+        it = items[i % len(items)]
+        chats.append({"id": row["id"], "videos": [it.video],
+                      "turns": [{"from": "human", "video": 0}, {"from": "human", "value": it.question},
+                                {"from": "ai", "value": it.answer}, {"from": "human", "value": row["request"]}]})
+    return chats
 
 
 def _tags_match(row: dict, answer: str) -> bool:
