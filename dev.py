@@ -2,7 +2,7 @@
 """Set up and run the project with nothing but Python: `python3 dev.py demo` or `python3 dev.py test`.
 
 `demo` trains a tiny GPT4Video from scratch on the synthetic video world and judges it (`python -m
-g4v_jax.world.demo`, about 15 minutes on a 2-core CPU; `--quick` for about two); `forward` runs the jitted forward
+g4v_jax.world.demo`, 12-20 minutes on a 2-core CPU; `--quick` for about two); `forward` runs the jitted forward
 pass of a random model on a written video (`python -m g4v_jax.demo`, seconds).
 
 Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch`, `eval` and `dev` extras,

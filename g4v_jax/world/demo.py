@@ -72,18 +72,22 @@ class RunSize:
     batch_size: int = 32  # sequences per optimizer step, every stage
 
 
-# Measured on the 2-core dev machine, uncontended: this FULL run took 1010 s one day (vision 173 s, stage 0 448 s at
-# 0.74 s a step, stage 1 197 s at 0.65, stage 2 122 s at 0.49, eval 49 s) and 1309 s on the same machine a few hours
-# later (stage 0 547 s, stage 1 267 s: every step ~25% slower), over the 15-minute bound either way. Fewer steps cost
-# more than they save: 850 vision, 480 stage-0, 210 stage-1 and 220 stage-2 steps left the LLM's stage-0 loss at 0.268
-# (0.171 at 600) and on the validation split video QA fell to 0.365 (0.525-0.55 with these steps), generation tags to
-# 0.14 (0.68). An earlier shorter run (1200 vision steps of 16 clips, 540 stage-0, 200 stage-2) lost the same way: video
-# QA 0.37, generation tags 0.49.
+# Measured on the 2-core dev machines, uncontended. With 1,000 vision steps of a 64-wide tower this run took 1010 s one
+# day (stage 0 448 s at 0.74 s a step) and 1309 s on the same machine a few hours later (every step ~25% slower); on
+# 2026-12-02 the same code took 723 s (stage 0 317 s at 0.51 s a step) and this FULL run 722-750 s (vision 110-115 s,
+# stage 0 311-325 s, stage 1 136-145 s, stage 2 87-94 s, eval 44-56 s): the machine moves the total more than these
+# settings do. The machine also moves the numbers: that day stage 0 ended at loss 0.214 where the same code, data and
+# seed had ended at 0.171 on earlier days (the first steps' losses bit-identical, then diverging), so compare runs
+# made on one machine. Fewer steps cost more than they save: 850 vision, 480 stage-0, 210 stage-1 and 220 stage-2 steps
+# left the stage-0 loss at 0.268 (0.171 at 600) and on the validation split video QA fell to 0.365 (0.525-0.55 with
+# these steps), generation tags to 0.14 (0.68). An earlier shorter run (1200 vision steps of 16 clips, 540 stage-0,
+# 200 stage-2) lost the same way: video QA 0.37, generation tags 0.49.
 FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, n_stage0_text=4000, vision_clips=4000,
-               vision_steps=600, stage0_steps=600, stage1_steps=250, stage2_steps=250, detector_steps=200, max_eval=200, sample_videos=4)
+               vision_steps=600, stage0_steps=600, stage1_steps=250, stage2_steps=250, detector_steps=200,
+               max_eval=200, sample_videos=4)
 QUICK = RunSize(n_train_videos=160, n_test_videos=32, n_text=800, n_stage0_text=800, vision_clips=320,
-                vision_steps=100, stage0_steps=120, stage1_steps=60, stage2_steps=60, detector_steps=40, max_eval=32, sample_videos=2,
-                batch_size=16)
+                vision_steps=100, stage0_steps=120, stage1_steps=60, stage2_steps=60, detector_steps=40, max_eval=32,
+                sample_videos=2, batch_size=16)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
