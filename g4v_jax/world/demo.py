@@ -551,8 +551,8 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
     t = lap("data", t)
 
     print("vision tower: pre-training on rendered clips of every (colour, shape) pair")
-    training = {"vision": pretrain_vision(world, world_cfg, out, size.vision_steps, size.vision_clips, seed,
-                                                 progress)}
+    vision = pretrain_vision(world, world_cfg, out, size.vision_steps, size.vision_clips, seed, progress)
+    training = {"vision": vision}
     shutil.copy(out / "vision" / "loss_curve.png", report_dir / "vision_loss_curve.png")
     training["vision"]["loss_curve"] = str(report_dir / "vision_loss_curve.png")
     t = lap("vision", t)

@@ -121,10 +121,10 @@ def patch_targets(scene: Scene, truth: Rendering, patch_size: int) -> dict[str, 
     return out
 
 
-def _clip_data(samples) -> ClipData:
+def _clip_data(samples, patch_size: int) -> ClipData:
     """Stack ``(scene, truth, frames)`` triples (frames uint8 (T, S, S, 3)) into a ``ClipData``."""
     parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(ClipData)}
-    for scene, truth, frames, patch_size in samples:
+    for scene, truth, frames in samples:
         parts["frames"].append(frames)
         for k, v in patch_targets(scene, truth, patch_size).items():
             parts[k].append(v)
@@ -154,9 +154,9 @@ def clip_data(catalogue: str | Path, split: str, *, num_frames: int, size: int, 
             if not clip.frame_mask.all():
                 raise ValueError(f"{row['video']} has fewer than {num_frames} frames: it was not rendered for this "
                                  "model")
-            yield scene, truth, clip.frames, patch_size
+            yield scene, truth, clip.frames
 
-    return _clip_data(samples())
+    return _clip_data(samples(), patch_size)
 
 
 def rendered_clip_data(n: int, *, num_frames: int, size: int, patch_size: int, seed: int) -> ClipData:
@@ -173,9 +173,9 @@ def rendered_clip_data(n: int, *, num_frames: int, size: int, patch_size: int, s
         for _ in range(n):
             scene = random_scene(rng)
             truth = render_scene(scene, num_frames=num_frames, size=size, seed=int(rng.integers(2**31)))
-            yield scene, truth, truth.frames, patch_size
+            yield scene, truth, truth.frames
 
-    return _clip_data(samples())
+    return _clip_data(samples(), patch_size)
 
 
 def grayscale_some(batch: dict[str, np.ndarray], rng: np.random.Generator, fraction: float) -> dict[str, np.ndarray]:
