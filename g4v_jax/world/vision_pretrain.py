@@ -72,7 +72,7 @@ TARGET_CLASSES = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 
 class ClipData:
     """Clips and their per-patch targets. G = image size // patch size; class 0 is "no object"."""
 
-    frames: np.ndarray  # uint8 (N, T, S, S, 3), decoded from the videos as training reads them
+    frames: np.ndarray  # uint8 (N, T, S, S, 3): decoded from the videos as training reads them, or rendered
     colour: np.ndarray  # int32 (N, T, G*G)
     shape: np.ndarray  # int32 (N, T, G*G)
     size: np.ndarray  # int32 (N, T, G*G)

@@ -110,7 +110,7 @@ def test_pretraining_teaches_the_tower_colour_size_and_background_on_held_out_fr
     # chance: 1/5 colours, 1/2 sizes, 1/3 backgrounds (test frames all hold a held-out (colour, shape) pair)
     assert acc["colour"] > 0.8 and acc["background"] > 0.9 and acc["size"] > 0.6
     # every test video holds a held-out pair, so the compositional read-outs are measured; colour carries over
-    assert acc["colour_held_out"] > 0.8 and 0.0 <= acc["shape_held_out"] <= 1.0
+    assert acc["colour_held_out"] > 0.8 and "shape_held_out" in acc
 
 
 def test_rendered_clip_data_covers_every_pair_with_the_renderers_targets():
