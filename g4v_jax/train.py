@@ -472,8 +472,10 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     usable = problems["ok"]
     if jax.process_index() == 0:
         print(f"{cfg.data.train_manifest}: {pipeline.describe_problems(problems)}")
-    # a packed row holds several examples, so an epoch is as many rows as next-fit packing makes of them
-    rows = pipeline.packed_row_count(problems["lengths"], data_cfg.seq_len) if data_cfg.pack_sequences else usable
+    # a packed row holds several examples, so an epoch is as many rows as the iterator's packing makes of them
+    per_host_batch = max(1, t.global_batch_size // jax.process_count())
+    rows = (pipeline.packed_row_count(problems["lengths"], data_cfg.seq_len, per_host_batch)
+            if data_cfg.pack_sequences else usable)
     steps_per_epoch = rows // t.global_batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"{usable} usable examples are fewer than one global batch of {t.global_batch_size}")

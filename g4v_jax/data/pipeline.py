@@ -15,9 +15,12 @@ Batches
     ``frame_mask``      (B, V, T) bool         False at padded frames and padding videos; only when ``use_videos``
     ==================  =====================  ====================================================================
 
-    Packing (``pack_sequences``, text rows only): a row takes consecutive examples while they fit (next-fit, so the
-    order is kept); the example that does not fit opens the next row, or is carried to the next batch (the iterator
-    state's ``next_index`` then points at it). A token attends only within its own example (the model's
+    Packing (``pack_sequences``, text rows only): the batch's rows are filled first-fit in the element order: each
+    example goes into the first row with room for it, or opens a new row; the first example that fits no row of a
+    full batch is carried to the next batch (the iterator state's ``next_index`` then points at it). Against
+    next-fit (only the last row takes examples), a short example fills a gap left earlier: measured on the
+    synthetic world's text, stage 0's 136-token rows hold 1.35 examples instead of 1.19 and stage 2's 1.75 instead
+    of 1.46. A token attends only within its own example (the model's
     ``segment_ids``), so a packed example trains exactly as it would alone.
 
     B = ``per_host_batch``, L = ``seq_len``, V = ``max_videos_per_example``, T = ``num_frames``, S = ``image_size``.
@@ -367,15 +370,19 @@ def collate_packed(bins: Sequence[Sequence[_Row]], cfg: DataConfig, pad_id: int)
     return batch
 
 
-def packed_row_count(lengths: Sequence[int], seq_len: int) -> int:
-    """Rows that next-fit packing (the iterator's: a row takes examples in order until the next does not fit)
-    makes of examples of these token ``lengths``."""
-    rows, used = 0, seq_len
+def packed_row_count(lengths: Sequence[int], seq_len: int, rows_per_batch: int) -> int:
+    """Rows that the iterator's packing (first-fit within batches of ``rows_per_batch`` rows, module docstring)
+    makes of examples of these token ``lengths``, taken in order."""
+    rows, used = 0, []
     for n in lengths:
-        if used + n > seq_len:
-            rows, used = rows + 1, 0
-        used += n
-    return rows
+        room = next((k for k, u in enumerate(used) if u + n <= seq_len), None)
+        if room is not None:
+            used[room] += n
+            continue
+        if len(used) == rows_per_batch:
+            rows, used = rows + len(used), []
+        used.append(n)
+    return rows + len(used)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -475,7 +482,7 @@ class BatchIterator(grain.DatasetIterator):
         cfg, size = self._ds.cfg, self._ds.per_host_batch
         rows: list[_Row] = []
         bins: list[list[_Row]] = []  # packing: the batch's rows, each a list of examples
-        used = 0  # packing: tokens in the last bin
+        used: list[int] = []  # packing: tokens in each bin
         skips: list[_Skip] = []
         run = 0  # skips since the last usable row
         # 2N skips in a row span a whole epoch (a permutation of the N examples): nothing will ever be usable.
@@ -506,12 +513,13 @@ class BatchIterator(grain.DatasetIterator):
                 if not cfg.pack_sequences:
                     continue
                 n = int(element.attention_mask.sum())
-                if bins and used + n <= cfg.seq_len:
-                    bins[-1].append(element)
-                    used += n
+                room = next((k for k, u in enumerate(used) if u + n <= cfg.seq_len), None)
+                if room is not None:
+                    bins[room].append(element)
+                    used[room] += n
                 elif len(bins) < size:
                     bins.append([element])
-                    used = n
+                    used.append(n)
                 else:  # the batch is full: this example opens the next one
                     rows.pop()
                     self._carry = element

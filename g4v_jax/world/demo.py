@@ -47,8 +47,8 @@ SYSTEM_PROMPT = ""
 RENDER_SETTINGS = T2VSettings(num_frames=16, height=64, width=64)  # what the world's T2V backend renders
 # The text-only stages' longest example is 129 tokens; stage 1's (32 video slots + up to 3 QA turns) is 137, which
 # configs/world.yaml's seq_len (144) fits. Stages 0 and 2 pack their examples into 136-token rows
-# (data.pack_sequences: each attends only to itself). Measured on the full world: stage 2's examples (63.7 tokens on
-# average) fill 1.61 to a row, so each step trains 61% more of them; stage 0's (90.4) only 1.04.
+# (data.pack_sequences: each attends only to itself, rows filled first-fit). Measured on the full world: stage 2's
+# examples (67.9 tokens on average) fill 1.75 to a row, so each step trains 75% more of them; stage 0's (80.5) 1.35.
 TEXT_SEQ_LEN = 136
 TARGETS = {"video_qa_accuracy": 0.9, "generation_tag_accuracy": 0.9, "safety_f1": 0.9, "lookalike_precision": 0.9}
 

@@ -346,24 +346,47 @@ def segments_of(batch: dict[str, np.ndarray], b: int) -> list[dict[str, np.ndarr
     return [{k: batch[k][b][seg == s] for k in ("input_ids", "labels", "positions")} for s in range(1, seg.max() + 1)]
 
 
-def test_packed_rows_hold_consecutive_examples_each_as_alone(tok, data_dir):
+def first_fit(lengths, seq_len: int, rows: int) -> list[list[int]]:
+    """The example indices of each row of one batch, packed first-fit in order (the pipeline's rule, by hand)."""
+    bins, used = [], []
+    for i, n in enumerate(lengths):
+        room = next((k for k, u in enumerate(used) if u + n <= seq_len), None)
+        if room is None and len(bins) == rows:
+            break
+        if room is None:
+            bins.append([]), used.append(0)
+            room = len(bins) - 1
+        bins[room].append(i)
+        used[room] += n
+    return bins
+
+
+def test_packed_rows_hold_examples_first_fit_each_as_alone(tok, data_dir):
     examples = mixed_examples(12)
-    (batch,) = take(batch_iterator(dataset(examples, tok, data_dir, PACKED, batch=2, epochs=1)), 1)
-    assert set(batch) == set(batch_spec(PACKED, 2)) and batch["segment_ids"].shape == (2, 96)
+    (batch,) = take(batch_iterator(dataset(examples, tok, data_dir, PACKED, batch=3, epochs=1)), 1)
+    assert set(batch) == set(batch_spec(PACKED, 3)) and batch["segment_ids"].shape == (3, 96)
     np.testing.assert_array_equal(batch["attention_mask"], batch["segment_ids"] > 0)
-    found = [s for b in range(2) for s in segments_of(batch, b)]
-    assert len(found) > 2  # several examples a row
     unpacked = dataclasses.replace(PACKED, pack_sequences=False)
-    for seg, ex in zip(found, examples):  # next-fit keeps the (unshuffled) order
-        want = expected_row(ex, tok, unpacked)
-        n = int(want["attention_mask"].sum())
-        np.testing.assert_array_equal(seg["input_ids"], want["input_ids"][:n])
-        np.testing.assert_array_equal(seg["positions"], np.arange(n))
-        np.testing.assert_array_equal(seg["labels"][1:], want["labels"][1:n])
-        assert seg["labels"][0] == IGNORE_INDEX  # nothing learns to predict across a border
-    # the next example did not fit the second row: it opens the next batch
-    nxt = int(expected_row(examples[len(found)], tok, unpacked)["attention_mask"].sum())
-    assert batch["attention_mask"][1].sum() + nxt > 96
+    wanted = [expected_row(ex, tok, unpacked) for ex in examples]
+    lengths = [int(w["attention_mask"].sum()) for w in wanted]
+    bins = first_fit(lengths, 96, rows=3)
+    assert sum(map(len, bins)) > 2  # several examples a row
+    # row 0 takes an example after row 1 has opened (next-fit would not)
+    assert max(bins[0]) > min(bins[1]), \
+        f"no gap filled in {bins} ({lengths}): these lengths cannot tell first-fit from next-fit"
+    for b, indices in enumerate(bins):
+        found = segments_of(batch, b)
+        assert len(found) == len(indices)
+        for seg, i in zip(found, indices):
+            n = lengths[i]
+            np.testing.assert_array_equal(seg["input_ids"], wanted[i]["input_ids"][:n])
+            np.testing.assert_array_equal(seg["positions"], np.arange(n))
+            np.testing.assert_array_equal(seg["labels"][1:], wanted[i]["labels"][1:n])
+            assert seg["labels"][0] == IGNORE_INDEX  # nothing learns to predict across a border
+    # the first example that fits no row opens the next batch, and nothing before it is left out
+    nxt = max(i for row in bins for i in row) + 1
+    assert sorted(i for row in bins for i in row) == list(range(nxt))
+    assert all(batch["attention_mask"][b].sum() + lengths[nxt] > 96 for b in range(3))
 
 
 def test_packed_resume_gives_the_same_batches(tok, data_dir):
@@ -384,9 +407,15 @@ def test_packing_is_for_text_rows_and_counts_rows_like_the_iterator(tok, data_di
 
     with pytest.raises(ValueError, match="pack_sequences packs text rows"):
         dataclasses.replace(PACKED, use_videos=True)
-    assert packed_row_count([50, 40, 10, 90, 96, 1], 96) == 5  # [50 40] [10] [90] [96] [1]
+    assert packed_row_count([50, 40, 10, 90, 96, 1], 96, rows_per_batch=1) == 5  # [50 40] [10] [90] [96] [1]
+    # 2 rows a batch: [50 40] [10] | [90 1] [96] (90 fits neither row of the full first batch; 1 fills [90]'s gap)
+    assert packed_row_count([50, 40, 10, 90, 96, 1], 96, rows_per_batch=2) == 4
     examples = mixed_examples(11)
     lengths = count_problems(examples, tok, PACKED, data_dir)["lengths"]
-    rows = list(batch_iterator(dataset(examples, tok, data_dir, PACKED, batch=1, epochs=1)))
-    assert len(rows) == packed_row_count(lengths, PACKED.seq_len) < len(examples)
-    assert sum(int(r["segment_ids"].max()) for r in rows) == len(examples)
+    for rows_per_batch in (1, 3):
+        batches = list(batch_iterator(dataset(examples, tok, data_dir, PACKED, batch=rows_per_batch, epochs=1)))
+        rows = [row for b in batches for row in b["segment_ids"] if row.max() > 0]
+        counted = packed_row_count(lengths, PACKED.seq_len, rows_per_batch)
+        assert len(rows) <= counted < len(examples)  # the last, partial batch is dropped
+        if rows_per_batch == 1:
+            assert len(rows) == counted and sum(int(r.max()) for r in rows) == len(examples)
