@@ -473,8 +473,8 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     if jax.process_index() == 0:
         print(f"{cfg.data.train_manifest}: {pipeline.describe_problems(problems)}")
     # a packed row holds several examples, so an epoch is as many rows as the iterator's packing makes of them
-    per_host_batch = max(1, t.global_batch_size // jax.process_count())
-    rows = (pipeline.packed_row_count(problems["lengths"], data_cfg.seq_len, per_host_batch)
+    per_host = t.global_batch_size // jax.process_count()
+    rows = (pipeline.packed_row_count(problems["lengths"], data_cfg.seq_len, per_host)
             if data_cfg.pack_sequences else usable)
     steps_per_epoch = rows // t.global_batch_size
     if steps_per_epoch == 0:
@@ -492,7 +492,6 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
                            image_size=cfg.model.vision.image_size)
         data_cfg = dataclasses.replace(data_cfg, feature_shape=tuple(meta["feature_shape"]),
                                        feature_dtype=meta["dtype"])
-    per_host = t.global_batch_size // jax.process_count()
     # epochs=None: the step count decides the end, so a host with more skipped examples never runs dry first
     dataset = pipeline.make_dataset(examples, tokenizer, data_cfg, per_host_batch=per_host, epochs=None,
                                     process_index=jax.process_index(), process_count=jax.process_count(),

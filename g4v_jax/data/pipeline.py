@@ -370,12 +370,17 @@ def collate_packed(bins: Sequence[Sequence[_Row]], cfg: DataConfig, pad_id: int)
     return batch
 
 
+def first_row_with_room(used: Sequence[int], n: int, seq_len: int) -> int | None:
+    """Index of the first row (``used``: tokens in each) that an ``n``-token example still fits, else None."""
+    return next((k for k, u in enumerate(used) if u + n <= seq_len), None)
+
+
 def packed_row_count(lengths: Sequence[int], seq_len: int, rows_per_batch: int) -> int:
     """Rows that the iterator's packing (first-fit within batches of ``rows_per_batch`` rows, module docstring)
     makes of examples of these token ``lengths``, taken in order."""
     rows, used = 0, []
     for n in lengths:
-        room = next((k for k, u in enumerate(used) if u + n <= seq_len), None)
+        room = first_row_with_room(used, n, seq_len)
         if room is not None:
             used[room] += n
             continue
@@ -513,7 +518,7 @@ class BatchIterator(grain.DatasetIterator):
                 if not cfg.pack_sequences:
                     continue
                 n = int(element.attention_mask.sum())
-                room = next((k for k, u in enumerate(used) if u + n <= cfg.seq_len), None)
+                room = first_row_with_room(used, n, cfg.seq_len)
                 if room is not None:
                     bins[room].append(element)
                     used[room] += n
