@@ -38,3 +38,16 @@ def guard(prog: str, errors: Sequence[type[BaseException]] = ()) -> Callable:
         return run
 
     return wrap
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Our own INFO lines and everyone's warnings; the libraries' INFO chatter (orbax, absl, jax) only when
+    ``verbose``, so a progress bar is not buried under it. Orbax also logs every failed save with its traceback
+    through absl: those errors reach the user as our own one-line message instead, so absl is kept quiet."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("g4v_jax").setLevel(logging.INFO)
+    if not verbose:
+        logging.getLogger("absl").setLevel(logging.CRITICAL)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -202,6 +203,12 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
 
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            size = getattr(self, name)
+            if size != -1 and size < 1:
+                raise ConfigError(f"mesh.{name} must be >= 1 (or -1 for all remaining devices), got {size}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -233,10 +240,37 @@ class TrainConfig:
     async_checkpointing: bool = True
     tensorboard: bool = True
     plot: bool = True  # loss-curve PNG at the end
+    # Divergence without NaNs stops the run like a NaN does (the offending update is not applied, the last good
+    # checkpoint is kept): a loss above loss_spike_factor x its mean over the last loss_spike_window steps (and at
+    # least 1 nat above it), or an update larger than max_update_ratio x the trainable weights' norm (an Adam step
+    # of a learning rate far too high). 0 turns a check off.
+    loss_spike_factor: float = 3.0
+    loss_spike_window: int = 20
+    max_update_ratio: float = 1.0
 
     def __post_init__(self):
         if self.stage not in ("stage1", "stage2", "full"):
             raise ConfigError(f"train.stage must be stage1, stage2 or full, got {self.stage!r}")
+        at_least = {"global_batch_size": 1, "grad_accum_steps": 1, "epochs": 1, "log_every": 1, "save_every": 1,
+                    "keep_checkpoints": 1, "max_steps": 0, "loss_spike_window": 2}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"train.{name} must be an integer >= {low}, got {value!r}")
+        positive = ("learning_rate", "adam_eps")
+        non_negative = ("weight_decay", "grad_clip_norm", "loss_spike_factor", "max_update_ratio")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
+                raise ConfigError(f"train.{name} must be a finite number {'> 0' if name in positive else '>= 0'}, "
+                                  f"got {value!r}")
+        for name in ("warmup_ratio", "min_learning_rate_ratio", "adam_b1", "adam_b2"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1 or (name.startswith("adam") and value == 1):
+                raise ConfigError(f"train.{name} must lie in [0, 1{')' if name.startswith('adam') else ']'}, "
+                                  f"got {value!r}")
+        if 0 < self.loss_spike_factor <= 1:
+            raise ConfigError(f"train.loss_spike_factor must be > 1 (or 0: off), got {self.loss_spike_factor!r}")
         if self.global_batch_size % self.grad_accum_steps:
             raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be divisible by "
                               f"train.grad_accum_steps ({self.grad_accum_steps})")
@@ -261,6 +295,10 @@ class DataConfig:
         for name in ("on_bad_video", "on_too_long"):
             if getattr(self, name) not in ("skip", "error"):
                 raise ConfigError(f"data.{name} must be skip or error, got {getattr(self, name)!r}")
+        for name, low in (("seq_len", 2), ("max_videos_per_example", 1), ("worker_count", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"data.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

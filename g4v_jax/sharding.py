@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from g4v_jax.config import MeshConfig
+from g4v_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -47,24 +47,39 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Build a (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+    """Build a (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices.
+
+    The axes' product must divide the device count: a mesh over a subset (``mesh/single.yaml`` on 8 devices) is
+    allowed, an uneven one (``mesh.fsdp=3`` on 8) is a ``ConfigError`` naming the axes.
+    """
     devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    named = lambda: " ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    fixed = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if s not in (-1, 1)]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
+        raise ConfigError(f"at most one mesh axis may be -1, got {named()}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of product {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        if math.prod(sizes) > len(devices):
-            raise ValueError(
-                f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, "
-                f"only {len(devices)} present"
-            )
-        devices = devices[: math.prod(sizes)]
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        if n % known:
+            raise ConfigError(f"{' x '.join(fixed)} (product {known}) do not divide the {n} devices, so the -1 "
+                              f"axis cannot take the rest; choose axes whose product divides {n}")
+        sizes[sizes.index(-1)] = n // known
+    total = math.prod(sizes)
+    if total > n:
+        raise ConfigError(f"{named()} needs {total} devices, only {n} present")
+    if n % total:
+        raise ConfigError(f"{' x '.join(fixed)} (product {total}) do not divide the {n} devices; choose axes whose "
+                          f"product divides {n}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:total])
+
+
+def check_batch_fits_mesh(mesh: Mesh, micro_batch: int, what: str) -> None:
+    """Batches are split over the (data, fsdp) axes: ``micro_batch`` rows must divide evenly among them."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro_batch % ways:
+        raise ConfigError(f"{what} = {micro_batch} rows cannot be split over mesh.data x mesh.fsdp = "
+                          f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {ways} devices; make it a multiple of {ways}")
 
 
 def logical_to_spec(

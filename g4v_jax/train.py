@@ -26,12 +26,17 @@ random init). At the end the whole model is written as a g4v_jax model directory
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
@@ -43,11 +48,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from g4v_jax.config import Config, TrainConfig, dump_config, load_config
+from g4v_jax.config import Config, ConfigError, TrainConfig, dump_config, load_config
 from g4v_jax.data.template import IGNORE_INDEX
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.models.lora import LoRAParam
-from g4v_jax.sharding import batch_sharding, make_mesh, state_shardings
+from g4v_jax.sharding import batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
 from g4v_jax.weights import load_model_config
 from g4v_jax.weights import save_pretrained
@@ -56,7 +61,12 @@ log = logging.getLogger("g4v_jax.train")
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, no data); the message says where and what was kept."""
+    """A run that cannot go on (non-finite loss, divergence, no data, a failed save); the message says where and
+    what was kept."""
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM after checkpointing its last finished step; the message says how to resume."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -155,8 +165,12 @@ def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
     return nnx.from_flat_state(leaves)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int) -> Callable:
-    """``step(state, frozen, rest, batch) -> (state, metrics)``; batch arrays are (accum, micro_B, ...)."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_update_ratio: float = 0.0) -> Callable:
+    """``step(state, frozen, rest, batch) -> (state, metrics)``; batch arrays are (accum, micro_B, ...).
+
+    An update is applied only when the loss and gradients are finite and (``max_update_ratio`` > 0) the update's
+    global norm is at most ``max_update_ratio`` times the trainable weights' norm; ``metrics["applied"]`` says which.
+    """
     base_key = jax.random.key(seed)
 
     def micro_loss(params, frozen, rest, mb, key):
@@ -187,11 +201,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int) -> Ca
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        # a non-finite step changes nothing, so the state the host stops with is the last good one
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = TrainState(state.step + jnp.where(finite, 1, 0), keep(new_params, state.params),
+        weights_norm = optax.global_norm(state.params)
+        update_ratio = jnp.where(weights_norm > 0, optax.global_norm(updates) / weights_norm, 0.0)
+        applied = finite & ((max_update_ratio <= 0) | (update_ratio <= max_update_ratio))
+        # a rejected step changes nothing, so the state the host stops with is the last good one
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
+        new_state = TrainState(state.step + jnp.where(applied, 1, 0), keep(new_params, state.params),
                                keep(opt_state, state.opt_state))
-        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads), "finite": finite}
+        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads), "update_ratio": update_ratio,
+                   "finite": finite, "applied": applied}
         return new_state, metrics
 
     return step
@@ -235,7 +253,8 @@ class Trainer:
         return out
 
     def train_steps(self, batches: Iterator[Mapping[str, np.ndarray]], n: int) -> list[dict]:
-        """Run ``n`` optimizer steps; returns host-side metrics per step. Raises TrainingError on a bad loss."""
+        """Run ``n`` optimizer steps; returns host-side metrics per step. Raises TrainingError on a rejected step
+        (non-finite loss or gradients, an update far larger than the weights)."""
         out = []
         for _ in range(n):
             host_batch = next(batches)
@@ -243,15 +262,24 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 self.state, metrics = self.step_fn(self.state, self.frozen, self.rest, batch)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not m["finite"]:
-                ids = host_batch.get("example_ids")
-                raise TrainingError(
-                    f"non-finite loss/gradients at step {self.step + 1} (loss {m['loss']}); batch examples: "
-                    f"{list(ids) if ids is not None else 'n/a'}. The update was not applied; the last good "
-                    f"checkpoint is kept.")
+            if not m["applied"]:
+                examples = batch_examples(batches, host_batch)
+                if not m["finite"]:
+                    what = f"non-finite loss/gradients at step {self.step + 1} (loss {m['loss']})"
+                else:
+                    what = (f"the update at step {self.step + 1} is {m['update_ratio']:.3g} times the norm of the "
+                            f"trained weights (train.max_update_ratio={self.cfg.train.max_update_ratio}): the run is "
+                            f"diverging; lower train.learning_rate (now {self.cfg.train.learning_rate})")
+                raise TrainingError(f"{what}; batch examples: {examples}. The update was not applied.")
             m["step"] = self.step
             out.append(m)
         return out
+
+
+def batch_examples(batches: Any, host_batch: Mapping[str, Any]) -> list[str] | str:
+    """The example ids of the batch just taken from ``batches`` (the data iterator records them)."""
+    ids = getattr(batches, "last_example_ids", None) or host_batch.get("example_ids")
+    return list(ids) if ids is not None and len(ids) else "unknown (the batch iterator does not record ids)"
 
 
 def _config_fields(tree: Any, prefix: str) -> dict[str, Any]:
@@ -305,8 +333,8 @@ def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
     trainer = Trainer(cfg, mesh, graphdef, state, frozen, rest, tx, total_steps)
     shardings = TrainState(replicated, state_shardings(params, mesh), _opt_shardings(opt_state, mesh))
-    trainer.step_fn = jax.jit(make_train_step(graphdef, tx, cfg.train.seed), donate_argnums=(0,),
-                              out_shardings=(shardings, None))
+    trainer.step_fn = jax.jit(make_train_step(graphdef, tx, cfg.train.seed, cfg.train.max_update_ratio),
+                              donate_argnums=(0,), out_shardings=(shardings, None))
     return trainer
 
 
@@ -334,25 +362,83 @@ def _unflat(template, flat: Mapping[str, jax.Array]):
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
+class CheckpointSaveError(TrainingError):
+    """A checkpoint could not be written (full disk, lost permissions); earlier checkpoints are intact."""
+
+
 class Checkpointer:
     """Orbax ``CheckpointManager``: async saves, keep-last-K, atomic (written to a temporary directory and renamed, so
-    a crash mid-save leaves the previous checkpoint intact). Holds the train state and the data iterator's state."""
+    a crash mid-save leaves the previous checkpoint intact). Holds the train state and the data iterator's state.
+
+    A failed save (asynchronous or not) is raised as ``CheckpointSaveError`` by ``save``, ``poll`` or ``close``:
+    one message naming the directory and the last complete checkpoint. Half-written temporary directories are
+    removed when the manager opens, so a rerun starts from the last complete checkpoint.
+    """
 
     def __init__(self, directory: str | Path, cfg: TrainConfig):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=cfg.async_checkpointing)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointSaveError(f"cannot open the checkpoint directory {self.directory}: {_reason(e)}") from None
+        self._pending: int | None = None  # a save started and not yet known to be complete
+        self.last_good = self.manager.latest_step()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def _failed(self, step: int, error: BaseException) -> CheckpointSaveError:
+        self._pending = None
+        if jax.process_index() == 0:  # nothing half-written stays behind (orbax writes into <step>.orbax-...-tmp*)
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        kept = (f"the last complete checkpoint is step {self.last_good} in {self.directory}" if self.last_good
+                is not None else f"no complete checkpoint exists in {self.directory}")
+        return CheckpointSaveError(f"saving the checkpoint of step {step} to {self.directory} failed "
+                                   f"({_reason(error)}); training stopped, {kept}. Free space (or fix the "
+                                   f"directory) and run the same command again to resume.")
+
+    def _complete(self, step: int) -> None:
+        if not (self.directory / str(step)).is_dir() or step not in self.manager.all_steps():
+            raise self._failed(step, RuntimeError("the checkpoint was not finalized"))
+        self._pending, self.last_good = None, step
+
+    def poll(self) -> None:
+        """Raise if the pending asynchronous save has failed; note its step as complete when it has finished."""
+        if self._pending is None or self.manager.is_saving_in_progress():
+            return
+        self.wait()
+
+    def wait(self) -> None:
+        step = self._pending
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # orbax raises whatever the storage layer raised (ValueError, OSError, ...)
+            if step is None:
+                raise
+            raise self._failed(step, e) from None
+        if step is not None:
+            self._complete(step)
+
     def save(self, step: int, state: TrainState, data_state: Mapping | None) -> None:
         ocp = self._ocp
+        self.poll()
+        if self._pending is not None:
+            self.wait()  # one save in flight at a time, so a failure is always attributed to its own step
         args = {"state": ocp.args.StandardSave(_flat(state)), "data": ocp.args.JsonSave(dict(data_state or {}))}
-        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        self._pending = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:
+            raise self._failed(step, e) from None
+        if not self.manager.is_saving_in_progress():
+            self.wait()
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict | None]:
         """The checkpoint at ``step`` (default: latest) placed like ``template`` (same shardings)."""
@@ -364,16 +450,41 @@ class Checkpointer:
         return _unflat(template, restored["state"]), (restored["data"] or None)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # closing after a failed save may fail again; the failure was already raised
+                log.debug("closing the checkpoint manager failed", exc_info=True)
+
+
+def _reason(error: BaseException) -> str:
+    """The storage error in a few words: ``No space left on device``, not a 400-character tensorstore message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error)
+    for marker in ("No space left on device", "File too large", "Permission denied", "Read-only file system",
+                   "Disk quota exceeded"):
+        if marker.lower() in text.lower():
+            return marker
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 class MetricsWriter:
-    """Per-step metrics as JSONL (``metrics.jsonl``, one object per step) and TensorBoard event files."""
+    """Per-step metrics as JSONL (``metrics.jsonl``, one object per step) and TensorBoard event files.
 
-    def __init__(self, directory: Path, tensorboard: bool):
+    ``resume_step``: a resumed run first drops the rows after the step it resumes from (steps it will train again),
+    so the file keeps one row per step and a plot of it does not zigzag.
+    """
+
+    def __init__(self, directory: Path, tensorboard: bool, resume_step: int | None = None):
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "metrics.jsonl"
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            _write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
@@ -394,8 +505,14 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a resumed run appends, so the last row of each step wins."""
+    """Rows of a metrics.jsonl; if steps repeat (files written before resumes dropped them), the last row wins."""
     rows = {}
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
@@ -423,6 +540,121 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str = 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# guards: signals, divergence, storage
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class StopOnSignal:
+    """The first SIGINT or SIGTERM (Ctrl-C, a cluster's preemption) asks the loop to stop after the current step,
+    which then checkpoints and exits cleanly; the second gets the signal's default action and ends the process at
+    once. Installed only in the main thread (Python delivers signals there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._first) for s in self.SIGNALS}
+        return self
+
+    def _first(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        print(f"\n{self.received}: finishing this step, then saving a checkpoint (send it again to abort at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self) -> bool:
+        """Whether any process got a signal: every host stops at the same step."""
+        flag = self.received is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+
+class LossSpikeGuard:
+    """A loss far above its recent mean without being NaN: more than ``factor`` x the mean of the last ``window``
+    steps and at least 1 nat above it (so that noise around a small loss is not a spike). Needs 3 steps of history."""
+
+    def __init__(self, factor: float, window: int) -> None:
+        self.factor = factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    def check(self, loss: float) -> str | None:
+        """None when ``loss`` is in range (it joins the history), else a description of the spike."""
+        if self.factor > 0 and len(self.recent) >= 3:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > self.factor * mean and loss > mean + 1.0:
+                return (f"loss {loss:.4g} is {loss / mean:.1f} times its mean {mean:.4g} over the last "
+                        f"{len(self.recent)} steps (train.loss_spike_factor={self.factor})")
+        self.recent.append(loss)
+        return None
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before any work when ``train.output_dir`` cannot be written (read-only, no permission, a file)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise TrainingError(f"train.output_dir {out} is not writable ({_reason(e)}); choose another directory or "
+                            "fix its permissions") from None
+
+
+class CompileTimer:
+    """Seconds XLA spent tracing, lowering and compiling while open (JAX's monitoring events), so the first step's
+    throughput can be reported without its compilation."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def _listen(self, event: str, duration: float, **_) -> None:
+        if event in self.EVENTS:
+            self.seconds += duration
+
+    def __enter__(self) -> "CompileTimer":
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def save_final(model: nnx.Module, cfg: Config, out: Path, tokenizer_dir: str) -> Path:
+    """Write ``out/final`` whole or not at all: into a temporary sibling first, then renamed into place."""
+    from convert.common import copy_tokenizer_files
+
+    final = out / "final"
+    tmp = out / f".final.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(model, cfg, tmp)
+        copy_tokenizer_files(tokenizer_dir, tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(f"writing the final model to {final} failed ({_reason(e)}); the last checkpoint "
+                                  f"in {out / 'checkpoints'} is intact: free space and run the same command again "
+                                  "to write it") from None
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -441,11 +673,26 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def check_run_fits(cfg: Config, mesh: jax.sharding.Mesh, hosts: int | None = None) -> None:
+    """Config checks that need the process count and the mesh, made before anything is loaded."""
+    t = cfg.train
+    hosts = jax.process_count() if hosts is None else hosts
+    micro = t.global_batch_size // t.grad_accum_steps
+    if micro % hosts:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} over train.grad_accum_steps="
+                          f"{t.grad_accum_steps} gives {micro} rows per micro-batch, which {hosts} processes cannot "
+                          f"share evenly; make it a multiple of {hosts}")
+    check_batch_fits_mesh(mesh, micro, f"train.global_batch_size / train.grad_accum_steps = {t.global_batch_size} / "
+                                       f"{t.grad_accum_steps}")
+
+
 def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train per ``cfg``; resumes from ``output_dir/checkpoints`` when a checkpoint is there. Returns a summary.
 
     ``stop_after`` ends this invocation after that many steps (with a checkpoint), as a preempted job would: running
-    ``fit`` again continues the same run, schedule and data order included.
+    ``fit`` again continues the same run, schedule and data order included. A SIGINT/SIGTERM does the same after the
+    current step and raises ``Interrupted``. A failed save raises ``CheckpointSaveError``; a non-finite or diverging
+    step raises ``TrainingError`` without saving it.
     """
     from tqdm.auto import tqdm
 
@@ -456,6 +703,8 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     maybe_initialize_distributed()
     t = cfg.train
     out = Path(t.output_dir)
+    check_output_dir(out)
+    check_run_fits(cfg, make_mesh(cfg.mesh))
     tok_dir = t.tokenizer or t.init_from
     if not tok_dir:
         raise TrainingError("no tokenizer: set train.tokenizer (or train.init_from to a directory that has one)")
@@ -498,48 +747,72 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
                                     manifest_dir=manifest_dir)
     batches = pipeline.batch_iterator(dataset)
     ckpt = Checkpointer(out / "checkpoints", t)
-    if ckpt.latest_step() is not None:
+    resumed = ckpt.latest_step() is not None
+    if resumed:
         trainer.state, data_state = ckpt.restore(trainer.state)
         if data_state is not None:
             batches.set_state(data_state)
         print(f"resumed from {out / 'checkpoints'} at step {trainer.step}")
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    writer = MetricsWriter(out, t.tensorboard) if jax.process_index() == 0 else None
+    # rows after the resumed step (or any, on a fresh start) are from steps that will be trained again
+    writer = MetricsWriter(out, t.tensorboard, resume_step=trainer.step) if jax.process_index() == 0 else None
     bar = tqdm(total=total, initial=trainer.step, desc=f"{t.stage}", unit="step",
                disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
-    tokens_seen, t0 = 0, time.perf_counter()
+    spike = LossSpikeGuard(t.loss_spike_factor, t.loss_spike_window)
+    tokens_seen, t0, compile_s, first = 0, time.perf_counter(), 0.0, True
     end = total if stop_after is None else min(total, trainer.step + stop_after)
+    interrupted = None
     try:
-        while trainer.step < end:
-            step_start = time.perf_counter()
-            (m,) = trainer.train_steps(batches, 1)
-            tokens_seen += m["tokens"]
-            m["tokens_per_s"] = m["tokens"] / max(time.perf_counter() - step_start, 1e-9)
-            m["learning_rate"] = float(learning_rate_schedule(t, total)(m["step"] - 1))
-            if writer is not None and (m["step"] % t.log_every == 0 or m["step"] == total):
-                writer.write(m["step"], {k: v for k, v in m.items() if k not in ("step", "finite")})
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-            if m["step"] % t.save_every == 0 or m["step"] == end:
-                ckpt.save(m["step"], trainer.state, batches.get_state())
+        with StopOnSignal() as stop:
+            while trainer.step < end:
+                step_start = time.perf_counter()
+                with CompileTimer() as compiling:
+                    (m,) = trainer.train_steps(batches, 1)
+                elapsed = time.perf_counter() - step_start
+                if first and compiling.seconds > 0:
+                    compile_s, first = compiling.seconds, False
+                    bar.write(f"compiled the train step in {compile_s:.1f} s")
+                m["tokens_per_s"] = m["tokens"] / max(elapsed - compiling.seconds, 1e-9)
+                tokens_seen += m["tokens"]
+                m["learning_rate"] = float(learning_rate_schedule(t, total)(m["step"] - 1))
+                problem = spike.check(m["loss"])
+                if problem:
+                    raise TrainingError(
+                        f"the run is diverging at step {m['step']}: {problem}; batch examples: "
+                        f"{batch_examples(batches, {})}. Stopped without saving this step; the last checkpoint "
+                        f"is step {ckpt.last_good} in {out / 'checkpoints'}. Lower train.learning_rate (now "
+                        f"{t.learning_rate}) or set train.loss_spike_factor=0 to train on.")
+                if writer is not None and (m["step"] % t.log_every == 0 or m["step"] == total):
+                    writer.write(m["step"], {k: v for k, v in m.items() if k not in ("step", "finite", "applied")})
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                stopping = stop.requested()
+                if m["step"] % t.save_every == 0 or m["step"] == end or stopping:
+                    ckpt.save(m["step"], trainer.state, batches.get_state())
+                else:
+                    ckpt.poll()
+                if stopping:
+                    ckpt.wait()
+                    interrupted = stop.received or "a signal on another process"
+                    break
     finally:
         bar.close()
-        ckpt.close()
-        if writer is not None:
-            writer.close()
-    summary = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "tokens": tokens_seen,
-               "skipped_in_training": dict(getattr(batches, "skipped", {}) or {})}
+        try:
+            ckpt.close()
+        finally:
+            if writer is not None:
+                writer.close()
+    summary = {"steps": trainer.step, "seconds": time.perf_counter() - t0, "compile_seconds": compile_s,
+               "tokens": tokens_seen, "skipped_in_training": dict(getattr(batches, "skipped", {}) or {})}
+    if interrupted:
+        raise Interrupted(f"{interrupted}: stopped at step {trainer.step} of {total} with a checkpoint in "
+                          f"{out / 'checkpoints'}; run the same command again to resume")
     if trainer.step < total:
         print(f"stopped at step {trainer.step} of {total}; run the same command again to continue")
         return summary
     if jax.process_index() == 0:
-        final = save_pretrained(trainer.model(), cfg, out / "final")
-        from convert.common import copy_tokenizer_files
-
-        copy_tokenizer_files(tok_dir, final)
-        summary["final"] = str(final)
+        summary["final"] = str(save_final(trainer.model(), cfg, out, tok_dir))
         if t.plot and (out / "metrics.jsonl").is_file():
             summary["loss_curve"] = str(plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
                                                         f"{t.stage}: {cfg.data.train_manifest}"))
@@ -566,16 +839,25 @@ def pipeline_config(cfg: Config):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from g4v_jax.cli import fail, setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m g4v_jax.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a config file or a name under configs/")
+    ap.add_argument("--verbose", "-v", action="store_true", help="also show the libraries' logs (orbax, jax, absl)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=2e-5 mesh.fsdp=8")
     args = ap.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         fit(load_config(args.config, args.overrides))
-    except (TrainingError, FileNotFoundError, ValueError) as e:
-        # user-facing problems (bad config, missing manifest, non-finite loss): a message, not a traceback
-        sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(e, file=sys.stderr, flush=True)  # a clean stop: exit status 0
+    except KeyboardInterrupt:
+        print("interrupted before the first step; nothing to save", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except (TrainingError, ValueError, OSError) as e:
+        # user-facing problems (bad config, missing manifest, diverging loss, a failed save): a message, no traceback
+        fail("g4v_jax.train", str(e))
 
 
 if __name__ == "__main__":

@@ -27,3 +27,27 @@ def tiny_hf_clip_vision(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """A tiny training set on disk: 8 one-video examples (real mp4 files), their manifest and a BPE tokenizer."""
+    from g4v_jax.data.manifest import Example, write_manifest
+    from g4v_jax.data.template import SYSTEM_PROMPT, Turn
+    from g4v_jax.data.tokenizer import build_bpe_tokenizer
+    from g4v_jax.data.video import synthetic_frames, write_video
+
+    colours = ["red", "green", "blue", "yellow"]
+    root = tmp_path_factory.mktemp("train_data")
+    (root / "videos").mkdir()
+    examples, corpus = [], []
+    for i in range(8):
+        write_video(root / "videos" / f"v{i}.mp4", synthetic_frames(8, 64, 64, seed=i))
+        caption = f"a {colours[i % 4]} square moves {'left' if i % 2 else 'right'}"
+        turns = (Turn("human", video=0), Turn("human", "What happens in the video?"), Turn("ai", caption))
+        examples.append(Example(id=f"ex{i}", videos=(f"videos/v{i}.mp4",), captions=(caption,), turns=turns,
+                                safety=None))
+        corpus += [caption, "What happens in the video?", SYSTEM_PROMPT, "###Human: ###AI: <video> </video>"]
+    write_manifest(root / "train.jsonl", examples)
+    build_bpe_tokenizer(corpus * 4, root / "tokenizer", vocab_size=512)
+    return root

@@ -8,30 +8,12 @@ import pytest
 
 import g4v_jax
 from g4v_jax.config import load_config
-from g4v_jax.data.manifest import Example, write_manifest
-from g4v_jax.data.template import SYSTEM_PROMPT, Turn
-from g4v_jax.data.tokenizer import build_bpe_tokenizer
-from g4v_jax.data.video import synthetic_frames, write_video
 from g4v_jax.train import fit, main, read_metrics
-
-COLOURS = ["red", "green", "blue", "yellow"]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "videos").mkdir()
-    examples, corpus = [], []
-    for i in range(8):
-        write_video(root / "videos" / f"v{i}.mp4", synthetic_frames(8, 64, 64, seed=i))
-        caption = f"a {COLOURS[i % 4]} square moves {'left' if i % 2 else 'right'}"
-        turns = (Turn("human", video=0), Turn("human", "What happens in the video?"), Turn("ai", caption))
-        examples.append(Example(id=f"ex{i}", videos=(f"videos/v{i}.mp4",), captions=(caption,), turns=turns,
-                                safety=None))
-        corpus += [caption, "What happens in the video?", SYSTEM_PROMPT, "###Human: ###AI: <video> </video>"]
-    write_manifest(root / "train.jsonl", examples)
-    build_bpe_tokenizer(corpus * 4, root / "tokenizer", vocab_size=512)
-    return root
+def dataset(train_data):
+    return train_data
 
 
 def _cfg(dataset, out, *overrides):
@@ -79,10 +61,11 @@ def test_cli_errors_are_messages(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", "tiny", f"train.tokenizer={dataset / 'tokenizer'}",
               f"data.train_manifest={tmp_path / 'missing.jsonl'}", f"train.output_dir={tmp_path}"])
-    assert "error:" in str(e.value) and "missing.jsonl" in str(e.value)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "g4v_jax.train: error:" in err and "missing.jsonl" in err
     with pytest.raises(SystemExit) as e:
         main(["--config", "tiny", "train.stage=stage3"])
-    assert "train.stage must be stage1, stage2 or full" in str(e.value)
+    assert "train.stage must be stage1, stage2 or full" in capsys.readouterr().err
 
 
 def test_vision_cache_trains_like_decoding_frames(dataset, tmp_path):

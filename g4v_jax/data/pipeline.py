@@ -462,6 +462,7 @@ class BatchIterator(grain.DatasetIterator):
         self._logged: set[str] = set()
         self._inner: Iterator[Any] | None = None  # started lazily, so that set_state before next() starts it once
         self._carry: _Row | None = None  # packing: read, did not fit the last batch, opens the next (= next_index)
+        self.last_example_ids: list[str] = []
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -541,6 +542,7 @@ class BatchIterator(grain.DatasetIterator):
                 self._logged.add(skip.id)
                 _log.warning("skipping example %r (%s): %s", skip.id, skip.reason, skip.detail)
         self._next_index = self._carry.index if self._carry is not None else rows[-1].index + 1
+        self.last_example_ids = [r.id for r in rows]  # named when a step goes wrong (non-finite loss, divergence)
         if cfg.pack_sequences:
             return collate_packed(bins, cfg, self._ds._prepare.pad_id)
         return collate(rows, cfg)
