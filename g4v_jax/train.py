@@ -388,12 +388,24 @@ class Checkpointer:
             raise CheckpointSaveError(f"cannot open the checkpoint directory {self.directory}: {_reason(e)}") from None
         self._pending: int | None = None  # a save started and not yet known to be complete
         self.last_good = self.manager.latest_step()
+        self._failed_once = False
+        self._unraisablehook = sys.unraisablehook
+        sys.unraisablehook = self._quiet_aborted_writes
+
+    def _quiet_aborted_writes(self, unraisable) -> None:
+        # After a failed asynchronous save, tensorstore still completes the aborted writes and calls back into the
+        # asyncio loop that orbax has already closed; each RuntimeError lands here and would print a traceback. The
+        # failure itself reaches the user once, as CheckpointSaveError.
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            log.debug("late callback of an aborted checkpoint write: %s", unraisable.exc_value)
+            return
+        self._unraisablehook(unraisable)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def _failed(self, step: int, error: BaseException) -> CheckpointSaveError:
-        self._pending = None
+        self._pending, self._failed_once = None, True
         if jax.process_index() == 0:  # nothing half-written stays behind (orbax writes into <step>.orbax-...-tmp*)
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
@@ -457,6 +469,8 @@ class Checkpointer:
                 self.manager.close()
             except Exception:  # closing after a failed save may fail again; the failure was already raised
                 log.debug("closing the checkpoint manager failed", exc_info=True)
+            if not self._failed_once:  # after a failure, aborted writes may still call back until the process ends
+                sys.unraisablehook = self._unraisablehook
 
 
 def _reason(error: BaseException) -> str:

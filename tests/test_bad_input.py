@@ -24,7 +24,22 @@ def _main(spec: str) -> Callable:
 Case = tuple[str, Callable[[Path], tuple[str, list[str]]], str]
 
 # ---- training configs (train.py / config.py / sharding.py) ----------------------------------------------------------
+def _train(*overrides: str) -> Callable[[Path], tuple[str, list[str]]]:
+    return lambda tmp: ("g4v_jax.train:main", ["--config", "tiny", f"train.output_dir={tmp / 'run'}", *overrides])
+
+
 TRAIN_CASES: list[Case] = [
+    ("train-batch-0", _train("train.global_batch_size=0"), r"train\.global_batch_size must be an integer >= 1, got 0"),
+    ("train-save-every-0", _train("train.save_every=0"), r"train\.save_every must be an integer >= 1, got 0"),
+    ("train-lr-negative", _train("train.learning_rate=-1"), r"train\.learning_rate must be a finite number > 0"),
+    ("train-lr-nan", _train("train.learning_rate=.nan"), r"train\.learning_rate must be a finite number > 0, got nan"),
+    ("train-seq-len-0", _train("data.seq_len=0"), r"data\.seq_len must be an integer >= 2"),
+    ("train-mesh-0", _train("mesh.tensor=0"), r"mesh\.tensor must be >= 1 \(or -1"),
+    ("train-mesh-uneven", _train("mesh.fsdp=3"), r"mesh\.fsdp=3 .*(do not divide the \d+ devices|needs 3 devices)"),
+    ("train-unknown-key", _train("train.lerning_rate=1"), r"lerning_rate.*learning_rate"),
+    ("train-stage", _train("train.stage=stage3"), r"train\.stage must be stage1, stage2 or full"),
+    ("train-no-manifest", _train("train.tokenizer=/nonexistent/tok"), r"/nonexistent/tok"),
+    ("train-init-from-missing", _train("train.init_from=/nonexistent/ckpt"), r"/nonexistent/ckpt"),
 ]
 
 # ---- converters (convert/) -----------------------------------------------------------------------------------------
