@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Set up and run the project with nothing but Python: `python3 dev.py demo` or `python3 dev.py test`.
 
+`run MODULE [args]` runs any of the project's modules inside that environment, e.g. `python3 dev.py run
+convert.mplug_owl SRC DST` for `python -m convert.mplug_owl SRC DST` (or `source .venv/bin/activate` once per terminal
+and use the README's `python -m ...` commands as written).
+
 `demo` trains a tiny GPT4Video from scratch on the synthetic video world and judges it (`python -m
 g4v_jax.world.demo`, 12-20 minutes on a 2-core CPU; `--quick` for about two); `forward` runs the jitted forward
 pass of a random model on a written video (`python -m g4v_jax.demo`, seconds).
@@ -39,7 +43,7 @@ def ensure_env() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("demo", "forward", "test", "setup"):
+    if not argv or argv[0] not in ("demo", "forward", "test", "setup", "run") or argv == ["run"] or argv == ["run", "-m"]:
         sys.exit(__doc__)
     ensure_env()
     task, rest = argv[0], argv[1:]
@@ -48,6 +52,9 @@ def main(argv: list[str]) -> None:
         run(str(PY), "-m", "g4v_jax.world.demo", *rest, env=env)
     elif task == "forward":
         run(str(PY), "-m", "g4v_jax.demo", *rest, env=env)
+    elif task == "run":
+        args = rest[1:] if rest[0] == "-m" else rest  # `run -m MODULE ...` reads like `python -m MODULE ...`
+        run(str(PY), "-m", *args, env=env)
     elif task == "test":
         run(str(PY), "-m", "pytest", "-q", "-n", "2", "--durations=15", *rest, env=env)
 
