@@ -94,6 +94,9 @@ def test_a_signal_finishes_the_step_saves_and_resume_gives_the_same_curve(sig, t
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out / 'checkpoints'} at step {stopped}" in resumed.stdout
+    # the terminal holds the bar and our own lines: compile time apart, no orbax/absl/jax INFO chatter
+    assert "compiled the train step in" in resumed.stdout
+    assert not [line for line in resumed.stderr.splitlines() if line.startswith("INFO")], resumed.stderr
     assert _raw_steps(out) == list(range(1, 41))  # one row per step: nothing trained twice, nothing missing
     assert _losses(out) == straight
     assert (out / "final" / "model.safetensors").is_file()
