@@ -504,7 +504,9 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(directory / "tensorboard"))
+            # purge_step: TensorBoard drops the earlier files' events from the steps this run will train again
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(str(directory / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
