@@ -41,8 +41,20 @@ class TorchBinTensors(Mapping[str, np.ndarray]):
                 f"{path} is a PyTorch .bin checkpoint; reading it needs torch: pip install 'g4v-jax[torch]' "
                 "(or convert it to safetensors first)"
             ) from e
+        import pickle
+
         self._torch = torch
-        self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            # torch's own text suggests weights_only=False, i.e. running the file's code: never
+            found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
+                         "it references Python objects other than tensors")
+            raise ValueError(f"{path} is not a plain weights file ({found}); g4v_jax will not unpickle it, since "
+                             "that could run code from the file. Use a .safetensors checkpoint, or convert this one "
+                             "with a tool you trust") from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]})") from None
 
     def __getitem__(self, key: str) -> np.ndarray:
         t = self._sd[key].detach()
@@ -265,12 +277,33 @@ def converter_main(doc: str, convert: Callable[..., Path], overrides_help: str, 
     """The CLI of a ``SRC DST [key=value ...]`` converter."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m {module_name(convert)}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("overrides", nargs="*", help=overrides_help)
     args = ap.parse_intermixed_args(argv)
-    print_load_hint(convert(args.src, args.dst, args.overrides))
+    print_load_hint(run_converter(module_name(convert), convert, args.src, args.dst, args.overrides))
+
+
+def module_name(fn: Callable) -> str:
+    """``convert.hf_llama`` for a function of that module, also when it runs as ``python -m convert.hf_llama``."""
+    name = fn.__module__
+    if name == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        name = spec.name if spec is not None else Path(sys.argv[0]).stem
+    return name
+
+
+def run_converter(prog: str, convert: Callable[..., Path], *args, **kwargs) -> Path:
+    """``convert(*args)``; bad input (a missing or mismatched checkpoint, a corrupt file) ends the program with one
+    ``prog: error: ...`` line and exit status 2."""
+    from g4v_jax.cli import USER_ERRORS, fail
+
+    try:
+        return convert(*args, **kwargs)
+    except USER_ERRORS + (ImportError,) as e:
+        fail(prog, str(e))
 
 
 def print_load_hint(dst: Path) -> None:

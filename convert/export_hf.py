@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -50,6 +49,7 @@ from flax import nnx
 
 from convert.common import Rule, TorchBinTensors, convert_checkpoint, copy_tokenizer_files, export_params
 from convert.hf_llama import export_llama
+from g4v_jax.cli import guard
 from g4v_jax.config import LlamaConfig
 from g4v_jax.models.llama import LlamaForCausalLM
 from g4v_jax.models.lora import LoRALinear
@@ -340,6 +340,7 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@guard("convert.export_hf")
 def main(argv=None) -> None:
     import g4v_jax
 
@@ -384,7 +385,8 @@ def main(argv=None) -> None:
                            f"    base = LlamaForCausalLM.from_pretrained({base_expr})\n"
                            f"    model = PeftModel.from_pretrained(base, {str(path)!r})\n")
         elif args.adapter_only:
-            sys.exit(f"{args.src}: the model has no LoRA adapters (model.lora.enabled is false); nothing to export")
+            raise ValueError(f"{args.src}: the model has no LoRA adapters (model.lora.enabled is false); nothing to "
+                             "export")
         else:
             written.append("no adapter written: the model has no LoRA adapters\n")
     if not args.adapter_only or args.with_base:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.common import Rule, convert_checkpoint, layernorm, linear, open_checkpoint, print_load_hint, read_hf_config
-from g4v_jax.config import Config, ModelConfig, VisionConfig, load_config
+from convert.common import (Rule, convert_checkpoint, layernorm, linear, module_name, open_checkpoint,
+                            print_load_hint, read_hf_config, run_converter)
+from g4v_jax.config import AbstractorConfig, Config, ModelConfig, VisionConfig, load_config
 from g4v_jax.models.clip_vit import CLIPVisionTower
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.weights import assign_params, named_params, param_shapes, save_pretrained
@@ -92,6 +93,18 @@ def load_hf_clip_vision(src: str | Path, *, progress: bool = False) -> tuple[Vis
     return cfg, assign_params(target, arrays, str(src))
 
 
+def abstractor_for_tower(abstractor: AbstractorConfig, tower: VisionConfig, overrides=()) -> AbstractorConfig:
+    """A fresh abstractor as wide as the tower it reads (the preset is sized for ViT-L's 1024): its width, heads and
+    MLP ratio follow the tower unless ``model.abstractor.*`` overrides set them. Its projection is sized by
+    ``model.llm_hidden_size``."""
+    fixed = {o.split("=", 1)[0].removeprefix("model.abstractor.") for o in overrides
+             if o.startswith("model.abstractor.")}
+    sized = {"hidden_size": tower.hidden_size, "num_heads": tower.num_heads,
+             "intermediate_size": int(round(abstractor.intermediate_size * tower.hidden_size
+                                            / abstractor.hidden_size))}
+    return dataclasses.replace(abstractor, **{k: v for k, v in sized.items() if k not in fixed})
+
+
 def convert(src: str | Path, dst: str | Path, *, abstractor: str = "paper", llm_hidden_size: int = 4096,
             overrides=(), seed: int = 0) -> Path:
     """Write our model directory with the CLIP vision tower of ``src`` and a fresh abstractor."""
@@ -102,7 +115,8 @@ def convert(src: str | Path, dst: str | Path, *, abstractor: str = "paper", llm_
                         f"model.llm_hidden_size={llm_hidden_size}",
                         # store full precision; g4v_jax.load(dir, ["model.param_dtype=bfloat16"]) casts later
                         "model.param_dtype=float32", "model.compute_dtype=float32", *overrides])
-    model_cfg = dataclasses.replace(base.model, vision=vision_cfg)
+    model_cfg = dataclasses.replace(base.model, vision=vision_cfg,
+                                    abstractor=abstractor_for_tower(base.model.abstractor, vision_cfg, overrides))
     model = build_model(model_cfg, seed=seed)
     params = named_params(model)
     params.update({f"vision_model.{k}": v for k, v in named_params(tower).items()})
@@ -112,7 +126,8 @@ def convert(src: str | Path, dst: str | Path, *, abstractor: str = "paper", llm_
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m {module_name(convert)}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--abstractor", default="paper", choices=["paper", "mplug_owl_video"])
@@ -120,8 +135,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides such as model.param_dtype=bfloat16")
     args = ap.parse_intermixed_args(argv)
-    dst = convert(args.src, args.dst, abstractor=args.abstractor, llm_hidden_size=args.llm_hidden_size,
-                  overrides=args.overrides, seed=args.seed)
+    dst = run_converter(module_name(convert), convert, args.src, args.dst, abstractor=args.abstractor,
+                        llm_hidden_size=args.llm_hidden_size, overrides=args.overrides, seed=args.seed)
     print_load_hint(Path(dst))
 
 

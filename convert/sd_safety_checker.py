@@ -22,7 +22,8 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from convert.common import convert_checkpoint, linear, open_checkpoint, read_hf_config, rename
+from convert.common import (convert_checkpoint, linear, module_name, open_checkpoint, read_hf_config, rename,
+                            run_converter)
 from convert.hf_clip import clip_vision_rules, vision_config_from_hf
 from g4v_jax.safety.checker import SafetyChecker, save_safety_checker
 from g4v_jax.weights import assign_params, param_shapes
@@ -78,11 +79,12 @@ def convert(src: str | Path, dst: str | Path) -> Path:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m {module_name(convert)}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="diffusers safety_checker directory (or a pipeline directory that has one)")
     ap.add_argument("dst", help="output directory")
     args = ap.parse_args(argv)
-    dst = convert(args.src, args.dst)
+    dst = run_converter(module_name(convert), convert, args.src, args.dst)
     print(f"wrote {dst}. Load it with:\n\n"
           "    from g4v_jax.safety import flag_video, load_safety_checker\n"
           f"    checker = load_safety_checker({str(dst)!r})\n"

@@ -45,21 +45,57 @@ class CheckpointMismatchError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class SafetensorsError(ValueError):
+    """A ``.safetensors`` file that is not what its header says (truncated, corrupt, hostile); names file and tensor."""
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Memory-mapped arrays of a ``.safetensors`` file (bf16 included), keyed by tensor name."""
+    """Memory-mapped arrays of a ``.safetensors`` file (bf16 included), keyed by tensor name.
+
+    The header is untrusted: its length, every tensor's dtype, shape and byte range are checked against the file
+    before anything is allocated or mapped, so a corrupt or hostile file is a ``SafetensorsError`` naming the tensor.
+    """
     path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{path}: {size} bytes is too short for a safetensors file (no header length)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise SafetensorsError(f"{path}: the header claims {header_len} bytes but the file has only {size - 8} "
+                                   "after the length field (truncated or not a safetensors file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SafetensorsError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the header is not a JSON object")
     header.pop("__metadata__", None)
     if not header:
         return {}
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    data_size = size - 8 - header_len
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if data_size else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        out[name] = data[start:end].view(dtype).reshape(info["shape"])
+        where = f"{path}: tensor {name!r}"
+        try:
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{where}: bad header entry {info!r} (needs dtype among {sorted(_ST_DTYPES)}, "
+                                   "shape and data_offsets)") from None
+        if any(d < 0 for d in shape):
+            raise SafetensorsError(f"{where}: negative dimension in shape {shape}")
+        if not 0 <= start <= end <= data_size:
+            raise SafetensorsError(f"{where}: data_offsets [{start}, {end}] lie outside the file's {data_size} "
+                                   "data bytes (truncated or corrupt)")
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - start != need:
+            raise SafetensorsError(f"{where}: {end - start} bytes for shape {shape} of {info['dtype']}, which "
+                                   f"needs {need}")
+        out[name] = data[start:end].view(dtype).reshape(shape)
     return out
 
 
@@ -191,6 +227,6 @@ def load(directory: str | Path, overrides=()) -> nnx.Module:
 
 
 __all__ = [
-    "CheckpointMismatchError", "assign_params", "from_dict", "load", "load_model_config", "named_params",
-    "param_shapes", "read_safetensors", "save_pretrained", "write_safetensors",
+    "CheckpointMismatchError", "SafetensorsError", "assign_params", "from_dict", "load", "load_model_config",
+    "named_params", "param_shapes", "read_safetensors", "save_pretrained", "write_safetensors",
 ]

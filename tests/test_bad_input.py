@@ -8,10 +8,14 @@ area's builder makes its inputs under ``tmp_path`` and returns ``(main, argv)``.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import re
+import struct
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 
@@ -43,7 +47,68 @@ TRAIN_CASES: list[Case] = [
 ]
 
 # ---- converters (convert/) -----------------------------------------------------------------------------------------
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+
+
+def _hf_llama_dir(tmp: Path, weights: Callable[[Path], None]) -> Path:
+    src = tmp / "hf_llama"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    weights(src)
+    return src
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _huge_header(src: Path) -> None:
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
+
+
+def _offsets_outside(src: Path) -> None:
+    header = {"model.embed_tokens.weight": {"dtype": "F32", "shape": [64, 16], "data_offsets": [0, 4096]}}
+    (src / "model.safetensors").write_bytes(_safetensors_bytes(header, b"\0" * 100))
+
+
+def _wrong_shape(src: Path) -> None:
+    from g4v_jax.weights import write_safetensors
+
+    write_safetensors(src / "model.safetensors", {"model.embed_tokens.weight": np.zeros((65, 16), np.float32)})
+
+
+def _malicious_pickle(src: Path) -> None:
+    class Payload:  # unpickling it would create the marker file
+        def __reduce__(self):
+            return (os.system, (f"touch {src / 'pwned'}",))
+
+    torch = pytest.importorskip("torch")
+    torch.save({"model.embed_tokens.weight": Payload()}, src / "pytorch_model.bin")
+
+
+def _convert(module: str, weights: Callable[[Path], None]) -> Callable[[Path], tuple[str, list[str]]]:
+    return lambda tmp: (f"{module}:main", [str(_hf_llama_dir(tmp, weights)), str(tmp / "out")])
+
+
 CONVERT_CASES: list[Case] = [
+    ("convert-missing-src", lambda tmp: ("convert.hf_llama:main", [str(tmp / "nope"), str(tmp / "out")]),
+     r"checkpoint .*nope does not exist"),
+    ("convert-no-config", lambda tmp: ("convert.hf_clip:main", [str(tmp), str(tmp / "out")]),
+     r"(no model\.safetensors|config\.json is missing)"),
+    ("convert-huge-header", _convert("convert.hf_llama", _huge_header),
+     r"model\.safetensors: the header claims 1099511627776 bytes but the file has only 2"),
+    ("convert-offsets-outside", _convert("convert.hf_llama", _offsets_outside),
+     r"model\.safetensors: tensor 'model\.embed_tokens\.weight': data_offsets \[0, 4096\] lie outside the file's "
+     r"100 data bytes"),
+    ("convert-mismatch", _convert("convert.hf_llama", _wrong_shape),
+     r"convert\.hf_llama: error: checkpoint .*hf_llama does not match the model"),
+    ("convert-malicious-pickle", _convert("convert.hf_llama", _malicious_pickle),
+     r"pytorch_model\.bin is not a plain weights file .*will not unpickle it"),
+    ("export-not-a-model", lambda tmp: ("convert.export_hf:main", [str(tmp), str(tmp / "out")]),
+     r"is not a g4v_jax model directory"),
 ]
 
 # ---- untrusted input: chat requests, manifests, endpoints (chat.py, data/) -----------------------------------------
