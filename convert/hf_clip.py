@@ -115,6 +115,7 @@ def convert(src: str | Path, dst: str | Path, *, abstractor: str = "paper", llm_
                         f"model.llm_hidden_size={llm_hidden_size}",
                         # store full precision; g4v_jax.load(dir, ["model.param_dtype=bfloat16"]) casts later
                         "model.param_dtype=float32", "model.compute_dtype=float32", *overrides])
+    # CLIP's own preprocessing: frames resized on the short side and centre-cropped (model.video defaults)
     model_cfg = dataclasses.replace(base.model, vision=vision_cfg,
                                     abstractor=abstractor_for_tower(base.model.abstractor, vision_cfg, overrides))
     model = build_model(model_cfg, seed=seed)

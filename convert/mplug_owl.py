@@ -21,7 +21,7 @@ from convert.common import (
     pointwise_conv, converter_main, save_converted,
     read_hf_config, rename, reshaped,
 )
-from g4v_jax.config import AbstractorConfig, ModelConfig, VisionConfig, from_dict, parse_overrides, to_dict
+from g4v_jax.config import AbstractorConfig, ModelConfig, VideoConfig, VisionConfig, from_dict, parse_overrides, to_dict
 from convert.hf_llama import llama_config_from_hf, llama_rules
 from g4v_jax.models.gpt4video import GPT4Video, VideoEncoder, abstract_model
 from g4v_jax.models.lora import fresh_lora_arrays
@@ -141,11 +141,15 @@ def model_config_from_mplug(hf: dict, overrides=(), *, with_llm: bool = False) -
         num_query_tokens=n_query, num_temporal_tokens=n_query, ffn_norm_eps=a.get("layer_norm_eps", 1e-6),
     )
     llm_width = hf["text_config"]["hidden_size"]
+    # mPLUG-Owl-video reads frames with its get_index and decord's VideoReader(height=224, width=224)
+    video = VideoConfig(sampling="mplug_owl", resize="squash")
     if with_llm:
         llm = llama_config_from_hf(hf["text_config"])
-        model = ModelConfig(kind="gpt4video", vision=vision, abstractor=abstractor, llm=llm, llm_hidden_size=llm_width)
+        model = ModelConfig(kind="gpt4video", vision=vision, abstractor=abstractor, llm=llm, llm_hidden_size=llm_width,
+                            video=video)
     else:
-        model = ModelConfig(kind="video_encoder", vision=vision, abstractor=abstractor, llm_hidden_size=llm_width)
+        model = ModelConfig(kind="video_encoder", vision=vision, abstractor=abstractor, llm_hidden_size=llm_width,
+                            video=video)
     data = to_dict(model)
     data = _deep_update(data, parse_overrides(overrides).get("model", {}))
     return from_dict(ModelConfig, data, "model.")

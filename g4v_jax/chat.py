@@ -87,15 +87,18 @@ class _ModelInfo:
     image_size: int
     eos_id: int
     pad_id: int
+    sampling: str = "uniform_mid"  # the model's video preprocessing (model.video)
+    resize: str = "short_side_crop"
 
 
 def _model_info(model, tokenizer, num_frames: int | None, image_size: int | None) -> _ModelInfo:
     from g4v_jax.models.gpt4video import GPT4Video
     from g4v_jax.models.llama import LlamaForCausalLM
 
+    video = None
     if isinstance(model, GPT4Video):
         cfg = model.cfg
-        has_vision, llm, k = True, cfg.llm, cfg.num_video_tokens
+        has_vision, llm, k, video = True, cfg.llm, cfg.num_video_tokens, cfg.video
         num_frames = cfg.num_frames if num_frames is None else num_frames
         image_size = cfg.vision.image_size if image_size is None else image_size
     elif isinstance(model, LlamaForCausalLM):
@@ -108,8 +111,9 @@ def _model_info(model, tokenizer, num_frames: int | None, image_size: int | None
     if eos is None:
         raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no EOS token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    preprocess = {"sampling": video.sampling, "resize": video.resize} if video is not None else {}
     return _ModelInfo(has_vision, k, llm.max_position_embeddings, llm.vocab_size, int(num_frames), int(image_size),
-                      int(eos), int(pad))
+                      int(eos), int(pad), **preprocess)
 
 
 def _with_stops(sampling: SamplingConfig, tokenizer) -> SamplingConfig:
@@ -260,7 +264,8 @@ class ChatSession:
         Returns its 0-based index in the conversation."""
         if not self._info.has_vision:
             raise ValueError("this model is a text-only LLM: it cannot take videos")
-        clip = load_video(path, num_frames=self.num_frames, size=self.image_size)
+        clip = load_video(path, num_frames=self.num_frames, size=self.image_size, sampling=self._info.sampling,
+                          resize=self._info.resize)
         if self.video_gate is not None and self.video_gate(str(path)):
             self._refuse_next = True
             return -1
@@ -470,7 +475,8 @@ def _prepare(pos: int, obj, info: _ModelInfo, tokenizer, base: SamplingConfig, s
     for path in req.videos:
         if path not in clip_cache:
             try:
-                clip_cache[path] = load_video(path, num_frames=info.num_frames, size=info.image_size)
+                clip_cache[path] = load_video(path, num_frames=info.num_frames, size=info.image_size,
+                                              sampling=info.sampling, resize=info.resize)
             except VideoReadError as e:
                 clip_cache[path] = e
         if isinstance(clip_cache[path], VideoReadError):

@@ -154,6 +154,22 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoConfig:
+    """How a video becomes the tower's frames (``g4v_jax.data.video``); part of the model, since a checkpoint was
+    trained on frames picked and resized one way: ``convert.mplug_owl`` sets mPLUG-Owl-video's (``mplug_owl``,
+    ``squash``), ``convert.hf_clip`` CLIP's (``uniform_mid``, ``short_side_crop``)."""
+
+    sampling: str = "uniform_mid"  # uniform_mid | mplug_owl (its get_index)
+    resize: str = "short_side_crop"  # short_side_crop (CLIP) | squash (decord's height/width=224)
+
+    def __post_init__(self):
+        if self.sampling not in ("uniform_mid", "mplug_owl"):
+            raise ConfigError(f"video.sampling must be uniform_mid or mplug_owl, got {self.sampling!r}")
+        if self.resize not in ("short_side_crop", "squash"):
+            raise ConfigError(f"video.resize must be short_side_crop or squash, got {self.resize!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """``kind`` says which parts a model directory holds: the whole GPT4Video, only the video encoder (vision tower +
     abstractor, e.g. converted from CLIP) or only the language model (converted from HF LLaMA)."""
@@ -165,6 +181,7 @@ class ModelConfig:
     lora: LoraConfig = LoraConfig()
     llm_hidden_size: int = 4096  # width of the LLM's word embeddings the video tokens are projected to
     num_frames: int = 4  # T
+    video: VideoConfig = VideoConfig()  # frame sampling and resizing the checkpoint was trained with
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # bfloat16 on GPU
     # jax.nn.dot_product_attention implementation: "xla", "cudnn", or "auto" (cudnn on GPU when the shapes allow).

@@ -47,7 +47,8 @@ def run(config: str = "tiny", video: str | None = None, out: str = "outputs/demo
         Path(out).mkdir(parents=True, exist_ok=True)
         video = write_video(str(Path(out) / "synthetic.mp4"), synthetic_frames(24, 96, 128), fps=8)
         print(f"wrote {video} (24 frames, 128x96)")
-    clip = load_video(video, num_frames=cfg.num_frames, size=cfg.vision.image_size)
+    clip = load_video(video, num_frames=cfg.num_frames, size=cfg.vision.image_size, sampling=cfg.video.sampling,
+                      resize=cfg.video.resize)
     frames, mask = stack_clips([clip] * batch)
     print(f"decoded {video}: frames {frames.shape} {frames.dtype}, frame mask {mask.shape} ({int(mask.sum())} real)")
 

@@ -66,7 +66,8 @@ def load_entry(cache_dir: str | Path, video_path: str) -> tuple[np.ndarray, np.n
 
 
 def build_feature_cache(vision_model, examples: list[Example], manifest_dir: str | Path, cache_dir: str | Path, *,
-                        num_frames: int, image_size: int, batch_size: int = 8, progress: bool = True) -> dict:
+                        num_frames: int, image_size: int, batch_size: int = 8, progress: bool = True,
+                        sampling: str = "uniform_mid", resize: str = "short_side_crop") -> dict:
     """Run ``vision_model`` once over every distinct video of ``examples``; returns counts."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,8 @@ def build_feature_cache(vision_model, examples: list[Example], manifest_dir: str
         clips, paths = [], []
         for path in todo[start:start + batch_size]:
             try:
-                clips.append(load_video(path, num_frames=num_frames, size=image_size))
+                clips.append(load_video(path, num_frames=num_frames, size=image_size, sampling=sampling,
+                                        resize=resize))
                 paths.append(path)
             except VideoReadError:
                 unreadable += 1
@@ -133,7 +135,8 @@ def main(argv=None) -> None:
     examples = read_manifest(cfg.data.train_manifest)
     counts = build_feature_cache(model.vision_model, examples, Path(cfg.data.train_manifest).parent,
                                  cfg.data.vision_cache, num_frames=cfg.model.num_frames,
-                                 image_size=cfg.model.vision.image_size, batch_size=args.batch_size)
+                                 image_size=cfg.model.vision.image_size, batch_size=args.batch_size,
+                                 sampling=cfg.model.video.sampling, resize=cfg.model.video.resize)
     print(f"vision cache {cfg.data.vision_cache}: {counts}")
 
 

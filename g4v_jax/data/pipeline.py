@@ -118,6 +118,8 @@ class DataConfig:
     seq_len: int = 512
     num_frames: int = 4
     image_size: int = 224
+    video_sampling: str = "uniform_mid"  # the model's preprocessing (model.video)
+    video_resize: str = "short_side_crop"
     max_videos_per_example: int = 1  # V: videos per row in a batch (rows with fewer are padded)
     use_videos: bool = True  # False (stage 2): videos replaced by their captions, no decoding at all
     num_video_tokens: int = 65  # slots per video (model.cfg.num_video_tokens)
@@ -279,7 +281,8 @@ def _decode(ex: Example, cfg: DataConfig, manifest_dir: str) -> tuple[list[Any],
             clips.append(VideoClipFeatures(frames=entry[0], frame_mask=entry[1]))
             continue
         try:
-            clips.append(load_video(path, num_frames=cfg.num_frames, size=cfg.image_size))
+            clips.append(load_video(path, num_frames=cfg.num_frames, size=cfg.image_size,
+                                    sampling=cfg.video_sampling, resize=cfg.video_resize))
         except VideoReadError as e:  # its message names the path and the cause
             return [], ("unreadable_video", f"unreadable video: {e}")
     return clips, None

@@ -2,11 +2,24 @@
 
 Everything here is NumPy + PyAV on the host; the output is uint8 RGB so it is small to transfer to the device.
 
-Frame sampling (``sample_frame_indices``)
-    The N decodable frames are split into T equal segments ``[round(i*N/T), round((i+1)*N/T))`` and the middle frame
-    of each segment is taken, the mPLUG-Owl-video convention of one frame per segment. Upstream's ``get_index``
-    (``seg = (N-1)/T``; ``int(seg/2) + round(seg*i)``) lands within one frame of this but can repeat a frame when N is
-    close to T; this rule gives T distinct frames whenever N >= T.
+Frame sampling (``sample_frame_indices``; the model config's ``video.sampling``)
+    ``uniform_mid`` (default): the N decodable frames are split into T equal segments ``[round(i*N/T),
+    round((i+1)*N/T))`` and the middle frame of each segment is taken; T distinct frames whenever N >= T.
+    ``mplug_owl``: mPLUG-Owl-video's ``get_index`` literally (``seg = (N-1)/T``; ``int(seg/2) + round(seg*i)``, numpy's
+    half-to-even rounding), the indices its released checkpoint was trained with. The two differ by up to 2 frames
+    (N=48: [6, 18, 30, 42] against [5, 17, 29, 40]). With N < T both take every frame and pad (below).
+
+Resize (the model config's ``video.resize``)
+    ``short_side_crop`` (default, CLIP's ``resize_center_crop`` below) or ``squash``: every frame resized to
+    ``size x size`` whatever its aspect, as mPLUG-Owl-video reads videos (decord ``VideoReader(height=224,
+    width=224)``), with the same PIL bicubic kernel (decord scales with libswscale's bicubic, so pixel values may
+    differ by rounding; the geometry is the same).
+
+Untrusted paths
+    A path must be an image folder or a regular file (checked before opening: a FIFO, ``/dev/zero`` or another device
+    would block or never end), and decoding stops with ``VideoReadError`` after ``decode_timeout_s`` seconds.
+    A file whose container promises more frames than can be decoded (a truncated download) is read from its
+    decodable head with a warning that names the file and both counts.
 
 Resize and crop (``resize_center_crop``)
     As HF ``CLIPImageProcessor`` does for CLIP: resize so that the short side equals ``size`` (long side
@@ -45,6 +58,9 @@ import dataclasses
 import math
 import os
 import re
+import stat
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 
@@ -55,6 +71,9 @@ CLIP_IMAGE_SIZE = 224
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PAD_MODES = ("repeat_last", "zeros", "error")
+SAMPLING_RULES = ("uniform_mid", "mplug_owl")
+RESIZE_MODES = ("short_side_crop", "squash")
+DECODE_TIMEOUT_S = 120.0  # a hostile or pathological file never holds a worker longer than this
 
 # PIL's fixed-point resampling: coefficients scaled by 2**22 (ImagingResample's PRECISION_BITS for 8-bit images).
 _PRECISION_BITS = 22
@@ -90,8 +109,10 @@ class VideoClip:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def sample_frame_indices(num_total: int, num_frames: int) -> np.ndarray:
-    """Indices (int64, ascending) of the middle frame of each of ``num_frames`` equal segments of ``[0, num_total)``.
+def sample_frame_indices(num_total: int, num_frames: int, rule: str = "uniform_mid") -> np.ndarray:
+    """Indices (int64, ascending) of ``num_frames`` frames of ``[0, num_total)`` by ``rule`` (module docstring):
+    ``uniform_mid``, the middle frame of each of ``num_frames`` equal segments, or ``mplug_owl``, mPLUG-Owl-video's
+    ``get_index``.
 
     With fewer than ``num_frames`` frames, all ``num_total`` indices are returned and the caller pads.
     """
@@ -99,8 +120,13 @@ def sample_frame_indices(num_total: int, num_frames: int) -> np.ndarray:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if num_total < 0:
         raise ValueError(f"num_total must be >= 0, got {num_total}")
+    if rule not in SAMPLING_RULES:
+        raise ValueError(f"sampling must be one of {SAMPLING_RULES}, got {rule!r}")
     if num_total < num_frames:
         return np.arange(num_total, dtype=np.int64)
+    if rule == "mplug_owl":
+        seg = float(num_total - 1) / num_frames
+        return np.array([int(seg / 2) + int(np.round(seg * i)) for i in range(num_frames)], dtype=np.int64)
     # num_total * i / num_frames rather than seg * i: one correctly rounded division, so exact halves stay exact.
     bounds = np.round(num_total * np.arange(num_frames + 1) / num_frames)
     return ((bounds[:-1] + bounds[1:]) // 2).astype(np.int64)
@@ -203,6 +229,22 @@ def resize_center_crop(frame: np.ndarray, size: int = CLIP_IMAGE_SIZE) -> np.nda
     return np.ascontiguousarray(out)
 
 
+def resize_squash(frame: np.ndarray, size: int = CLIP_IMAGE_SIZE) -> np.ndarray:
+    """mPLUG-Owl-video geometry: bicubic-resize the whole frame to ``size x size`` (aspect not kept); uint8
+    (size, size, 3), bit-identical to ``PIL.Image.resize((size, size), BICUBIC)``."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    out = _resample_axis(_as_rgb_uint8(frame), size, axis=1, keep=slice(0, size))
+    return np.ascontiguousarray(_resample_axis(out, size, axis=0, keep=slice(0, size)))
+
+
+def resize_frame(frame: np.ndarray, size: int = CLIP_IMAGE_SIZE, mode: str = "short_side_crop") -> np.ndarray:
+    """``resize_center_crop`` or ``resize_squash`` by ``mode`` (module docstring)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+    return resize_squash(frame, size) if mode == "squash" else resize_center_crop(frame, size)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Clip assembly
 # --------------------------------------------------------------------------------------------------------------------
@@ -231,7 +273,8 @@ def _assemble_clip(frames: Sequence[np.ndarray], num_frames: int, size: int, pad
 
 
 def clip_from_array(
-    frames: np.ndarray, num_frames: int = 4, size: int = CLIP_IMAGE_SIZE, *, pad: str = "repeat_last"
+    frames: np.ndarray, num_frames: int = 4, size: int = CLIP_IMAGE_SIZE, *, pad: str = "repeat_last",
+    sampling: str = "uniform_mid", resize: str = "short_side_crop",
 ) -> VideoClip:
     """(N, H, W, C) frames, uint8 or float in [0, 1], C in {1, 3, 4} -> a ``VideoClip`` of ``num_frames`` frames.
 
@@ -239,8 +282,8 @@ def clip_from_array(
     """
     _check_args(num_frames, size, pad)
     frames = _array_to_uint8(np.asarray(frames))
-    indices = sample_frame_indices(frames.shape[0], num_frames)
-    return _assemble_clip([resize_center_crop(frames[i], size) for i in indices], num_frames, size, pad, "<array>")
+    indices = sample_frame_indices(frames.shape[0], num_frames, sampling)
+    return _assemble_clip([resize_frame(frames[i], size, resize) for i in indices], num_frames, size, pad, "<array>")
 
 
 def _array_to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -291,18 +334,61 @@ def _reading(path: str, what: str) -> Iterator[None]:
         raise VideoReadError(f"{path!r}: {what} failed: {type(e).__name__}: {e}") from e
 
 
-def _count_video_packets(path: str) -> int:
-    """Frame count without decoding: one demuxed packet per frame (the zero-size packet only flushes)."""
+class _Deadline:
+    """The time left to read one video; ``check`` raises ``VideoReadError`` naming the file once it has run out."""
+
+    def __init__(self, path: str, seconds: float) -> None:
+        self.path, self.seconds = path, seconds
+        self.end = time.monotonic() + seconds
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise VideoReadError(f"{self.path!r}: decoding took longer than {self.seconds:g} s (decode_timeout_s); "
+                                 "the file is pathological or far too long")
+
+
+def _open(path: str, deadline: _Deadline):
     with _reading(path, "opening the video"):
-        container = av.open(path)
+        # timeout: FFmpeg's I/O interrupt callback, so even opening cannot outlast the deadline
+        return av.open(path, timeout=max(deadline.end - time.monotonic(), 0.001))
+
+
+def _count_video_packets(path: str, deadline: _Deadline) -> int:
+    """Frame count without decoding: one demuxed packet per frame (the zero-size packet only flushes)."""
+    container = _open(path, deadline)
     with container, _reading(path, "demuxing the video"):
         if not container.streams.video:
             raise VideoReadError(f"{path!r}: contains no video stream")
         stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+        count = 0
+        for packet in container.demux(stream):
+            deadline.check()
+            count += packet.size > 0
+        claimed = _claimed_frames(container, stream)
+        if claimed and count < claimed - 1:  # one frame of slack for rounding of the header's duration
+            warnings.warn(f"{path}: the container promises {claimed} frames but only {count} can be read (truncated "
+                          f"or corrupt); sampling from those {count}", stacklevel=4)
+        return count
 
 
-def _decode_video_at(path: str, wanted: np.ndarray, size: int) -> tuple[list[np.ndarray], int]:
+def _claimed_frames(container, stream) -> int:
+    """The frame count the header states: the stream's own count, else its (or the file's) duration x frame rate."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        return 0
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    else:
+        return 0
+    return int(round(seconds * float(rate)))
+
+
+def _decode_video_at(path: str, wanted: np.ndarray, size: int, resize: str,
+                     deadline: _Deadline) -> tuple[list[np.ndarray], int]:
     """Decode up to the last wanted index, keeping only wanted frames (already resized, so memory stays small).
 
     Returns the kept frames and how many frames were decoded; if that is <= the last wanted index, the video has fewer
@@ -312,32 +398,35 @@ def _decode_video_at(path: str, wanted: np.ndarray, size: int) -> tuple[list[np.
     last = int(wanted[-1]) if len(wanted) else -1
     kept: list[np.ndarray] = []
     decoded = 0
-    with _reading(path, "opening the video"):
-        container = av.open(path)
+    container = _open(path, deadline)
     with container, _reading(path, "decoding the video"):
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
+            deadline.check()
             if decoded in wanted_set:
-                kept.append(resize_center_crop(frame.to_ndarray(format="rgb24"), size))
+                kept.append(resize_frame(frame.to_ndarray(format="rgb24"), size, resize))
             decoded += 1
             if decoded > last:
                 break
     return kept, decoded
 
 
-def _load_video_file(path: str, num_frames: int, size: int) -> list[np.ndarray]:
-    total = _count_video_packets(path)
+def _load_video_file(path: str, num_frames: int, size: int, sampling: str, resize: str,
+                     deadline: _Deadline) -> list[np.ndarray]:
+    total = _count_video_packets(path, deadline)
     if total == 0:
         raise VideoReadError(f"{path!r}: video stream has no frames")
-    wanted = sample_frame_indices(total, num_frames)
-    kept, decoded = _decode_video_at(path, wanted, size)
+    wanted = sample_frame_indices(total, num_frames, sampling)
+    kept, decoded = _decode_video_at(path, wanted, size, resize, deadline)
     if decoded <= int(wanted[-1]):
-        # Fewer decodable frames than packets (e.g. corrupt packets the decoder dropped): resample on the true count.
+        # Fewer decodable frames than packets (a truncated file, corrupt packets): resample on the true count.
         if decoded == 0:
             raise VideoReadError(f"{path!r}: no decodable frames ({total} packets)")
-        wanted = sample_frame_indices(decoded, num_frames)
-        kept, _ = _decode_video_at(path, wanted, size)
+        warnings.warn(f"{path}: the container promises {total} frames but only {decoded} decode (truncated or "
+                      f"corrupt); sampling from those {decoded}", stacklevel=3)
+        wanted = sample_frame_indices(decoded, num_frames, sampling)
+        kept, _ = _decode_video_at(path, wanted, size, resize, deadline)
     return kept
 
 
@@ -366,29 +455,58 @@ def _read_image(path: str) -> np.ndarray:
     raise VideoReadError(f"{path!r}: image has no decodable frame")
 
 
-def _load_image_folder(directory: str, num_frames: int, size: int) -> list[np.ndarray]:
+def _load_image_folder(directory: str, num_frames: int, size: int, sampling: str, resize: str,
+                       deadline: _Deadline) -> list[np.ndarray]:
     files = list_image_files(directory)
     if not files:
         raise VideoReadError(f"{directory!r}: folder has no images with extensions {IMAGE_EXTENSIONS}")
-    return [resize_center_crop(_read_image(files[i]), size) for i in sample_frame_indices(len(files), num_frames)]
+    frames = []
+    for i in sample_frame_indices(len(files), num_frames, sampling):
+        deadline.check()
+        frames.append(resize_frame(_read_image(files[i]), size, resize))
+    return frames
+
+
+def check_video_path(path: str | os.PathLike) -> str:
+    """``path`` as a string if it is a regular file or a directory (an image folder); else ``VideoReadError``.
+
+    Checked before anything opens it: opening a FIFO blocks until a writer comes, ``/dev/zero`` never ends.
+    """
+    source = os.fspath(path)
+    try:
+        mode = os.stat(source).st_mode
+    except FileNotFoundError:
+        raise VideoReadError(f"{source!r}: no such file or directory") from None
+    except OSError as e:
+        raise VideoReadError(f"{source!r}: cannot be read ({e.strerror})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode) else
+                "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise VideoReadError(f"{source!r} is {kind}: a video must be a regular file (or a folder of images)")
+    return source
 
 
 def load_video(
-    path: str | os.PathLike, num_frames: int = 4, size: int = CLIP_IMAGE_SIZE, *, pad: str = "repeat_last"
+    path: str | os.PathLike, num_frames: int = 4, size: int = CLIP_IMAGE_SIZE, *, pad: str = "repeat_last",
+    sampling: str = "uniform_mid", resize: str = "short_side_crop", decode_timeout_s: float = DECODE_TIMEOUT_S,
 ) -> VideoClip:
-    """Video file (anything FFmpeg decodes) or folder of images -> ``VideoClip`` of ``num_frames`` CLIP-sized frames.
+    """Video file (anything FFmpeg decodes) or folder of images -> ``VideoClip`` of ``num_frames`` frames of
+    ``size x size``.
 
-    Frames are sampled with ``sample_frame_indices``, resized with ``resize_center_crop`` and padded per ``pad``
-    (module docstring). Unreadable input raises ``VideoReadError``.
+    Frames are sampled by ``sampling``, resized by ``resize`` and padded per ``pad`` (module docstring); a model's
+    settings are ``model.video.sampling`` / ``model.video.resize``. Unreadable input, a path that is not a regular
+    file or image folder, and decoding longer than ``decode_timeout_s`` raise ``VideoReadError``.
     """
     _check_args(num_frames, size, pad)
-    source = os.fspath(path)
-    if not os.path.exists(source):
-        raise VideoReadError(f"{source!r}: no such file or directory")
+    if sampling not in SAMPLING_RULES or resize not in RESIZE_MODES:
+        raise ValueError(f"sampling must be one of {SAMPLING_RULES} and resize one of {RESIZE_MODES}, got "
+                         f"{sampling!r} and {resize!r}")
+    source = check_video_path(path)
+    deadline = _Deadline(source, decode_timeout_s)
     if os.path.isdir(source):
-        frames = _load_image_folder(source, num_frames, size)
+        frames = _load_image_folder(source, num_frames, size, sampling, resize, deadline)
     else:
-        frames = _load_video_file(source, num_frames, size)
+        frames = _load_video_file(source, num_frames, size, sampling, resize, deadline)
     return _assemble_clip(frames, num_frames, size, pad, source)
 
 

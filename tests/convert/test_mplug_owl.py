@@ -489,3 +489,15 @@ def test_wrong_layouts_are_reported_in_checkpoint_terms(tmp_path, key, bad_shape
     with pytest.raises(CheckpointMismatchError) as e:
         load_mplug_owl(write_checkpoint(tmp_path / "ckpt", sd))
     assert f"{key}: checkpoint {bad_shape}, model needs {good_shape}" in str(e.value)
+
+
+def test_the_converted_checkpoint_carries_mplug_owls_preprocessing():
+    from convert.mplug_owl import model_config_from_mplug
+
+    hf = {"vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                            "num_attention_heads": 4},
+          "visual_abstractor_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                       "intermediate_size": 64},
+          "text_config": {"hidden_size": 64}}
+    video = model_config_from_mplug(hf).video
+    assert (video.sampling, video.resize) == ("mplug_owl", "squash")

@@ -62,6 +62,7 @@ def test_hf_clip_sizes_the_fresh_abstractor_to_the_tower(tiny_hf_clip_vision, tm
     cfg = g4v_jax.weights.load_model_config(dst).model
     assert (cfg.abstractor.hidden_size, cfg.abstractor.num_heads) == (32, 4)
     assert cfg.abstractor.intermediate_size == 88  # the preset's 2816 / 1024 ratio
+    assert (cfg.video.sampling, cfg.video.resize) == ("uniform_mid", "short_side_crop")  # CLIP's preprocessing
     assert (dst / "model.safetensors").stat().st_size < 2_000_000
     model = g4v_jax.load(dst)
     assert model.abstractor is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import av
@@ -436,7 +437,111 @@ def test_load_video_resamples_when_fewer_frames_decode_than_packets(video_path, 
     import g4v_jax.data.video as video_module
 
     expected = load_video(video_path, num_frames=4)
-    monkeypatch.setattr(video_module, "_count_video_packets", lambda path: 30)  # the file has 20 frames
-    got = load_video(video_path, num_frames=4)
+    monkeypatch.setattr(video_module, "_count_video_packets", lambda path, deadline: 30)  # the file has 20 frames
+    with pytest.warns(UserWarning, match="promises 30 frames but only 20 decode"):
+        got = load_video(video_path, num_frames=4)
     np.testing.assert_array_equal(got.frames, expected.frames)
     assert got.frame_mask.all()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the released checkpoint's preprocessing (mPLUG-Owl-video), and untrusted paths
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _get_index(num_frames, num_segments):
+    """mPLUG-Owl-video's frame sampling, as its processing code writes it (the reference rule, verbatim)."""
+    seg_size = float(num_frames - 1) / num_segments
+    start = int(seg_size / 2)
+    offsets = np.array([start + int(np.round(seg_size * idx)) for idx in range(num_segments)])
+    return offsets
+
+
+def test_mplug_owl_sampling_is_get_index():
+    from g4v_jax.data.video import sample_frame_indices
+
+    np.testing.assert_array_equal(sample_frame_indices(48, 4, "mplug_owl"), [5, 17, 29, 40])
+    np.testing.assert_array_equal(sample_frame_indices(48, 4), [6, 18, 30, 42])  # the default stays
+    for n in range(4, 2001):
+        for t in (4, 8):
+            if n >= t:
+                np.testing.assert_array_equal(sample_frame_indices(n, t, "mplug_owl"), _get_index(n, t))
+
+
+def test_squash_is_pil_bicubic_to_a_square(source_frames):
+    from PIL import Image
+
+    from g4v_jax.data.video import resize_frame
+
+    frame = source_frames[7]  # 96 x 128: not square, so squash and crop see different pixels
+    reference = np.asarray(Image.fromarray(frame).resize((56, 56), Image.BICUBIC))
+    np.testing.assert_array_equal(resize_frame(frame, 56, "squash"), reference)
+    assert not np.array_equal(resize_frame(frame, 56, "short_side_crop"), reference)
+
+
+def test_a_video_read_the_released_checkpoints_way(video_path, source_frames):
+    """mplug_owl sampling + squash on a real file: the frames get_index picks, squashed (codec noise aside)."""
+    from PIL import Image
+
+    clip = load_video(video_path, num_frames=4, size=56, sampling="mplug_owl", resize="squash")
+    for got, i in zip(clip.frames, _get_index(20, 4)):
+        want = np.asarray(Image.fromarray(source_frames[i]).resize((56, 56), Image.BICUBIC)).astype(int)
+        assert np.abs(got.astype(int) - want).mean() < 6  # lossy H.264 yuv420p round trip
+        others = [np.abs(got.astype(int) - np.asarray(Image.fromarray(source_frames[j]).resize(
+            (56, 56), Image.BICUBIC)).astype(int)).mean() for j in range(20) if j != i]
+        assert np.abs(got.astype(int) - want).mean() < min(others)  # the right frame, not a neighbour
+
+
+def test_a_truncated_file_warns_with_both_counts(tmp_path):
+    frames = synthetic_frames(40, 64, 64, seed=2)
+    path = tmp_path / "cut.mkv"  # Matroska keeps its index up front, so the head of a cut file still decodes
+    write_video(path, frames)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 6 // 10])
+    with pytest.warns(UserWarning, match=r"cut\.mkv: the container promises 40 frames but only \d+ can be read"):
+        clip = load_video(path, num_frames=4)
+    assert clip.frame_mask.all()
+
+
+def _load_in_thread(path, **kwargs):
+    """load_video in a thread with a join timeout: a regression that blocks fails the test instead of hanging CI."""
+    import threading
+
+    result = {}
+
+    def run():
+        try:
+            result["clip"] = load_video(path, **kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), f"load_video({path}) blocked"
+    return result
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path):
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)
+    result = _load_in_thread(fifo)
+    assert isinstance(result.get("error"), VideoReadError)
+    assert str(result["error"]) == f"{str(fifo)!r} is a FIFO: a video must be a regular file (or a folder of images)"
+
+
+@pytest.mark.parametrize("path,kind", [("/dev/zero", "a character device"), ("/dev/null", "a character device")])
+def test_device_files_are_refused(path, kind):
+    result = _load_in_thread(path)
+    assert isinstance(result.get("error"), VideoReadError) and f"is {kind}" in str(result["error"])
+
+
+def test_a_directory_without_images_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a frame")
+    with pytest.raises(VideoReadError, match="folder has no images"):
+        load_video(tmp_path)
+
+
+def test_decoding_has_a_time_limit(video_path):
+    with pytest.raises(VideoReadError, match=r"decoding took longer than 1e-09 s \(decode_timeout_s\)"):
+        load_video(video_path, decode_timeout_s=1e-9)
