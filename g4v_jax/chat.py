@@ -422,8 +422,12 @@ class _Job:
 
 def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: SamplingConfig = SamplingConfig(),
                     batch_size: int = 8, num_frames: int | None = None, image_size: int | None = None,
-                    system_prompt: str = SYSTEM_PROMPT, seed: int = 0, progress: bool = True) -> list[dict]:
+                    system_prompt: str = SYSTEM_PROMPT, seed: int = 0, progress: bool = True,
+                    on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """Answer many requests (module docstring) in jitted batches; results in input order.
+
+    ``on_result`` is called with each result as soon as it is final (a request's error at once, answers as their
+    batch finishes), so a caller can write them out before the rest are done.
 
     Requests with the same sampling settings (``sampling`` overridden by their own keys) and seed share batches of
     up to ``batch_size`` rows, grouped by video count and length; each batch is left-padded to one bucketed length
@@ -445,6 +449,8 @@ def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: 
             job = _prepare(pos, obj, info, tokenizer, base, seed, system_prompt, clip_cache)
         except ValueError as e:  # VideoReadError included
             results[pos] = {"id": rid, "error": str(e)}
+            if on_result is not None:
+                on_result(results[pos])
             continue
         groups.setdefault((job.sampling, job.seed), []).append(job)
 
@@ -461,6 +467,8 @@ def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: 
                                            for r in answer.requests],
                         "num_tokens": answer.num_tokens,
                     }
+                    if on_result is not None:
+                        on_result(results[job.position])
                 bar.update(len(chunk))
     return results  # type: ignore[return-value]
 
@@ -519,19 +527,21 @@ class CLIError(Exception):
 
 
 def read_requests(path: str | os.PathLike) -> list[dict]:
-    """Requests of a JSONL file, checked line by line (``CLIError`` naming ``file:line``); relative video paths are
-    resolved against the file's directory; a missing ``id`` becomes the line number."""
+    """Requests of a JSONL file; a line that is not a JSON object is a ``CLIError`` naming ``file:line``. A request
+    that is an object but wrong (bad turns, ``max_new_tokens: 0``) is kept: answering gives it its own error and the
+    rest of the batch is answered. Relative video paths are resolved against the file's directory; a missing ``id``
+    becomes the line number."""
     path = Path(path)
     out = []
     try:
         for lineno, obj in iter_jsonl(path, CLIError):
-            try:
-                parse_request(obj)
-            except ValueError as e:
-                raise CLIError(f"{path}:{lineno}: {e}") from None
+            if not isinstance(obj, Mapping):
+                raise CLIError(f"{path}:{lineno}: a request must be a JSON object, got {type(obj).__name__}")
             obj = dict(obj)
             obj.setdefault("id", lineno)
-            obj["videos"] = [resolve_video_path(v, path.parent) for v in obj.get("videos", [])]
+            videos = obj.get("videos", [])
+            if isinstance(videos, list) and all(isinstance(v, str) and v for v in videos):
+                obj["videos"] = [resolve_video_path(v, path.parent) for v in videos]
             out.append(obj)
     except (OSError, UnicodeDecodeError) as e:
         raise CLIError(f"cannot read {path}: {e}") from None
@@ -650,6 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as e:
         print(f"g4v_jax.chat: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("g4v_jax.chat: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -701,18 +714,39 @@ def _main(args) -> None:
         repl(ChatSession(model, tokenizer, sampling, system_prompt=args.system_prompt, seed=args.seed,
                          video_gate=gate, renderer=renderer))
         return
-    results = answer_requests(model, tokenizer, requests, sampling=sampling, batch_size=args.batch_size,
-                              system_prompt=args.system_prompt, seed=args.seed)
+    answer_batch_file(model, tokenizer, requests, Path(args.output), sampling=sampling, batch_size=args.batch_size,
+                      system_prompt=args.system_prompt, seed=args.seed)
+
+
+def answer_batch_file(model, tokenizer, requests: Sequence[Mapping], output: Path, **kwargs) -> list[dict]:
+    """``answer_requests`` with each result appended (and flushed) to ``output`` as it is final, so a crash or
+    Ctrl-C keeps every finished answer; once all are done the file is rewritten in input order."""
+    done: list[dict] = []
     try:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        out = open(output, "w", encoding="utf-8")
     except OSError as e:
-        raise CLIError(f"cannot write {args.output}: {e}") from None
+        raise CLIError(f"cannot write {output}: {e.strerror or e}") from None
+
+    def write(result: dict) -> None:
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        out.flush()
+        done.append(result)
+
+    try:
+        with out:
+            results = answer_requests(model, tokenizer, requests, on_result=write, **kwargs)
+    except KeyboardInterrupt:
+        raise CLIError(f"interrupted: {len(done)} of {len(requests)} answers are in {output} (each line carries its "
+                       "request's id)") from None
+    except OSError as e:
+        raise CLIError(f"cannot write {output}: {e.strerror or e}") from None
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+    os.replace(tmp, output)
     errors = sum("error" in r for r in results)
-    print(f"wrote {len(results)} answers to {args.output}" + (f" ({errors} failed)" if errors else ""),
-          file=sys.stderr)
+    print(f"wrote {len(results)} answers to {output}" + (f" ({errors} failed)" if errors else ""), file=sys.stderr)
+    return results
 
 
 if __name__ == "__main__":

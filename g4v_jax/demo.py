@@ -23,6 +23,7 @@ from flax import nnx
 from g4v_jax.config import load_config
 from g4v_jax.data.template import SYSTEM_PROMPT, Turn, pad_batch, tokenize_conversation
 from g4v_jax.data.tokenizer import build_bpe_tokenizer
+from g4v_jax.cli import guard
 from g4v_jax.data.video import load_video, stack_clips, synthetic_frames, write_video
 from g4v_jax.models.gpt4video import build_model
 
@@ -112,8 +113,10 @@ def _full_model(model, cfg, frames, mask, out: Path) -> tuple[int, ...]:
     return tuple(last.shape)
 
 
+@guard("g4v_jax.demo")
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m g4v_jax.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny", help="config name under configs/ or a YAML path")
     ap.add_argument("--video", default=None, help="a video file or image folder (default: write a synthetic one)")
     ap.add_argument("--out", default="outputs/demo")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -264,8 +266,12 @@ def test_cli_errors(world, tmp_path, capsys):
     assert f"{bad}:2: not valid JSON" in err and len(err.strip().splitlines()) == 1
     bad.write_text('{"turns": [{"from": "human", "value": "ok"}]}\n\n{"videos": ["a.mp4"], "turns": '
                    '[{"from": "human", "value": "no video turn"}]}\n')
-    assert chat.main(["--ckpt", str(world["ckpt"]), "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
-    assert f"{bad}:3: the video turns must be numbered" in capsys.readouterr().err
+    # a request that is JSON but wrong fails alone; the rest of the file is answered (README)
+    assert chat.main(["--ckpt", str(world["ckpt"]), "--input", str(bad), "--output", str(tmp_path / "o")]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "o").read_text().splitlines()]
+    assert "answer" in answers[0] and answers[1]["id"] == 3
+    assert "the video turns must be numbered" in answers[1]["error"]
+    capsys.readouterr()
     assert chat.main(["--ckpt", str(world["ckpt"]), "--tokenizer", str(tmp_path), "--input", str(bad)]) == 2
     assert "both --input and --output" in capsys.readouterr().err
 
@@ -297,3 +303,50 @@ def test_answer_to_files_through_a_backend(world, monkeypatch, tmp_path):
     assert first.path is not None and first.path.is_file() and first.error is None
     assert second.path is None and "refused" in second.error  # the prompt gate stopped it
     assert answer.text.startswith("Here:")  # the text answer is intact
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# untrusted batches: a FIFO as a video, an interrupted run keeps what it finished
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_fifo_video_fails_its_request_only_and_never_hangs_the_batch(world, tmp_path):
+    import threading
+
+    fifo = tmp_path / "stream.mp4"
+    os.mkfifo(fifo)
+    reqs = [{"id": "fifo", "videos": [str(fifo)],
+             "turns": [{"from": "human", "video": 0}, {"from": "human", "value": "What happens?"}]},
+            {"id": "ok", "turns": [{"from": "human", "value": "Hello"}]},
+            {"id": "zero", "turns": [{"from": "human", "value": "Hello"}], "max_new_tokens": 0}]
+    seen, out = [], {}
+    thread = threading.Thread(target=lambda: out.update(results=chat.answer_requests(
+        world["model"], world["tokenizer"], reqs, sampling=SamplingConfig(max_new_tokens=4), progress=False,
+        on_result=seen.append)), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the batch hung on a FIFO"
+    fifo_result, ok, zero = out["results"]
+    assert fifo_result == {"id": "fifo", "error": f"{str(fifo)!r} is a FIFO: a video must be a regular file (or a "
+                                                  "folder of images)"}
+    assert "answer" in ok and "max_new_tokens" in zero["error"]
+    assert sorted(r["id"] for r in seen) == ["fifo", "ok", "zero"]  # each handed out as soon as it was final
+
+
+def test_an_interrupted_batch_keeps_every_finished_answer(world, tmp_path):
+    lines = [{"id": f"q{i}", "turns": [{"from": "human", "value": "What happens? " * (1 + i % 7)}],
+              "max_new_tokens": 24} for i in range(40)]
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    output = tmp_path / "out.jsonl"
+    proc = _start_cli(["--ckpt", world["ckpt"], "--input", requests, "--output", output, "--batch-size", "1"])
+    deadline = time.monotonic() + 180
+    while not (output.is_file() and output.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr
+    kept = [json.loads(line) for line in output.read_text().splitlines()]
+    assert 1 <= len(kept) < 40 and all("answer" in r for r in kept)
+    assert f"g4v_jax.chat: error: interrupted: {len(kept)} of 40 answers are in {output}" in stderr

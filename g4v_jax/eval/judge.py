@@ -126,6 +126,19 @@ class ModelJudge:
         raise JudgeError(f"unparseable judge reply after {self.max_retries + 1} attempt(s): {str(reply)[:200]!r}")
 
 
+def read_key_file(path: str | os.PathLike | None) -> str | None:
+    """The API key in ``path`` (surrounding whitespace stripped); None without a path ($OPENAI_API_KEY then)."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ValueError(f"judge key file {path}: {e.strerror}") from None
+    if not key:
+        raise ValueError(f"judge key file {path} is empty")
+    return key
+
+
 class OpenAIJudge:
     """A judge behind an OpenAI-compatible chat-completions endpoint.
 

@@ -1,7 +1,7 @@
 """Open-ended video QA (MSVD-QA / MSRVTT-QA, paper Table 1) with offline metrics and an optional LLM judge.
 
     python -m g4v_jax.eval.qa --ckpt DIR --data qa.jsonl --out reports/msrvtt_qa \\
-        [--judge-url URL --judge-model NAME [--judge-api-key KEY] | --judge-self] [--max-new-tokens 64]
+        [--judge-url URL --judge-model NAME [--judge-key-file FILE] | --judge-self] [--max-new-tokens 64]
 
 Data (JSONL, one per line; ``video`` relative to the file)::
 
@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, sha256_of, write_jsonl
 from g4v_jax.data.template import SYSTEM_PROMPT
-from g4v_jax.eval.judge import Judge, JudgeError
+from g4v_jax.eval.judge import Judge, JudgeError, read_key_file
 
 _log = logging.getLogger(__name__)
 
@@ -335,7 +335,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--judge-url", default=None)
     ap.add_argument("--judge-model", default=None)
-    ap.add_argument("--judge-api-key", default=None, help="default: $OPENAI_API_KEY")
+    ap.add_argument("--judge-key-file", default=None,
+                    help="file holding the judge's API key (default: $OPENAI_API_KEY); a key is never taken from the "
+                         "command line, where the process list shows it")
     ap.add_argument("--judge-cache", default=None, help="default: OUT/judge_cache")
     ap.add_argument("--judge-workers", type=int, default=4)
     ap.add_argument("--judge-self", action="store_true", help="judge with the evaluated model itself")
@@ -353,23 +355,27 @@ def main(argv=None) -> None:
         from g4v_jax.eval.judge import ModelJudge, OpenAIJudge
         from g4v_jax.generate import SamplingConfig
 
+        judge = None
+        if args.judge_url:  # before any work: a bad URL or key file is an error now, not after answering
+            cache = args.judge_cache or str(Path(args.out) / "judge_cache")
+            judge = OpenAIJudge(args.judge_url, args.judge_model, read_key_file(args.judge_key_file), cache_dir=cache)
         items = read_qa(args.data)
         model = g4v_jax.load(args.ckpt, args.overrides)
         tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
         answers, errors = answer_items(model, tokenizer, items, sampling=SamplingConfig(args.max_new_tokens),
                                        batch_size=args.batch_size)
         judgements = judge_info = None
-        if args.judge_url:
-            cache = args.judge_cache or str(Path(args.out) / "judge_cache")
-            judge = OpenAIJudge(args.judge_url, args.judge_model, args.judge_api_key, cache_dir=cache)
+        if judge is not None:
             judge_info = {"kind": "openai", "url": judge.url, "model": args.judge_model, "cache": cache}
             judgements = judge_items(items, answers, judge, workers=args.judge_workers)
             judge_info["http_calls"] = judge.calls
         elif args.judge_self:
             judge_info = {"kind": "self", "model": str(args.ckpt)}
             judgements = judge_items(items, answers, ModelJudge(_self_ask(model, tokenizer, 32)))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:
+        from g4v_jax.cli import fail
+
+        fail("g4v_jax.eval.qa", str(e))
     report = build_report(checkpoint=args.ckpt, data=args.data, items=items, answers=answers, errors=errors,
                           judgements=judgements, judge_info=judge_info)
     print(write_report(report, args.out, Path(args.ckpt).name))

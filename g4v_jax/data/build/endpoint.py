@@ -91,7 +91,7 @@ class EndpointRejected(EndpointError):
     @property
     def fatal(self) -> bool:
         """True when every request would fail the same way (bad key or URL)."""
-        return self.status in FATAL_STATUSES
+        return self.status in FATAL_STATUSES or 300 <= self.status < 400  # a redirect: every request would get it
 
 
 class EndpointUnavailable(EndpointError):
@@ -208,8 +208,49 @@ def _error_message(body: bytes) -> str:
         return body[:300].decode("utf-8", "replace")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect becomes an ``HTTPError`` (3xx): following it would re-send the POST, and its Authorization header,
+    to wherever the server points, another host included."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def _is_loopback(host: str | None) -> bool:
+    import ipaddress
+
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint_url(url: str, has_key: bool) -> None:
+    """An API key travels only over https, or plain http to this machine (a local server); anything else is refused
+    before a request is made."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"endpoint URL {url!r} must start with http:// or https://")
+    if has_key and parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(f"refusing to send an API key over plain http to {parts.hostname}: use https:// (plain http "
+                         "is allowed to this machine only: localhost, 127.0.0.1, ::1)")
+
+
 class ChatEndpoint:
-    """An OpenAI-compatible chat-completions endpoint with retries, backoff and a rate limit (module docstring)."""
+    """An OpenAI-compatible chat-completions endpoint with retries, backoff and a rate limit (module docstring).
+
+    The key is sent only to the configured URL: redirects are not followed (a 3xx is an error naming the target), and
+    a key is never sent over plain http except to this machine.
+    """
 
     def __init__(self, url: str, model: str, api_key: str | None = None, *, max_retries: int = 5,
                  backoff: float = 1.0, timeout: float = 60, requests_per_minute: float | None = None,
@@ -222,6 +263,7 @@ class ChatEndpoint:
             raise ValueError("the endpoint needs a model name")
         self.url, self.model = chat_completions_url(url), model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        check_endpoint_url(self.url, bool(self.api_key))
         self.max_retries, self.backoff, self.max_backoff, self.timeout = max_retries, backoff, max_backoff, timeout
         self.limiter = RateLimiter(requests_per_minute, clock=clock, sleep=sleep) if requests_per_minute else None
         self._sleep = sleep
@@ -246,9 +288,14 @@ class ChatEndpoint:
         with self._lock:
             self._calls += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                target = e.headers.get("Location", "?") if e.headers else "?"
+                raise EndpointRejected(f"{self.url} redirected the request (HTTP {e.code}) to {target}; redirects are "
+                                       "not followed, so the API key stays with the configured host: use the final "
+                                       "URL", e.code) from None
             detail = _error_message(e.read() or b"")
             if e.code in RETRY_STATUSES or e.code >= 500:
                 raise _Retry(f"HTTP {e.code}: {detail}", retry_after_seconds(e.headers)) from None
