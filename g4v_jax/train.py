@@ -304,7 +304,9 @@ def _initial_model(cfg: Config) -> nnx.Module:
                   _config_fields(m, "model").items() if k in loaded and loaded[k] != v and k != "model.param_dtype"]
         if differ:
             raise TrainingError("train.init_from's model config differs from this run's model section, so the "
-                                "saved checkpoint would not load; make them agree:\n  " + "\n  ".join(differ))
+                                "saved checkpoint would not load; make them agree (to train a directory made by a "
+                                f"converter, pass its own config: --config {cfg.train.init_from}/config.yaml "
+                                "train=train/stage1.yaml ...):\n  " + "\n  ".join(differ))
         return load_model_dir(cfg.train.init_from, compute)
     return build_model(cfg.model, seed=cfg.train.seed)
 

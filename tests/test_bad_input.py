@@ -108,6 +108,11 @@ CONVERT_CASES: list[Case] = [
      r"convert\.hf_llama: error: checkpoint .*hf_llama does not match the model"),
     ("convert-malicious-pickle", _convert("convert.hf_llama", _malicious_pickle),
      r"pytorch_model\.bin is not a plain weights file .*will not unpickle it"),
+    ("assemble-vision-not-clip", lambda tmp: ("convert.assemble:main", [
+        "--vision", str(tmp), "--llm", str(_hf_llama_dir(tmp, _wrong_shape)), str(tmp / "out")]),
+     r"convert\.assemble: error: .*(config\.json is missing|no model\.safetensors)"),
+    ("assemble-missing-llm", lambda tmp: ("convert.assemble:main", [
+        "--vision", str(tmp), "--llm", str(tmp / "nope"), str(tmp / "out")]), r"--llm .*nope: no such directory"),
     ("export-not-a-model", lambda tmp: ("convert.export_hf:main", [str(tmp), str(tmp / "out")]),
      r"is not a g4v_jax model directory"),
 ]
