@@ -723,10 +723,15 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     out = Path(t.output_dir)
     check_output_dir(out)
     check_run_fits(cfg, make_mesh(cfg.mesh))
+    if t.init_from and not Path(t.init_from).is_dir():
+        raise TrainingError(f"train.init_from {t.init_from}: no such directory")
     tok_dir = t.tokenizer or t.init_from
     if not tok_dir:
         raise TrainingError("no tokenizer: set train.tokenizer (or train.init_from to a directory that has one)")
-    tokenizer = load_tokenizer(tok_dir)
+    try:
+        tokenizer = load_tokenizer(tok_dir)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{'train.tokenizer' if t.tokenizer else 'train.init_from'} (the tokenizer): {e}") from None
     if not cfg.data.train_manifest:
         raise TrainingError("no training data: set data.train_manifest to a JSONL manifest (see README)")
     examples = read_manifest(cfg.data.train_manifest)

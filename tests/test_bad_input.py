@@ -43,8 +43,10 @@ TRAIN_CASES: list[Case] = [
     ("train-mesh-uneven", _train("mesh.fsdp=3"), r"mesh\.fsdp=3 .*(do not divide the \d+ devices|needs 3 devices)"),
     ("train-unknown-key", _train("train.lerning_rate=1"), r"lerning_rate.*learning_rate"),
     ("train-stage", _train("train.stage=stage3"), r"train\.stage must be stage1, stage2 or full"),
-    ("train-no-manifest", _train("train.tokenizer=/nonexistent/tok"), r"/nonexistent/tok"),
-    ("train-init-from-missing", _train("train.init_from=/nonexistent/ckpt"), r"/nonexistent/ckpt"),
+    ("train-tokenizer-missing", _train("train.tokenizer=/nonexistent/tok"),
+     r"train\.tokenizer \(the tokenizer\): '/nonexistent/tok': tokenizer directory does not exist"),
+    ("train-init-from-missing", _train("train.init_from=/nonexistent/ckpt"),
+     r"train\.init_from /nonexistent/ckpt: no such directory"),
 ]
 
 # ---- converters (convert/) -----------------------------------------------------------------------------------------
