@@ -610,8 +610,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--eval-split", choices=("test", "val"), default="test",
                     help="judge on the test split (the report) or the validation split (to choose settings)")
     args = ap.parse_args(argv)
-    result = run(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
-                 eval_split=args.eval_split)
+    from g4v_jax.train import Interrupted
+
+    try:
+        result = run(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
+                     eval_split=args.eval_split)
+    except Interrupted as e:  # the stage in training checkpointed; finished stages are kept
+        print(f"{e} (the demo: run the same demo command again)", file=sys.stderr)
+        return 0
     print((Path(result["report_dir"]) / "report.md").read_text())
     print(f"report: {Path(result['report_dir']) / 'report.md'}")
     return 0
