@@ -135,8 +135,8 @@ INPUT_CASES: list[Case] = [
      r"m\.jsonl:1: not valid JSON \(Expecting value at column 30\)"),
     ("manifest-bad-turn", lambda tmp: ("g4v_jax.data.manifest:main", [
         "check", str(_lines(tmp, "m.jsonl", '{"id": "a"}\n'))]), r"m\.jsonl:1: .*conversation"),
-    ("manifest-check-bad-override", lambda tmp: ("g4v_jax.data.manifest:main", [
-        "check", str(_lines(tmp, "m.jsonl", "")), "--config", "tiny", "data.seq_len=0"]),
+    ("check-bad-override", lambda tmp: ("g4v_jax.data.check:main", [
+        str(_lines(tmp, "m.jsonl", "")), "--config", "tiny", "data.seq_len=0"]),
      r"data\.seq_len must be an integer >= 2"),
     ("qa-plain-http-with-key", lambda tmp: ("g4v_jax.eval.qa:main", [
         "--ckpt", str(tmp), "--data", str(tmp / "qa.jsonl"), "--out", str(tmp / "out"),

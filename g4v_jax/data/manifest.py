@@ -444,17 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     g4 = sub.add_parser("gpt4video50k", help="GPT4Video-50k-style conversation JSON -> manifest (text only)")
     g4.add_argument("input")
     g4.add_argument("output")
-    check = sub.add_parser("check", help="validate a manifest and report what training would skip, and why")
+    check = sub.add_parser("check", help="validate a manifest and print a summary (what training would skip: "
+                                         "python -m g4v_jax.data.check)")
     check.add_argument("manifest")
-    check.add_argument("--config", default=None,
-                       help="the training config (with train.tokenizer or train.init_from): the same checks as "
-                            "training, token lengths included; without it only the videos are checked")
-    check.add_argument("overrides", nargs="*", help="config overrides, e.g. train.stage=stage2 data.seq_len=1024")
-    args, extra = parser.parse_known_args(argv)  # check: key=value overrides may come after --config
-    if extra and (args.command != "check" or any("=" not in x or x.startswith("-") for x in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "check":
-        args.overrides = [*args.overrides, *extra]
+    args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.ERROR)  # per-entry skip warnings would flood the terminal; counts are printed
     try:
@@ -469,61 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             videos = sum(len(ex.videos) for ex in examples)
             captioned = sum(bool(ex.captions) for ex in examples)
             print(f"{args.manifest}: {len(examples)} examples, {videos} videos, {captioned} examples with captions")
-            from g4v_jax.data.manifest import check_for_training  # not __main__'s copy: its Example is another class
-
-            print(check_for_training(args.manifest, args.config, args.overrides))
+            print(f"what training would skip, and why: python -m g4v_jax.data.check {args.manifest} --config CFG")
     except (ValueError, OSError) as e:  # ManifestError, ConfigError, a tokenizer that does not load
         print(f"g4v_jax.data.manifest: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def check_for_training(manifest: str | os.PathLike, config: str | None = None, overrides: Sequence[str] = ()) -> str:
-    """What training would skip of the ``manifest``'s examples and why, by the code training runs
-    (``pipeline.count_problems``), as lines of text. With ``config`` (a training config naming a tokenizer) the token lengths are checked too."""
-    from g4v_jax.config import load_config
-    from g4v_jax.data import pipeline
-    from g4v_jax.train import pipeline_config
-
-    examples = read_manifest(manifest)
-    cfg = load_config(config or "tiny", [*overrides, f"data.train_manifest={manifest}"])
-    data_cfg = pipeline_config(cfg)
-    tok_dir = cfg.train.tokenizer or cfg.train.init_from
-    if config and tok_dir:
-        from g4v_jax.data.tokenizer import load_tokenizer
-
-        report = pipeline.count_problems(examples, load_tokenizer(tok_dir), data_cfg, Path(manifest).parent)
-        note = f"training ({cfg.train.stage}, data.seq_len={data_cfg.seq_len})"
-    else:
-        report = _video_problems(examples, data_cfg, Path(manifest).parent)
-        note = ("training (videos only: token lengths need --config with train.tokenizer or train.init_from; video "
-                "counts and reading as in stage 1)")
-    lines = [f"for {note}: {pipeline.describe_problems(report)}"]
-    lines += [f"  {p['id']}: {p['reason'].replace('_', ' ')}: {p['detail']}" for p in report["problems"]]
-    return "\n".join(lines)
-
-
-def _video_problems(examples: Sequence[Example], data_cfg, manifest_dir: Path) -> dict:
-    from g4v_jax.data.pipeline import SKIP_REASONS
-    from g4v_jax.data.video import VideoReadError, load_video
-
-    problems = []
-    for ex in examples:
-        if len(ex.videos) > data_cfg.max_videos_per_example:
-            problems.append({"id": ex.id, "reason": "too_many_videos",
-                             "detail": f"{len(ex.videos)} videos, data.max_videos_per_example is "
-                                       f"{data_cfg.max_videos_per_example}"})
-            continue
-        for video in ex.videos:
-            try:
-                load_video(resolve_video_path(video, manifest_dir), num_frames=data_cfg.num_frames,
-                           size=data_cfg.image_size, sampling=data_cfg.video_sampling, resize=data_cfg.video_resize)
-            except VideoReadError as e:
-                problems.append({"id": ex.id, "reason": "unreadable_video", "detail": str(e)})
-                break
-    reasons = [p["reason"] for p in problems]
-    return {"examples": len(examples), "ok": len(examples) - len(problems), "skipped": len(problems),
-            **{r: reasons.count(r) for r in SKIP_REASONS}, "problems": problems}
 
 
 if __name__ == "__main__":

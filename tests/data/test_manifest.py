@@ -254,10 +254,11 @@ def test_cli(tmp_path, capsys):
 
 
 def test_check_reports_what_training_would_skip_and_why(train_data, tmp_path, capsys):
-    """`manifest check` used to call a manifest fine when training would skip some of its examples."""
+    """`manifest check` used to call a manifest fine when training would skip some of its examples; `data.check`
+    reports them."""
     import json as _json
 
-    from g4v_jax.data.manifest import main
+    from g4v_jax.data.check import main
 
     rows = [_json.loads(line) for line in (train_data / "train.jsonl").read_text().splitlines()][:4]
     for row in rows:
@@ -267,13 +268,13 @@ def test_check_reports_what_training_would_skip_and_why(train_data, tmp_path, ca
     chatty["conversation"] = chatty["conversation"][:2] + [{"from": "ai", "value": "and then " * 200}]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\ufeff" + "\n".join(_json.dumps(r) for r in rows + [missing, chatty]) + "\n")  # with a BOM
-    assert main(["check", str(manifest), "--config", "tiny", f"train.tokenizer={train_data / 'tokenizer'}",
+    assert main([str(manifest), "--config", "tiny", f"train.tokenizer={train_data / 'tokenizer'}",
                  "data.seq_len=160", "model.llm.vocab_size=512"]) == 0
     out = capsys.readouterr().out
     assert "for training (stage1, data.seq_len=160): 2 of 6 examples will be skipped (1 unreadable video, 1 too long)" \
         in out
     assert "  gone: unreadable video: " in out and "gone.mp4" in out and "  chatty: too long: " in out
-    assert main(["check", str(manifest)]) == 0  # without a tokenizer: the videos only, and it says so
+    assert main([str(manifest)]) == 0  # without a tokenizer: the videos only, and it says so
     out = capsys.readouterr().out
     assert "videos only: token lengths need --config" in out and "1 of 6 examples will be skipped" in out
 
