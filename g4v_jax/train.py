@@ -735,7 +735,7 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     if not cfg.data.train_manifest:
         raise TrainingError("no training data: set data.train_manifest to a JSONL manifest (see README)")
     examples = read_manifest(cfg.data.train_manifest)
-    data_cfg = pipeline_config(cfg)
+    data_cfg = pipeline.pipeline_config(cfg)
     manifest_dir = Path(cfg.data.train_manifest).parent
     # every host needs the same step count; decoding every video on every host would not scale, so several hosts
     # count text problems only (unreadable videos are still skipped and counted during training)
@@ -841,20 +841,6 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
                                                         f"{t.stage}: {cfg.data.train_manifest}"))
         print(f"done: {summary}")
     return summary
-
-
-def pipeline_config(cfg: Config):
-    """The data pipeline's settings, derived from the run's config (stage 2 replaces videos by captions)."""
-    from g4v_jax.data.pipeline import DataConfig as PipelineConfig
-
-    return PipelineConfig(
-        train_manifest=cfg.data.train_manifest, seq_len=cfg.data.seq_len, num_frames=cfg.model.num_frames,
-        image_size=cfg.model.vision.image_size, video_sampling=cfg.model.video.sampling,
-        video_resize=cfg.model.video.resize, max_videos_per_example=cfg.data.max_videos_per_example,
-        use_videos=cfg.train.stage == "stage1", num_video_tokens=cfg.model.num_video_tokens,
-        system_prompt=cfg.data.system_prompt, worker_count=cfg.data.worker_count, shuffle=cfg.data.shuffle,
-        seed=cfg.train.seed, on_bad_video=cfg.data.on_bad_video, on_too_long=cfg.data.on_too_long,
-        vision_cache=cfg.data.vision_cache, pack_sequences=cfg.data.pack_sequences)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

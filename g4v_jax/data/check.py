@@ -2,9 +2,9 @@
 
     python -m g4v_jax.data.check MANIFEST [--config CFG] [key=value ...]
 
-With ``--config`` (a training config whose ``train.tokenizer`` or ``train.init_from`` names a tokenizer) every check of
-``pipeline.count_problems`` runs, token lengths included, with that config's ``data.*``, ``model.*`` and ``train.stage``;
-without it only the videos are read (as stage 1 would) and the report says what was not checked.
+With ``--config`` (a training config whose ``train.tokenizer`` or ``train.init_from`` names a tokenizer) every check
+of ``pipeline.count_problems`` runs, token lengths included, with that config's ``data.*``, ``model.*`` and
+``train.stage``; without it only the videos are read (as stage 1 would) and the report says what was not checked.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from g4v_jax.data.manifest import Example, read_manifest, resolve_video_path
 
 def check_for_training(manifest: str | os.PathLike, config: str | None = None, overrides: Sequence[str] = ()) -> str:
     """What training would skip of the ``manifest``'s examples and why, by the code training runs
-    (``pipeline.count_problems``), as lines of text. With ``config`` (a training config naming a tokenizer) the token lengths are checked too."""
+    (``pipeline.count_problems``), as lines of text. With ``config`` (a training config naming a tokenizer) the
+    token lengths are checked too."""
     from g4v_jax.config import load_config
     from g4v_jax.data import pipeline
-    from g4v_jax.train import pipeline_config
 
     examples = read_manifest(manifest)
     cfg = load_config(config or "tiny", [*overrides, f"data.train_manifest={manifest}"])
-    data_cfg = pipeline_config(cfg)
+    data_cfg = pipeline.pipeline_config(cfg)
     tok_dir = cfg.train.tokenizer or cfg.train.init_from
     if config and tok_dir:
         from g4v_jax.data.tokenizer import load_tokenizer

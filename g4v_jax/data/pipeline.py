@@ -653,6 +653,19 @@ def batch_iterator(dataset: BatchDataset) -> BatchIterator:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def pipeline_config(cfg) -> DataConfig:
+    """The data pipeline's settings, derived from a run's ``g4v_jax.config.Config`` (stage 2 replaces videos by
+    captions); training and ``g4v_jax.data.check`` use the same."""
+    return DataConfig(
+        train_manifest=cfg.data.train_manifest, seq_len=cfg.data.seq_len, num_frames=cfg.model.num_frames,
+        image_size=cfg.model.vision.image_size, video_sampling=cfg.model.video.sampling,
+        video_resize=cfg.model.video.resize, max_videos_per_example=cfg.data.max_videos_per_example,
+        use_videos=cfg.train.stage == "stage1", num_video_tokens=cfg.model.num_video_tokens,
+        system_prompt=cfg.data.system_prompt, worker_count=cfg.data.worker_count, shuffle=cfg.data.shuffle,
+        seed=cfg.train.seed, on_bad_video=cfg.data.on_bad_video, on_too_long=cfg.data.on_too_long,
+        vision_cache=cfg.data.vision_cache, pack_sequences=cfg.data.pack_sequences)
+
+
 def count_problems(
     examples: Sequence[Example],
     tokenizer,
