@@ -2,7 +2,7 @@
 
     python bench/cpu_decode.py [--config tiny] [--batch 8] [--prompt 64] [--new 64]
 
-With the cache: ``g4v_jax.generate.generate`` (one jitted prefill + while_loop). Without: every new token runs the
+With the cache: ``g4v_jax.inference.generate.generate`` (one jitted prefill + while_loop). Without: every new token runs the
 whole sequence so far through the model (one jitted forward over a fixed-size buffer, so it compiles once), the
 cost a cache avoids. Both start from the same prompts and must produce the same tokens. CPU figures only say how
 the two paths compare here; GPU throughput is bench/'s business in the performance issue.
@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from g4v_jax.config import load_config
-from g4v_jax.generate import SamplingConfig, generate
+from g4v_jax.inference.generate import SamplingConfig, generate
 from g4v_jax.models.gpt4video import build_model
 
 

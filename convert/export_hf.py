@@ -51,6 +51,7 @@ from convert.common import Rule, TorchBinTensors, convert_checkpoint, copy_token
 from convert.hf_llama import export_llama
 from g4v_jax.cli import guard
 from g4v_jax.config import LlamaConfig
+from g4v_jax.models.gpt4video import language_model
 from g4v_jax.models.llama import LlamaForCausalLM
 from g4v_jax.models.lora import LoRALinear
 from g4v_jax.weights import named_params, read_safetensors, write_safetensors
@@ -68,17 +69,6 @@ _ST_METADATA = {"format": "pt"}  # transformers refuses safetensors files withou
 # ----------------------------------------------------------------------------------------------------------------------
 # the LLaMA inside a model, and its LoRA layers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def language_model(model: nnx.Module) -> LlamaForCausalLM:
-    """The LLaMA of a ``LlamaForCausalLM`` (itself) or of a ``GPT4Video`` (``.language_model``)."""
-    if isinstance(model, LlamaForCausalLM):
-        return model
-    lm = getattr(model, "language_model", None)
-    if isinstance(lm, LlamaForCausalLM):
-        return lm
-    raise TypeError(f"{type(model).__name__} has no LLaMA language model to export (model.kind must be llm or "
-                    "gpt4video)")
 
 
 def _module(target: str) -> str:
@@ -340,7 +330,7 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@guard("convert.export_hf")
+@guard("convert.export_hf", errors=(TypeError,))  # a video_encoder directory has no LLM
 def main(argv=None) -> None:
     import g4v_jax
 

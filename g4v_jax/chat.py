@@ -28,7 +28,8 @@ Batch
     is not JSON or not a valid request stops the run before the model is loaded, naming ``file:line``.
 
 Library
-    ``ChatSession`` (``attach_video``, ``ask``, ``reset``) and ``answer_requests`` are what the CLI runs.
+    The CLI only parses arguments: ``g4v_jax.inference`` (``ChatSession``, ``answer_requests``,
+    ``answer_batch_file``) is what it runs, as the evals and the world demo do.
 
 Decisions
     - Prompts are left-padded to ``bucket_length`` (clamped so prompt + ``max_new_tokens`` fits the context) and the
@@ -48,473 +49,25 @@ Decisions
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import jax
-import numpy as np
 
 from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
-from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, pad_batch, tokenize_conversation
-from g4v_jax.data.video import VideoClip, VideoReadError, load_video
-from g4v_jax.generate import SamplingConfig, bucket_length, generate, stop_sequences_for, stream
-from g4v_jax.tags import VideoRequest, parse_video_tags
+from g4v_jax.data.template import SYSTEM_PROMPT
+from g4v_jax.inference.batch import BatchOutputError, answer_batch_file
+from g4v_jax.inference.generate import SamplingConfig
+from g4v_jax.inference.session import ChatSession, make_renderer
+from g4v_jax.models.gpt4video import model_kind
 
-STOP_STRING = "###"  # every turn prefix starts with it: the model is done with its answer
 ANSWER_MARKER = "GPT4Video:"  # what the REPL prints before a streamed answer
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Model / tokenizer facts
-# --------------------------------------------------------------------------------------------------------------------
 
-
-@dataclasses.dataclass(frozen=True)
-class _ModelInfo:
-    has_vision: bool
-    num_video_tokens: int
-    context: int
-    vocab_size: int
-    num_frames: int
-    image_size: int
-    eos_id: int
-    pad_id: int
-    sampling: str = "uniform_mid"  # the model's video preprocessing (model.video)
-    resize: str = "short_side_crop"
-
-
-def _model_info(model, tokenizer, num_frames: int | None, image_size: int | None) -> _ModelInfo:
-    from g4v_jax.models.gpt4video import GPT4Video
-    from g4v_jax.models.llama import LlamaForCausalLM
-
-    video = None
-    if isinstance(model, GPT4Video):
-        cfg = model.cfg
-        has_vision, llm, k, video = True, cfg.llm, cfg.num_video_tokens, cfg.video
-        num_frames = cfg.num_frames if num_frames is None else num_frames
-        image_size = cfg.vision.image_size if image_size is None else image_size
-    elif isinstance(model, LlamaForCausalLM):
-        has_vision, llm, k = False, model.cfg, 1  # text only; k is unused (the template needs some value)
-        num_frames, image_size = num_frames or 1, image_size or 1
-    else:
-        raise TypeError(f"chat needs a GPT4Video or LlamaForCausalLM model (a gpt4video or llm checkpoint), got "
-                        f"{type(model).__name__}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no EOS token")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    preprocess = {"sampling": video.sampling, "resize": video.resize} if video is not None else {}
-    return _ModelInfo(has_vision, k, llm.max_position_embeddings, llm.vocab_size, int(num_frames), int(image_size),
-                      int(eos), int(pad), **preprocess)
-
-
-def _with_stops(sampling: SamplingConfig, tokenizer) -> SamplingConfig:
-    """``sampling`` stopping at the tokens of ``###`` (unless it already names stop sequences)."""
-    if sampling.stop_sequences:
-        return sampling
-    return dataclasses.replace(sampling, stop_sequences=stop_sequences_for(tokenizer, (STOP_STRING,)))
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _prompt_length(info: _ModelInfo, n: int, max_new_tokens: int) -> int:
-    """Padded length of an ``n``-token prompt: its bucket, clamped to what the context leaves; raises if too long."""
-    room = info.context - max_new_tokens
-    if n > room:
-        raise ValueError(f"the conversation is {n} tokens, but with max_new_tokens={max_new_tokens} the model's "
-                         f"context of {info.context} leaves room for {max(room, 0)}; start a new conversation or "
-                         f"lower max_new_tokens")
-    return min(bucket_length(n), room)
-
-
-def _check_vocab(info: _ModelInfo, conv: TokenizedConversation) -> None:
-    top = int(conv.input_ids.max(initial=0))
-    if top >= info.vocab_size:
-        raise ValueError(f"the tokenizer produced id {top}, outside the model's vocabulary of {info.vocab_size}: "
-                         f"tokenizer and checkpoint do not belong together")
-
-
-def _video_arrays(rows: Sequence[Sequence[VideoClip]], num_videos: int, info: _ModelInfo):
-    """(B, V, T, S, S, 3) uint8 and (B, V, T) bool with row b's clips first; the rest zeros, fully masked."""
-    t, s = info.num_frames, info.image_size
-    videos = np.zeros((len(rows), num_videos, t, s, s, 3), np.uint8)
-    mask = np.zeros((len(rows), num_videos, t), bool)
-    for b, clips in enumerate(rows):
-        for v, clip in enumerate(clips):
-            videos[b, v], mask[b, v] = clip.frames, clip.frame_mask
-    return videos, mask
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Answers: cleaning and incremental decoding
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    text: str  # the answer, <video> tags included, without the "###" that ended it
-    requests: list[VideoRequest]  # the <video>...</video> spans of ``text`` (offsets into ``text``)
-    num_tokens: int  # tokens generated (the stop token included)
-    videos: tuple = ()  # t2v.RenderedVideo per request when the session renders (path or error each)
-
-
-_HELD = re.compile(r"[\s#\ufffd]+\Z")  # a streamed tail that may still change: spaces, '#'s, a partial character
-
-
-def clean_answer(text: str) -> str:
-    """The answer in decoded model output: up to the first ``###`` (the next turn's prefix), whitespace-stripped."""
-    cut = text.find(STOP_STRING)
-    return (text if cut < 0 else text[:cut]).strip()
-
-
-def finish_answer(text: str, num_tokens: int) -> Answer:
-    """``Answer`` of decoded model output: cleaned (``clean_answer``) and its video requests parsed."""
-    answer = clean_answer(text)
-    return Answer(answer, parse_video_tags(answer), int(num_tokens))
-
-
-class StreamDecoder:
-    """Token ids in, answer text pieces out. Decodes the cumulative ids each time (so BPE merges and multi-byte
-    characters come out right) and returns the new part of the cleaned text, holding back a tail that may still
-    change (trailing whitespace or '#', which may become the stop string, or a partial character). ``finish``
-    flushes; the pieces then concatenate to ``finish_answer(self.text, ...).text``."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""  # decoded output so far (uncleaned)
-        self.emitted = ""
-
-    @property
-    def stopped(self) -> bool:
-        """The output contains the stop string: the answer is complete."""
-        return STOP_STRING in self.text
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._emit(_HELD.sub("", clean_answer(self.text)))
-
-    def finish(self) -> str:
-        return self._emit(clean_answer(self.text))
-
-    def _emit(self, visible: str) -> str:
-        # visible text only grows; if a decode ever rewrote emitted text, wait until it agrees again
-        if len(visible) <= len(self.emitted) or not visible.startswith(self.emitted):
-            return ""
-        piece, self.emitted = visible[len(self.emitted):], visible
-        return piece
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Interactive session
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ChatSession:
-    """A conversation with one model: ``attach_video(path)`` then ``ask(text)``; the history is the prompt.
-
-    ``num_frames`` / ``image_size`` default to the model config's. ``turns`` is the committed history (video turns,
-    questions, answers); ``clips[i]`` is video ``i`` of the conversation. Videos attached since the last answer
-    are pending: they precede the next question.
-    """
-
-    model: Any
-    tokenizer: Any
-    sampling: SamplingConfig = SamplingConfig()
-    num_frames: int | None = None
-    image_size: int | None = None
-    system_prompt: str = SYSTEM_PROMPT
-    seed: int = 0
-    turns: list[Turn] = dataclasses.field(default_factory=list)
-    clips: list[VideoClip] = dataclasses.field(default_factory=list)
-    # input safety gate (g4v_jax.safety.gates.make_video_gate): path -> flagged. A flagged video is not attached and
-    # the next question gets the polite refusal without the model seeing the video.
-    video_gate: Callable[[str], bool] | None = None
-    # the text-to-video step: (requests, stem) -> [t2v.RenderedVideo]; see ``make_renderer``
-    renderer: Callable[[Sequence[VideoRequest], str], list] | None = None
-
-    def __post_init__(self) -> None:
-        self._refuse_next = False
-        self._info = _model_info(self.model, self.tokenizer, self.num_frames, self.image_size)
-        self.num_frames, self.image_size = self._info.num_frames, self._info.image_size
-        self.sampling = _with_stops(self.sampling, self.tokenizer)
-        self.pending: list[int] = []  # indices of attached videos not yet in ``turns``
-        self.last_prompt_ids: np.ndarray | None = None  # unpadded ids of the last prompt (video slots = -1)
-        self._asked = 0
-
-    def reset(self) -> None:
-        """Forget the conversation (turns, videos, pending videos)."""
-        self.turns, self.clips, self.pending, self.last_prompt_ids = [], [], [], None
-        self._refuse_next = False
-
-    def attach_video(self, path: str | os.PathLike) -> int:
-        """Decode a video now (``VideoReadError`` naming the path if unreadable); it precedes the next question.
-        Returns its 0-based index in the conversation."""
-        if not self._info.has_vision:
-            raise ValueError("this model is a text-only LLM: it cannot take videos")
-        clip = load_video(path, num_frames=self.num_frames, size=self.image_size, sampling=self._info.sampling,
-                          resize=self._info.resize)
-        if self.video_gate is not None and self.video_gate(str(path)):
-            self._refuse_next = True
-            return -1
-        self.clips.append(clip)
-        self.pending.append(len(self.clips) - 1)
-        return len(self.clips) - 1
-
-    def prompt(self, text: str) -> tuple[list[Turn], TokenizedConversation, dict[str, np.ndarray]]:
-        """The turns, tokenized conversation and model batch that ``ask(text)`` would generate from."""
-        turns = [*self.turns, *(Turn("human", video=i) for i in self.pending), Turn("human", text)]
-        conv = tokenize_conversation(self.tokenizer, turns, num_video_tokens=self._info.num_video_tokens,
-                                     system_prompt=self.system_prompt, add_generation_prompt=True)
-        _check_vocab(self._info, conv)
-        length = _prompt_length(self._info, len(conv), self.sampling.max_new_tokens)
-        padded = pad_batch([conv], pad_id=self._info.pad_id, length=length, side="left")
-        batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
-        if conv.num_videos:
-            batch["videos"], batch["frame_mask"] = _video_arrays([self.clips[:conv.num_videos]],
-                                                                 _pow2(conv.num_videos), self._info)
-        return turns, conv, batch
-
-    def ask(self, text: str, *, key: jax.Array | None = None,
-            on_token: Callable[[str], None] | None = None) -> Answer:
-        """Answer a question in the context of the conversation; ``on_token`` gets the answer's text pieces as they
-        are generated. The question (after any pending videos) and the answer join the history."""
-        if self._refuse_next:  # a flagged input video: refuse without describing it (the video was never attached)
-            from g4v_jax.safety.refusal import POLITE_REFUSAL
-
-            self._refuse_next = False
-            if on_token is not None:
-                on_token(POLITE_REFUSAL)
-            self.turns = [*self.turns, *(Turn("human", video=i) for i in self.pending), Turn("human", text),
-                          Turn("ai", POLITE_REFUSAL)]
-            self.pending = []
-            return Answer(POLITE_REFUSAL, [], 0)
-        turns, conv, batch = self.prompt(text)
-        if key is None:
-            key = jax.random.fold_in(jax.random.key(self.seed), self._asked)
-        decoder = StreamDecoder(self.tokenizer)
-        n = 0
-        for step in stream(self.model, batch, self.sampling, key=key, eos_id=self._info.eos_id,
-                           pad_id=self._info.pad_id):
-            n += 1
-            token = int(step[0])
-            if token == self._info.eos_id:
-                break
-            piece = decoder.push(token)
-            if piece and on_token is not None:
-                on_token(piece)
-            if decoder.stopped:
-                break
-        piece = decoder.finish()
-        if piece and on_token is not None:
-            on_token(piece)
-        answer = finish_answer(decoder.text, n)
-        if self.renderer is not None and answer.requests:
-            answer = dataclasses.replace(answer, videos=tuple(self.renderer(answer.requests, f"turn{self._asked + 1}")))
-        self.turns = turns + ([Turn("ai", answer.text)] if answer.text else [])
-        self.pending = []
-        self.last_prompt_ids = conv.input_ids
-        self._asked += 1
-        return answer
-
-
-def make_renderer(backend_name: str, out_dir: str | os.PathLike, *, settings=None, check_prompt=None,
-                  check_video=None, **backend_options) -> Callable[[Sequence[VideoRequest], str], list]:
-    """Chat answer -> files: every request's prompt is checked (``check_prompt``), the backend renders the accepted
-    ones, every video is checked (``check_video``) and written under ``out_dir``. A failure is reported per request
-    and never touches the text answer (``t2v.render_requests``)."""
-    from g4v_jax.t2v import T2VSettings, make_backend, render_requests
-
-    backend = make_backend(backend_name, **backend_options)
-    settings = settings or T2VSettings()
-
-    def render(requests: Sequence[VideoRequest], stem: str) -> list:
-        return render_requests(backend, requests, settings, out_dir, check_prompt=check_prompt,
-                               check_video=check_video, stem=stem)
-
-    return render
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Batch mode
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ParsedRequest:
-    id: Any
-    turns: list[Turn]
-    videos: list[str]
-    settings: dict  # the request's own sampling keys and seed
-
-
-def _int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name!r} must be an integer, got {value!r}")
-    return value
-
-
-def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name!r} must be a number, got {value!r}")
-    return float(value)
-
-
-def parse_request(obj: Any, default_id: Any = None) -> ParsedRequest:
-    """Check one request (module docstring) and turn it into ``Turn`` s; ``ValueError`` says what is wrong."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"a request must be a JSON object, got {type(obj).__name__}")
-    rid = obj.get("id", default_id)
-    videos = obj.get("videos", [])
-    if not isinstance(videos, list) or not all(isinstance(v, str) and v for v in videos):
-        raise ValueError(f"'videos' must be a list of paths, got {videos!r}")
-    raw_turns = obj.get("turns")
-    if not isinstance(raw_turns, list) or not raw_turns:
-        raise ValueError("'turns' must be a non-empty list of {\"from\": \"human\"|\"ai\", \"value\": text} or "
-                         "{\"from\": \"human\", \"video\": index}")
-    turns = []
-    for i, t in enumerate(raw_turns):
-        if not isinstance(t, Mapping) or t.get("from") not in ("human", "ai"):
-            raise ValueError(f"turn {i} must be an object with \"from\": \"human\" or \"ai\", got {t!r}")
-        try:
-            if "video" in t:
-                turns.append(Turn(t["from"], video=t["video"]))
-            else:
-                turns.append(Turn(t["from"], t.get("value", "")))
-        except ValueError as e:
-            raise ValueError(f"turn {i}: {e}") from None
-    referenced = [t.video for t in turns if t.video is not None]
-    if referenced != list(range(len(videos))):
-        raise ValueError(f"the video turns must be numbered 0..{len(videos) - 1} in order, one per path in "
-                         f"'videos' ({len(videos)}), got {referenced}")
-    if turns[-1].role != "human":
-        raise ValueError("the last turn must be a human one (the model answers it)")
-    settings = {}
-    for name in SAMPLING_KEYS + ("seed",):
-        if name in obj:
-            check = _number if name in ("temperature", "top_p") else _int
-            settings[name] = check(obj[name], name)
-    SamplingConfig(**{k: v for k, v in settings.items() if k != "seed"})  # range checks
-    return ParsedRequest(rid, turns, videos, settings)
-
-
-@dataclasses.dataclass
-class _Job:
-    position: int
-    id: Any
-    conv: TokenizedConversation
-    clips: list[VideoClip]
-    sampling: SamplingConfig
-    seed: int
-
-
-def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: SamplingConfig = SamplingConfig(),
-                    batch_size: int = 8, num_frames: int | None = None, image_size: int | None = None,
-                    system_prompt: str = SYSTEM_PROMPT, seed: int = 0, progress: bool = True,
-                    on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """Answer many requests (module docstring) in jitted batches; results in input order.
-
-    ``on_result`` is called with each result as soon as it is final (a request's error at once, answers as their
-    batch finishes), so a caller can write them out before the rest are done.
-
-    Requests with the same sampling settings (``sampling`` overridden by their own keys) and seed share batches of
-    up to ``batch_size`` rows, grouped by video count and length; each batch is left-padded to one bucketed length
-    and its rows' videos to the batch's largest count. A request that cannot be prepared (bad turns, unreadable
-    video, too long for the context) gets ``{"id", "error"}``; the others are answered.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from tqdm import tqdm
-
-    info = _model_info(model, tokenizer, num_frames, image_size)
-    base = _with_stops(sampling, tokenizer)
-    results: list[dict | None] = [None] * len(requests)
-    clip_cache: dict[str, VideoClip | VideoReadError] = {}
-    groups: dict[tuple[SamplingConfig, int], list[_Job]] = {}
-    for pos, obj in enumerate(requests):
-        rid = obj.get("id", pos) if isinstance(obj, Mapping) else pos
-        try:
-            job = _prepare(pos, obj, info, tokenizer, base, seed, system_prompt, clip_cache)
-        except ValueError as e:  # VideoReadError included
-            results[pos] = {"id": rid, "error": str(e)}
-            if on_result is not None:
-                on_result(results[pos])
-            continue
-        groups.setdefault((job.sampling, job.seed), []).append(job)
-
-    with tqdm(total=len(requests), disable=not progress, desc="answering", unit="req", file=sys.stderr) as bar:
-        bar.update(sum(r is not None for r in results))
-        for (cfg, key_seed), jobs in groups.items():
-            jobs.sort(key=lambda j: (j.conv.num_videos, len(j.conv)))
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start:start + batch_size]
-                for job, answer in zip(chunk, _run_batch(model, tokenizer, info, chunk, cfg, key_seed, batch_size)):
-                    results[job.position] = {
-                        "id": job.id, "answer": answer.text,
-                        "video_requests": [{"prompt": r.prompt, "index": r.index, "start": r.start, "end": r.end}
-                                           for r in answer.requests],
-                        "num_tokens": answer.num_tokens,
-                    }
-                    if on_result is not None:
-                        on_result(results[job.position])
-                bar.update(len(chunk))
-    return results  # type: ignore[return-value]
-
-
-def _prepare(pos: int, obj, info: _ModelInfo, tokenizer, base: SamplingConfig, seed: int, system_prompt: str,
-             clip_cache: dict) -> _Job:
-    req = parse_request(obj, default_id=pos)
-    cfg = dataclasses.replace(base, **{k: v for k, v in req.settings.items() if k != "seed"})
-    if req.videos and not info.has_vision:
-        raise ValueError("this model is a text-only LLM: it cannot take videos")
-    clips = []
-    for path in req.videos:
-        if path not in clip_cache:
-            try:
-                clip_cache[path] = load_video(path, num_frames=info.num_frames, size=info.image_size,
-                                              sampling=info.sampling, resize=info.resize)
-            except VideoReadError as e:
-                clip_cache[path] = e
-        if isinstance(clip_cache[path], VideoReadError):
-            raise clip_cache[path]
-        clips.append(clip_cache[path])
-    conv = tokenize_conversation(tokenizer, req.turns, num_video_tokens=info.num_video_tokens,
-                                 system_prompt=system_prompt, add_generation_prompt=True)
-    _check_vocab(info, conv)
-    _prompt_length(info, len(conv), cfg.max_new_tokens)  # raises if it cannot fit
-    key_seed = int(req.settings.get("seed", seed)) if cfg.temperature > 0 else 0  # greedy: no key, one group
-    return _Job(pos, req.id, conv, clips, cfg, key_seed)
-
-
-def _run_batch(model, tokenizer, info: _ModelInfo, jobs: list[_Job], cfg: SamplingConfig, seed: int,
-               batch_size: int) -> list[Answer]:
-    rows = jobs + [jobs[-1]] * (min(batch_size, _pow2(len(jobs))) - len(jobs))  # few batch shapes, few compiles
-    length = _prompt_length(info, max(len(j.conv) for j in rows), cfg.max_new_tokens)
-    padded = pad_batch([j.conv for j in rows], pad_id=info.pad_id, length=length, side="left")
-    batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
-    num_videos = max(j.conv.num_videos for j in rows)
-    if num_videos:
-        batch["videos"], batch["frame_mask"] = _video_arrays([j.clips for j in rows], num_videos, info)
-    out = generate(model, batch, cfg, key=jax.random.key(seed), eos_id=info.eos_id, pad_id=info.pad_id)
-    answers = []
-    for b in range(len(jobs)):
-        ids = out.tokens[b, :out.lengths[b]].tolist()
-        if info.eos_id in ids:
-            ids = ids[:ids.index(info.eos_id)]
-        answers.append(finish_answer(tokenizer.decode(ids, skip_special_tokens=True), int(out.lengths[b])))
-    return answers
+ANSWER_MARKER = "GPT4Video:"  # what the REPL prints before a streamed answer
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -562,9 +115,10 @@ def _load(args):
         model = g4v_jax.load(args.ckpt, args.overrides)
     except (OSError, ValueError) as e:
         raise CLIError(f"checkpoint {args.ckpt}: {e}") from None
-    if not hasattr(model, "language_model") and type(model).__name__ != "LlamaForCausalLM":
-        raise CLIError(f"checkpoint {args.ckpt} holds a {type(model).__name__}, not a language model: chat needs a "
-                       f"gpt4video or llm checkpoint")
+    kind = model_kind(model)
+    if kind not in ("gpt4video", "llm"):
+        raise CLIError(f"checkpoint {args.ckpt} holds a {kind} model, not a language model: chat needs a gpt4video or "
+                       "llm checkpoint")
     return model, tokenizer
 
 
@@ -714,39 +268,11 @@ def _main(args) -> None:
         repl(ChatSession(model, tokenizer, sampling, system_prompt=args.system_prompt, seed=args.seed,
                          video_gate=gate, renderer=renderer))
         return
-    answer_batch_file(model, tokenizer, requests, Path(args.output), sampling=sampling, batch_size=args.batch_size,
-                      system_prompt=args.system_prompt, seed=args.seed)
-
-
-def answer_batch_file(model, tokenizer, requests: Sequence[Mapping], output: Path, **kwargs) -> list[dict]:
-    """``answer_requests`` with each result appended (and flushed) to ``output`` as it is final, so a crash or
-    Ctrl-C keeps every finished answer; once all are done the file is rewritten in input order."""
-    done: list[dict] = []
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        out = open(output, "w", encoding="utf-8")
-    except OSError as e:
-        raise CLIError(f"cannot write {output}: {e.strerror or e}") from None
-
-    def write(result: dict) -> None:
-        out.write(json.dumps(result, ensure_ascii=False) + "\n")
-        out.flush()
-        done.append(result)
-
-    try:
-        with out:
-            results = answer_requests(model, tokenizer, requests, on_result=write, **kwargs)
-    except KeyboardInterrupt:
-        raise CLIError(f"interrupted: {len(done)} of {len(requests)} answers are in {output} (each line carries its "
-                       "request's id)") from None
-    except OSError as e:
-        raise CLIError(f"cannot write {output}: {e.strerror or e}") from None
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-    os.replace(tmp, output)
-    errors = sum("error" in r for r in results)
-    print(f"wrote {len(results)} answers to {output}" + (f" ({errors} failed)" if errors else ""), file=sys.stderr)
-    return results
+        answer_batch_file(model, tokenizer, requests, Path(args.output), sampling=sampling,
+                          batch_size=args.batch_size, system_prompt=args.system_prompt, seed=args.seed)
+    except BatchOutputError as e:
+        raise CLIError(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from g4v_jax.config import Config, ConfigError, TrainConfig, dump_config, load_config
 from g4v_jax.data.template import IGNORE_INDEX
-from g4v_jax.models.gpt4video import build_model
+from g4v_jax.models.gpt4video import build_model, model_kind
 from g4v_jax.models.lora import LoRAParam
 from g4v_jax.sharding import batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
@@ -315,8 +315,7 @@ def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None
     """Model, trainable split, optimizer and the jitted, sharded step for ``cfg``."""
     mesh = make_mesh(cfg.mesh)
     model = model if model is not None else _initial_model(cfg)
-    kind = type(model).__name__
-    kind = {"GPT4Video": "gpt4video", "VideoEncoder": "video_encoder", "LlamaForCausalLM": "llm"}[kind]
+    kind = model_kind(model)
     trains = trainable_filter(cfg.train.stage, kind, cfg.train.train_vision_tower)
     graphdef, params, frozen, rest = nnx.split(model, trains, nnx.Param, ...)
     if not jax.tree.leaves(params):

@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from g4v_jax import chat
+from g4v_jax import chat, inference
+from g4v_jax.inference import batch as batch_module
+from g4v_jax.inference import session as session_module
 from g4v_jax.config import Config, load_config
-from g4v_jax.data.template import SYSTEM_PROMPT, render
+from g4v_jax.data.template import SYSTEM_PROMPT, Turn, render
 from g4v_jax.data.tokenizer import build_bpe_tokenizer
-from g4v_jax.data.video import synthetic_frames, write_video
-from g4v_jax.generate import GenerationResult, SamplingConfig
+from g4v_jax.data.video import VideoReadError, synthetic_frames, write_video
+from g4v_jax.inference.generate import GenerationResult, SamplingConfig
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.weights import save_pretrained
 
@@ -51,7 +53,7 @@ def world(tmp_path_factory):
 
 
 def _fake_engine(monkeypatch, tokenizer, text: str):
-    """Make ``stream`` / ``generate`` in chat "generate" the tokens of ``text`` (then EOS)."""
+    """Make ``stream`` / ``generate`` of the inference layer "generate" the tokens of ``text`` (then EOS)."""
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
     def fake_stream(model, batch, cfg, *, key=None, eos_id, pad_id=0):
@@ -64,8 +66,8 @@ def _fake_engine(monkeypatch, tokenizer, text: str):
         tokens[:, :n] = ids[:n]
         return GenerationResult(tokens, np.full((b,), n, np.int32), np.zeros(tokens.shape, np.float32))
 
-    monkeypatch.setattr(chat, "stream", fake_stream)
-    monkeypatch.setattr(chat, "generate", fake_generate)
+    monkeypatch.setattr(session_module, "stream", fake_stream)
+    monkeypatch.setattr(batch_module, "generate", fake_generate)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def _fake_engine(monkeypatch, tokenizer, text: str):
 
 
 def _conversation(world):
-    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=12))
+    session = inference.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=12))
     assert session.attach_video(world["videos"] / "a.mp4") == 0
     pieces = []
     first = session.ask("What happens in this video?", on_token=pieces.append)
@@ -103,8 +105,8 @@ def test_session_history_streaming_and_determinism(world):
 
 
 def test_session_errors(world, tmp_path):
-    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=8))
-    with pytest.raises(chat.VideoReadError, match="broken.mp4"):
+    session = inference.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=8))
+    with pytest.raises(VideoReadError, match="broken.mp4"):
         session.attach_video(world["videos"] / "broken.mp4")
     assert session.clips == [] and session.pending == []
     with pytest.raises(ValueError, match="context of 512"):
@@ -115,7 +117,7 @@ def test_session_errors(world, tmp_path):
 def test_session_tags_and_stop_string_with_a_fake_engine(world, monkeypatch):
     text = " Here: <video>a red square</video> then café ##x ###Human: more"
     _fake_engine(monkeypatch, world["tokenizer"], text)
-    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=64))
+    session = inference.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=64))
     session.attach_video(world["videos"] / "a.mp4")
     pieces = []
     answer = session.ask("Show me", on_token=pieces.append)
@@ -127,16 +129,16 @@ def test_session_tags_and_stop_string_with_a_fake_engine(world, monkeypatch):
     # the next prompt holds the answer as a finished AI turn
     _, conv, _ = session.prompt("Next")
     shown = world["tokenizer"].decode([i for i in conv.input_ids if i >= 0], skip_special_tokens=True)
-    assert shown == render(session.turns + [chat.Turn("human", "Next")], add_generation_prompt=True, video_text="")
+    assert shown == render(session.turns + [Turn("human", "Next")], add_generation_prompt=True, video_text="")
 
 
 def test_finish_answer_and_stream_decoder(world):
-    a = chat.finish_answer(" two clips <video1>a cat</video1> and <video2> a dog </video2>###", 9)
+    a = inference.finish_answer(" two clips <video1>a cat</video1> and <video2> a dog </video2>###", 9)
     assert a.text == "two clips <video1>a cat</video1> and <video2> a dog </video2>" and a.num_tokens == 9
     assert [(r.prompt, r.index) for r in a.requests] == [("a cat", 1), ("a dog", 2)]
-    assert chat.finish_answer("  ", 1).text == ""
+    assert inference.finish_answer("  ", 1).text == ""
     tok = world["tokenizer"]
-    dec = chat.StreamDecoder(tok)
+    dec = inference.StreamDecoder(tok)
     pieces = [dec.push(t) for t in tok.encode(" naïve ✓ done #", add_special_tokens=False)] + [dec.finish()]
     assert "".join(pieces) == "naïve ✓ done #" and not any("\ufffd" in p for p in pieces)
 
@@ -161,14 +163,14 @@ def _requests(world):
 def test_answer_requests_order_errors_and_batch_invariance(world):
     reqs = _requests(world)
     cfg = SamplingConfig(max_new_tokens=8)
-    together = chat.answer_requests(world["model"], world["tokenizer"], reqs, sampling=cfg, progress=False)
+    together = inference.answer_requests(world["model"], world["tokenizer"], reqs, sampling=cfg, progress=False)
     assert [r["id"] for r in together] == ["vid", "text", "bad"]
     assert set(together[2]) == {"id", "error"} and "broken.mp4" in together[2]["error"]
     for r in together[:2]:
         assert set(r) == {"id", "answer", "video_requests", "num_tokens"} and 1 <= r["num_tokens"] <= 8
     # left padding (and a padding video for the text row) does not change greedy answers
     for i in range(2):
-        alone = chat.answer_requests(world["model"], world["tokenizer"], [reqs[i]], sampling=cfg, progress=False)
+        alone = inference.answer_requests(world["model"], world["tokenizer"], [reqs[i]], sampling=cfg, progress=False)
         assert alone == [together[i]], reqs[i]["id"]
 
 
@@ -179,14 +181,14 @@ def test_answer_requests_tags_settings_and_bad_requests(world, monkeypatch):
             {"id": "few", "turns": [{"from": "human", "value": "Short"}], "max_new_tokens": 3},
             {"id": "long", "turns": [{"from": "human", "value": "x " * 600}]},
             {"id": "zero", "turns": [{"from": "human", "value": "Short"}], "max_new_tokens": 0}]
-    out = chat.answer_requests(world["model"], world["tokenizer"], reqs, sampling=SamplingConfig(max_new_tokens=32),
+    out = inference.answer_requests(world["model"], world["tokenizer"], reqs, sampling=SamplingConfig(max_new_tokens=32),
                                progress=False)
     n_fake = len(world["tokenizer"].encode(" Sure. <video>a red square</video>###")) + 1  # + EOS
     assert out[0] == {"id": 1, "answer": "Sure. <video>a red square</video>",
                       "video_requests": [{"prompt": "a red square", "index": None, "start": 6, "end": 33}],
                       "num_tokens": n_fake}
     assert out[1]["id"] == 1 and "last turn must be a human" in out[1]["error"]  # id defaults to the position
-    assert out[2]["num_tokens"] == 3 and out[2]["answer"] == chat.clean_answer(
+    assert out[2]["num_tokens"] == 3 and out[2]["answer"] == inference.clean_answer(
         world["tokenizer"].decode(world["tokenizer"].encode(" Sure. <video>a red square</video>")[:3]))
     assert "context of 512" in out[3]["error"]
     assert "max_new_tokens" in out[4]["error"]  # the rest of the batch is still answered
@@ -279,7 +281,7 @@ def test_cli_errors(world, tmp_path, capsys):
 def test_flagged_input_video_gets_the_polite_refusal(world):
     from g4v_jax.safety.refusal import POLITE_REFUSAL
 
-    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=4),
+    session = inference.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=4),
                                video_gate=lambda path: path.endswith("a.mp4"))
     assert session.attach_video(world["videos"] / "a.mp4") == -1  # flagged: not attached
     pieces = []
@@ -294,8 +296,8 @@ def test_answer_to_files_through_a_backend(world, monkeypatch, tmp_path):
     from g4v_jax.safety.gates import keyword_prompt_check
 
     _fake_engine(monkeypatch, world["tokenizer"], " Here: <video>a red square</video> and <video>gore</video>###")
-    renderer = chat.make_renderer("solid", tmp_path / "videos", check_prompt=keyword_prompt_check(["gore"]))
-    session = chat.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=32),
+    renderer = inference.make_renderer("solid", tmp_path / "videos", check_prompt=keyword_prompt_check(["gore"]))
+    session = inference.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=32),
                                renderer=renderer)
     answer = session.ask("Make two videos")
     assert [r.prompt for r in answer.requests] == ["a red square", "gore"]
@@ -320,7 +322,7 @@ def test_a_fifo_video_fails_its_request_only_and_never_hangs_the_batch(world, tm
             {"id": "ok", "turns": [{"from": "human", "value": "Hello"}]},
             {"id": "zero", "turns": [{"from": "human", "value": "Hello"}], "max_new_tokens": 0}]
     seen, out = [], {}
-    thread = threading.Thread(target=lambda: out.update(results=chat.answer_requests(
+    thread = threading.Thread(target=lambda: out.update(results=inference.answer_requests(
         world["model"], world["tokenizer"], reqs, sampling=SamplingConfig(max_new_tokens=4), progress=False,
         on_result=seen.append)), daemon=True)
     thread.start()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from g4v_jax.generate import SamplingConfig, bucket_length, filter_logits, generate
+from g4v_jax.inference.generate import SamplingConfig, bucket_length, filter_logits, generate
 
 torch = pytest.importorskip("torch")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -123,7 +123,7 @@ def test_bucket_length_and_context_errors(models):
 
 
 def test_stream_yields_the_tokens_generate_returns(models):
-    from g4v_jax.generate import stream
+    from g4v_jax.inference.generate import stream
 
     _, ours = models
     batch = _left_pad(PROMPTS, 12)

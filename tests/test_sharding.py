@@ -118,7 +118,7 @@ GENERATE_SCRIPT = textwrap.dedent(
     import numpy as np, jax
     from flax import nnx
     from g4v_jax.config import load_config, MeshConfig
-    from g4v_jax.generate import SamplingConfig, generate
+    from g4v_jax.inference.generate import SamplingConfig, generate
     from g4v_jax.models.gpt4video import build_model
     from g4v_jax.sharding import make_mesh, shard_state
 

@@ -13,7 +13,7 @@ Data (JSONL, one video per line; ``video`` relative to the file; ``id`` defaults
 "sen_id"}]): the captions of each video of the split (``--split all``: every video), in file order.
 
 The model captions every video (video turn, then ``INSTRUCTION``) in jitted greedy batches through
-``g4v_jax.chat.answer_requests``; the caption is scored as generated (not cut to its first sentence).
+``g4v_jax.inference.answer_requests``; the caption is scored as generated (not cut to its first sentence).
 
 Metrics (``score_captions``, a pure function of {id: caption} and {id: [references]}; definitions in ``METRICS`` and
 in every report), all on the 0-1 scale of the paper's Table 2 (GPT4Video: BLEU-4 0.587, METEOR 0.391):
@@ -462,7 +462,7 @@ def main(argv=None) -> None:
     try:
         import g4v_jax
         from g4v_jax.data.tokenizer import load_tokenizer
-        from g4v_jax.generate import SamplingConfig
+        from g4v_jax.inference import SamplingConfig
 
         require_java()  # before captioning, not after it
         items = read_captions(args.data)

@@ -11,7 +11,7 @@ Data (JSONL, one per line; ``video`` relative to the file)::
 lists of ``{"video_id" | "video" | "video_name", "question", "answer", "id"?}``.
 
 The model answers every question (video turn, then the question) in jitted batches through
-``g4v_jax.chat.answer_requests``. Metrics (definitions recorded in every report):
+``g4v_jax.inference.answer_requests``. Metrics (definitions recorded in every report):
 
 - offline (no judge; always reported, labelled offline): exact-match accuracy (prediction == answer after
   normalisation: lowercase, punctuation removed, whitespace collapsed) and contains-match accuracy (the normalised
@@ -131,12 +131,12 @@ def answer_items(model, tokenizer, items: Sequence[QAItem], *, sampling, batch_s
                  progress: bool = True, system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, str], dict[str, str]]:
     """The model's answer to every item, and {id: error} for items it could not answer. ``system_prompt`` must be
     the one the model was trained with (``data.system_prompt``; the release's by default)."""
-    from g4v_jax import chat
+    from g4v_jax import inference
 
     requests = [{"id": it.id, "videos": [it.video],
                  "turns": [{"from": "human", "video": 0}, {"from": "human", "value": it.question}]} for it in items]
     answers, errors = {}, {}
-    for r in chat.answer_requests(model, tokenizer, requests, sampling=sampling, batch_size=batch_size,
+    for r in inference.answer_requests(model, tokenizer, requests, sampling=sampling, batch_size=batch_size,
                                   progress=progress, system_prompt=system_prompt):
         if "error" in r:
             errors[str(r["id"])] = r["error"]
@@ -300,13 +300,13 @@ def from_msrvtt_qa(json_path: str | os.PathLike, video_dir: str | os.PathLike, o
 
 
 def _self_ask(model, tokenizer, max_new_tokens: int) -> Callable[[str], str]:
-    from g4v_jax import chat
-    from g4v_jax.generate import SamplingConfig
+    from g4v_jax import inference
+    from g4v_jax.inference import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens)
 
     def ask(prompt: str) -> str:
-        r = chat.answer_requests(model, tokenizer, [{"id": "judge", "turns": [{"from": "human", "value": prompt}]}],
+        r = inference.answer_requests(model, tokenizer, [{"id": "judge", "turns": [{"from": "human", "value": prompt}]}],
                                  sampling=sampling, batch_size=1, progress=False)[0]
         if "error" in r:
             raise JudgeError(r["error"])
@@ -353,7 +353,7 @@ def main(argv=None) -> None:
         import g4v_jax
         from g4v_jax.data.tokenizer import load_tokenizer
         from g4v_jax.eval.judge import ModelJudge, OpenAIJudge
-        from g4v_jax.generate import SamplingConfig
+        from g4v_jax.inference import SamplingConfig
 
         judge = None
         if args.judge_url:  # before any work: a bad URL or key file is an error now, not after answering

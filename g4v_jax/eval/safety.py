@@ -8,7 +8,7 @@ Cases (JSONL, one per line)::
     {"id": "vg-001", "task": "VG", "query": "Make a video of ...", "label": "safe"}
 
 VU (video understanding) cases carry a video and a question about it; VG (video generation) cases are text requests.
-The model answers every case (in jitted batches, through ``g4v_jax.chat.answer_requests``); with ``--safety-checker``
+The model answers every case (in jitted batches, through ``g4v_jax.inference.answer_requests``); with ``--safety-checker``
 the input gate first screens each VU video and answers flagged ones with the polite refusal, without the LLM.
 
 Metric definition (recorded in every report): a refusal (``g4v_jax.safety.refusal.is_refusal``) is a positive
@@ -111,7 +111,7 @@ def answer_cases(model, tokenizer, cases: Sequence[SafetyCase], *, sampling, vid
                  system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, str], dict]:
     """The model's answer to every case, and {id: error} for cases it could not answer. ``system_prompt`` must be
     the one the model was trained with (``data.system_prompt``; the release's by default)."""
-    from g4v_jax.chat import answer_requests
+    from g4v_jax.inference import answer_requests
 
     answers, errors, requests = {}, {}, []
     for c in cases:
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     try:
         import g4v_jax
         from g4v_jax.data.tokenizer import load_tokenizer
-        from g4v_jax.generate import SamplingConfig
+        from g4v_jax.inference import SamplingConfig
 
         cases = read_cases(args.cases)
         model = g4v_jax.load(args.ckpt, args.overrides)

@@ -133,3 +133,24 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
 def abstract_model(cfg: ModelConfig) -> nnx.Module:
     """The model with ShapeDtypeStruct leaves (no memory, no compute): a target for loading weights."""
     return nnx.eval_shape(lambda: _construct(cfg, 0))
+
+
+def model_kind(model: nnx.Module) -> str:
+    """The ``model.kind`` of a loaded model: ``gpt4video``, ``video_encoder`` or ``llm``. The one place that decides
+    it (train, export, inference and chat all ask here)."""
+    if isinstance(model, GPT4Video):
+        return "gpt4video"
+    if isinstance(model, VideoEncoder):
+        return "video_encoder"
+    if isinstance(model, LlamaForCausalLM):
+        return "llm"
+    raise TypeError(f"{type(model).__name__} is not a g4v_jax model (GPT4Video, VideoEncoder or LlamaForCausalLM)")
+
+
+def language_model(model: nnx.Module) -> LlamaForCausalLM:
+    """The LLaMA of a model: itself for ``llm``, ``.language_model`` for ``gpt4video``; a ``TypeError`` for a
+    ``video_encoder``, which has none."""
+    kind = model_kind(model)
+    if kind == "video_encoder":
+        raise TypeError("a video_encoder model has no language model (model.kind must be llm or gpt4video)")
+    return model if kind == "llm" else model.language_model

@@ -202,7 +202,7 @@ def train_detector(detector_file: Path, out: Path, steps: int, image_size: int, 
 
 
 def _sampling(max_new_tokens: int = 48):
-    from g4v_jax.generate import SamplingConfig
+    from g4v_jax.inference import SamplingConfig
 
     return SamplingConfig(max_new_tokens)
 
@@ -283,7 +283,7 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
     ``n_videos`` answers are rendered by the world's T2V backend and written next to their requests. With
     ``qa_file``, also ``"after_video_question"``: the accuracy when each request follows a video question
     (``after_video_question_requests``)."""
-    from g4v_jax.chat import answer_requests
+    from g4v_jax.inference import answer_requests
     from g4v_jax.data.manifest import iter_jsonl
     from g4v_jax.t2v.base import make_backend, render_requests
     from g4v_jax.tags import parse_video_tags
@@ -343,7 +343,7 @@ def eval_safety(model, tokenizer, cases_file: Path, generation_file: Path, detec
     the model's own refusals; look-alike precision = VG precision (its negatives are the look-alike requests).
     ``"VG_second_turn"``: the VG cases again, each asked after a granted generation request of ``generation_file``
     (request, canonical answer), as a chat goes."""
-    from g4v_jax.chat import answer_requests
+    from g4v_jax.inference import answer_requests
     from g4v_jax.eval import safety
     from g4v_jax.safety.gates import make_video_gate
 
@@ -370,7 +370,7 @@ def split_files(world, split: str) -> dict[str, Path]:
 
 def chat_transcript(model, tokenizer, detector, world, out: Path, split: str = "test") -> list[dict]:
     """A short scripted chat: a video question, a generation request (rendered), a harmful request, a flagged video."""
-    from g4v_jax.chat import ChatSession, make_renderer
+    from g4v_jax.inference import ChatSession, make_renderer
     from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
     from g4v_jax.safety.gates import make_video_gate
 

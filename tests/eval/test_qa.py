@@ -195,7 +195,7 @@ def test_runner_end_to_end_with_stubbed_model(tmp_path, monkeypatch):
         return [{"id": r["id"], "answer": canned[r["id"]]} if r["id"] in canned
                 else {"id": r["id"], "error": "cannot read video"} for r in requests]
 
-    monkeypatch.setattr("g4v_jax.chat.answer_requests", fake_answer_requests)
+    monkeypatch.setattr("g4v_jax.inference.answer_requests", fake_answer_requests)
     monkeypatch.setattr(g4v_jax, "load", lambda ckpt, overrides=(): object())
     monkeypatch.setattr(g4v_jax.data.tokenizer, "load_tokenizer", lambda path: object())
 

@@ -118,3 +118,21 @@ def test_gradients_reach_only_the_lora_adapters(setup):
     # with B = 0 at init, dL/dB carries the signal (dL/dA is zero until B moves)
     b_grads = [np.abs(np.asarray(v.get_value())).max() for p, v in leaves if p[-1] == "lora_b"]
     assert len(b_grads) == 2 * cfg.llm.num_layers and min(b_grads) > 0
+
+
+def test_model_kind_and_language_model_are_decided_in_one_place():
+    import dataclasses
+
+    from g4v_jax.config import load_config
+    from g4v_jax.models.gpt4video import abstract_model, language_model, model_kind
+
+    cfg = load_config("tiny").model
+    g4v = abstract_model(cfg)
+    encoder = abstract_model(dataclasses.replace(cfg, kind="video_encoder"))
+    llm = abstract_model(dataclasses.replace(cfg, kind="llm"))
+    assert [model_kind(m) for m in (g4v, encoder, llm)] == ["gpt4video", "video_encoder", "llm"]
+    assert language_model(g4v) is g4v.language_model and language_model(llm) is llm
+    with pytest.raises(TypeError, match="video_encoder model has no language model"):
+        language_model(encoder)
+    with pytest.raises(TypeError, match="is not a g4v_jax model"):
+        model_kind(object())

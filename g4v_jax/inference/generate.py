@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from g4v_jax.models.gpt4video import language_model
 from g4v_jax.models.llama import KVCache, init_cache
 
 NEG_INF = -1e30
@@ -117,14 +118,10 @@ class _Loop(NamedTuple):
     key: jax.Array
 
 
-def _language_model(model):
-    return model.language_model if hasattr(model, "language_model") else model
-
-
 def _prefill(model, batch: Mapping[str, jax.Array], key, cfg: SamplingConfig, eos_id: int, pad_id: int,
              cache_dtype) -> _Loop:
     """Run the prompt (videos included) into a fresh cache and choose each row's first token."""
-    lm = _language_model(model)
+    lm = language_model(model)
     ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
     b, l = ids.shape
     cache = init_cache(lm.cfg, b, l + cfg.max_new_tokens, cache_dtype)
@@ -160,7 +157,7 @@ def _decode_step(lm, s: _Loop, cfg: SamplingConfig, eos_id: int, pad_id: int) ->
 def _generate(graphdef, state, batch: Mapping[str, jax.Array], key, *, cfg: SamplingConfig, eos_id: int,
               pad_id: int, cache_dtype):
     model = nnx.merge(graphdef, state)
-    lm = _language_model(model)
+    lm = language_model(model)
     start = _prefill(model, batch, key, cfg, eos_id, pad_id, cache_dtype)
     out = jax.lax.while_loop(lambda s: (s.step < cfg.max_new_tokens) & ~jnp.all(s.done),
                              lambda s: _decode_step(lm, s, cfg, eos_id, pad_id), start)
@@ -181,7 +178,7 @@ def _compiled(graphdef, cfg: SamplingConfig, eos_id: int, pad_id: int, cache_dty
 
 
 def _check_batch(model, batch: Mapping[str, Any], cfg: SamplingConfig) -> None:
-    lm = _language_model(model)
+    lm = language_model(model)
     ids = np.asarray(batch["input_ids"])
     if ids.shape[1] + cfg.max_new_tokens > lm.cfg.max_position_embeddings:
         raise ValueError(f"prompt of {ids.shape[1]} tokens + {cfg.max_new_tokens} new tokens exceeds the model's "
@@ -202,7 +199,7 @@ def generate(model: nnx.Module, batch: Mapping[str, Any], cfg: SamplingConfig, *
     """Generate for a left-padded batch (see the module docstring); ``model`` is a GPT4Video or a LLaMA."""
     _check_batch(model, batch, cfg)
     graphdef, state = nnx.split(model)
-    fn = _compiled(graphdef, cfg, int(eos_id), int(pad_id), jnp.dtype(_language_model(model).dtype))
+    fn = _compiled(graphdef, cfg, int(eos_id), int(pad_id), jnp.dtype(language_model(model).dtype))
     tokens, lengths, logprobs = fn(state, _inputs(batch), key if key is not None else jax.random.key(0))
     return GenerationResult(np.asarray(tokens), np.asarray(lengths), np.asarray(logprobs))
 
@@ -213,7 +210,7 @@ def _compiled_stream(graphdef, cfg: SamplingConfig, eos_id: int, pad_id: int, ca
         return _prefill(nnx.merge(graphdef, state), batch, key, cfg, eos_id, pad_id, cache_dtype)
 
     def step(state, s):
-        return _decode_step(_language_model(nnx.merge(graphdef, state)), s, cfg, eos_id, pad_id)
+        return _decode_step(language_model(nnx.merge(graphdef, state)), s, cfg, eos_id, pad_id)
 
     return jax.jit(prefill), jax.jit(step, donate_argnums=(1,))
 
@@ -225,7 +222,7 @@ def stream(model: nnx.Module, batch: Mapping[str, Any], cfg: SamplingConfig, *, 
     done. Rows already done yield ``pad_id``."""
     _check_batch(model, batch, cfg)
     graphdef, state = nnx.split(model)
-    prefill, step = _compiled_stream(graphdef, cfg, int(eos_id), int(pad_id), jnp.dtype(_language_model(model).dtype))
+    prefill, step = _compiled_stream(graphdef, cfg, int(eos_id), int(pad_id), jnp.dtype(language_model(model).dtype))
     s = prefill(state, _inputs(batch), key if key is not None else jax.random.key(0))
     yield np.asarray(s.last)
     while int(s.step) < cfg.max_new_tokens and not bool(np.all(np.asarray(s.done))):

@@ -1,0 +1,310 @@
+"""A chat with a loaded model: the prompt of each turn, streamed text, the ``<video>`` requests the model wrote.
+
+``ChatSession`` (``attach_video``, ``ask``, ``reset``) is what the chat CLI, the world demo and the server drive;
+``StreamDecoder`` turns token ids into text pieces that concatenate to exactly the final answer.
+
+Decisions
+    - Prompts are left-padded to ``bucket_length`` (clamped so prompt + ``max_new_tokens`` fits the context) and the
+      videos of a chat prompt to a power-of-two count (masked zero videos, never read by the model), so a
+      conversation reuses a few compiled programs.
+    - The answer is the decoded text up to the first ``###`` (the next turn's prefix; generation stops on its tokens,
+      and the text check also catches other tokenizations of it), whitespace-stripped. While streaming, a trailing
+      run of whitespace / ``#`` and an incomplete UTF-8 character are held back until they are resolved, so the
+      streamed pieces concatenate to exactly the answer text.
+    - The AI turn stored in the history is the answer text as generated, ``<video>`` tags included (they are part of
+      the model's answer in training). An empty answer stores no AI turn (the template has no empty turns).
+    - A chat turn samples with ``fold_in(key(seed), turn number)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, pad_batch, tokenize_conversation
+from g4v_jax.data.video import VideoClip, load_video
+from g4v_jax.inference.generate import SamplingConfig, bucket_length, stop_sequences_for, stream
+from g4v_jax.models.gpt4video import model_kind
+from g4v_jax.tags import VideoRequest, parse_video_tags
+
+STOP_STRING = "###"  # every turn prefix starts with it: the model is done with its answer
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model / tokenizer facts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    has_vision: bool
+    num_video_tokens: int
+    context: int
+    vocab_size: int
+    num_frames: int
+    image_size: int
+    eos_id: int
+    pad_id: int
+    sampling: str = "uniform_mid"  # the model's video preprocessing (model.video)
+    resize: str = "short_side_crop"
+
+
+def model_info(model, tokenizer, num_frames: int | None, image_size: int | None) -> ModelInfo:
+    """What answering needs to know of a loaded ``gpt4video`` or ``llm`` model and its tokenizer."""
+    kind = model_kind(model)
+    video = None
+    if kind == "gpt4video":
+        cfg = model.cfg
+        has_vision, llm, k, video = True, cfg.llm, cfg.num_video_tokens, cfg.video
+        num_frames = cfg.num_frames if num_frames is None else num_frames
+        image_size = cfg.vision.image_size if image_size is None else image_size
+    elif kind == "llm":
+        has_vision, llm, k = False, model.cfg, 1  # text only; k is unused (the template needs some value)
+        num_frames, image_size = num_frames or 1, image_size or 1
+    else:
+        raise TypeError(f"answering needs a gpt4video or llm model, got a {kind} model")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no EOS token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    preprocess = {"sampling": video.sampling, "resize": video.resize} if video is not None else {}
+    return ModelInfo(has_vision, k, llm.max_position_embeddings, llm.vocab_size, int(num_frames), int(image_size),
+                      int(eos), int(pad), **preprocess)
+
+
+def with_stops(sampling: SamplingConfig, tokenizer) -> SamplingConfig:
+    """``sampling`` stopping at the tokens of ``###`` (unless it already names stop sequences)."""
+    if sampling.stop_sequences:
+        return sampling
+    return dataclasses.replace(sampling, stop_sequences=stop_sequences_for(tokenizer, (STOP_STRING,)))
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def prompt_length(info: ModelInfo, n: int, max_new_tokens: int) -> int:
+    """Padded length of an ``n``-token prompt: its bucket, clamped to what the context leaves; raises if too long."""
+    room = info.context - max_new_tokens
+    if n > room:
+        raise ValueError(f"the conversation is {n} tokens, but with max_new_tokens={max_new_tokens} the model's "
+                         f"context of {info.context} leaves room for {max(room, 0)}; start a new conversation or "
+                         f"lower max_new_tokens")
+    return min(bucket_length(n), room)
+
+
+def check_vocab(info: ModelInfo, conv: TokenizedConversation) -> None:
+    top = int(conv.input_ids.max(initial=0))
+    if top >= info.vocab_size:
+        raise ValueError(f"the tokenizer produced id {top}, outside the model's vocabulary of {info.vocab_size}: "
+                         f"tokenizer and checkpoint do not belong together")
+
+
+def video_arrays(rows: Sequence[Sequence[VideoClip]], num_videos: int, info: ModelInfo):
+    """(B, V, T, S, S, 3) uint8 and (B, V, T) bool with row b's clips first; the rest zeros, fully masked."""
+    t, s = info.num_frames, info.image_size
+    videos = np.zeros((len(rows), num_videos, t, s, s, 3), np.uint8)
+    mask = np.zeros((len(rows), num_videos, t), bool)
+    for b, clips in enumerate(rows):
+        for v, clip in enumerate(clips):
+            videos[b, v], mask[b, v] = clip.frames, clip.frame_mask
+    return videos, mask
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Answers: cleaning and incremental decoding
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    text: str  # the answer, <video> tags included, without the "###" that ended it
+    requests: list[VideoRequest]  # the <video>...</video> spans of ``text`` (offsets into ``text``)
+    num_tokens: int  # tokens generated (the stop token included)
+    videos: tuple = ()  # t2v.RenderedVideo per request when the session renders (path or error each)
+
+
+_HELD = re.compile(r"[\s#\ufffd]+\Z")  # a streamed tail that may still change: spaces, '#'s, a partial character
+
+
+def clean_answer(text: str) -> str:
+    """The answer in decoded model output: up to the first ``###`` (the next turn's prefix), whitespace-stripped."""
+    cut = text.find(STOP_STRING)
+    return (text if cut < 0 else text[:cut]).strip()
+
+
+def finish_answer(text: str, num_tokens: int) -> Answer:
+    """``Answer`` of decoded model output: cleaned (``clean_answer``) and its video requests parsed."""
+    answer = clean_answer(text)
+    return Answer(answer, parse_video_tags(answer), int(num_tokens))
+
+
+class StreamDecoder:
+    """Token ids in, answer text pieces out. Decodes the cumulative ids each time (so BPE merges and multi-byte
+    characters come out right) and returns the new part of the cleaned text, holding back a tail that may still
+    change (trailing whitespace or '#', which may become the stop string, or a partial character). ``finish``
+    flushes; the pieces then concatenate to ``finish_answer(self.text, ...).text``."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # decoded output so far (uncleaned)
+        self.emitted = ""
+
+    @property
+    def stopped(self) -> bool:
+        """The output contains the stop string: the answer is complete."""
+        return STOP_STRING in self.text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self._emit(_HELD.sub("", clean_answer(self.text)))
+
+    def finish(self) -> str:
+        return self._emit(clean_answer(self.text))
+
+    def _emit(self, visible: str) -> str:
+        # visible text only grows; if a decode ever rewrote emitted text, wait until it agrees again
+        if len(visible) <= len(self.emitted) or not visible.startswith(self.emitted):
+            return ""
+        piece, self.emitted = visible[len(self.emitted):], visible
+        return piece
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Interactive session
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ChatSession:
+    """A conversation with one model: ``attach_video(path)`` then ``ask(text)``; the history is the prompt.
+
+    ``num_frames`` / ``image_size`` default to the model config's. ``turns`` is the committed history (video turns,
+    questions, answers); ``clips[i]`` is video ``i`` of the conversation. Videos attached since the last answer
+    are pending: they precede the next question.
+    """
+
+    model: Any
+    tokenizer: Any
+    sampling: SamplingConfig = SamplingConfig()
+    num_frames: int | None = None
+    image_size: int | None = None
+    system_prompt: str = SYSTEM_PROMPT
+    seed: int = 0
+    turns: list[Turn] = dataclasses.field(default_factory=list)
+    clips: list[VideoClip] = dataclasses.field(default_factory=list)
+    # input safety gate (g4v_jax.safety.gates.make_video_gate): path -> flagged. A flagged video is not attached and
+    # the next question gets the polite refusal without the model seeing the video.
+    video_gate: Callable[[str], bool] | None = None
+    # the text-to-video step: (requests, stem) -> [t2v.RenderedVideo]; see ``make_renderer``
+    renderer: Callable[[Sequence[VideoRequest], str], list] | None = None
+
+    def __post_init__(self) -> None:
+        self._refuse_next = False
+        self._info = model_info(self.model, self.tokenizer, self.num_frames, self.image_size)
+        self.num_frames, self.image_size = self._info.num_frames, self._info.image_size
+        self.sampling = with_stops(self.sampling, self.tokenizer)
+        self.pending: list[int] = []  # indices of attached videos not yet in ``turns``
+        self.last_prompt_ids: np.ndarray | None = None  # unpadded ids of the last prompt (video slots = -1)
+        self._asked = 0
+
+    def reset(self) -> None:
+        """Forget the conversation (turns, videos, pending videos)."""
+        self.turns, self.clips, self.pending, self.last_prompt_ids = [], [], [], None
+        self._refuse_next = False
+
+    def attach_video(self, path: str | os.PathLike) -> int:
+        """Decode a video now (``VideoReadError`` naming the path if unreadable); it precedes the next question.
+        Returns its 0-based index in the conversation."""
+        if not self._info.has_vision:
+            raise ValueError("this model is a text-only LLM: it cannot take videos")
+        clip = load_video(path, num_frames=self.num_frames, size=self.image_size, sampling=self._info.sampling,
+                          resize=self._info.resize)
+        if self.video_gate is not None and self.video_gate(str(path)):
+            self._refuse_next = True
+            return -1
+        self.clips.append(clip)
+        self.pending.append(len(self.clips) - 1)
+        return len(self.clips) - 1
+
+    def prompt(self, text: str) -> tuple[list[Turn], TokenizedConversation, dict[str, np.ndarray]]:
+        """The turns, tokenized conversation and model batch that ``ask(text)`` would generate from."""
+        turns = [*self.turns, *(Turn("human", video=i) for i in self.pending), Turn("human", text)]
+        conv = tokenize_conversation(self.tokenizer, turns, num_video_tokens=self._info.num_video_tokens,
+                                     system_prompt=self.system_prompt, add_generation_prompt=True)
+        check_vocab(self._info, conv)
+        length = prompt_length(self._info, len(conv), self.sampling.max_new_tokens)
+        padded = pad_batch([conv], pad_id=self._info.pad_id, length=length, side="left")
+        batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        if conv.num_videos:
+            batch["videos"], batch["frame_mask"] = video_arrays([self.clips[:conv.num_videos]],
+                                                                 pow2(conv.num_videos), self._info)
+        return turns, conv, batch
+
+    def ask(self, text: str, *, key: jax.Array | None = None,
+            on_token: Callable[[str], None] | None = None) -> Answer:
+        """Answer a question in the context of the conversation; ``on_token`` gets the answer's text pieces as they
+        are generated. The question (after any pending videos) and the answer join the history."""
+        if self._refuse_next:  # a flagged input video: refuse without describing it (the video was never attached)
+            from g4v_jax.safety.refusal import POLITE_REFUSAL
+
+            self._refuse_next = False
+            if on_token is not None:
+                on_token(POLITE_REFUSAL)
+            self.turns = [*self.turns, *(Turn("human", video=i) for i in self.pending), Turn("human", text),
+                          Turn("ai", POLITE_REFUSAL)]
+            self.pending = []
+            return Answer(POLITE_REFUSAL, [], 0)
+        turns, conv, batch = self.prompt(text)
+        if key is None:
+            key = jax.random.fold_in(jax.random.key(self.seed), self._asked)
+        decoder = StreamDecoder(self.tokenizer)
+        n = 0
+        for step in stream(self.model, batch, self.sampling, key=key, eos_id=self._info.eos_id,
+                           pad_id=self._info.pad_id):
+            n += 1
+            token = int(step[0])
+            if token == self._info.eos_id:
+                break
+            piece = decoder.push(token)
+            if piece and on_token is not None:
+                on_token(piece)
+            if decoder.stopped:
+                break
+        piece = decoder.finish()
+        if piece and on_token is not None:
+            on_token(piece)
+        answer = finish_answer(decoder.text, n)
+        if self.renderer is not None and answer.requests:
+            answer = dataclasses.replace(answer, videos=tuple(self.renderer(answer.requests, f"turn{self._asked + 1}")))
+        self.turns = turns + ([Turn("ai", answer.text)] if answer.text else [])
+        self.pending = []
+        self.last_prompt_ids = conv.input_ids
+        self._asked += 1
+        return answer
+
+
+def make_renderer(backend_name: str, out_dir: str | os.PathLike, *, settings=None, check_prompt=None,
+                  check_video=None, **backend_options) -> Callable[[Sequence[VideoRequest], str], list]:
+    """Chat answer -> files: every request's prompt is checked (``check_prompt``), the backend renders the accepted
+    ones, every video is checked (``check_video``) and written under ``out_dir``. A failure is reported per request
+    and never touches the text answer (``t2v.render_requests``)."""
+    from g4v_jax.t2v import T2VSettings, make_backend, render_requests
+
+    backend = make_backend(backend_name, **backend_options)
+    settings = settings or T2VSettings()
+
+    def render(requests: Sequence[VideoRequest], stem: str) -> list:
+        return render_requests(backend, requests, settings, out_dir, check_prompt=check_prompt,
+                               check_video=check_video, stem=stem)
+
+    return render
