@@ -319,11 +319,33 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The continuous-batching inference engine (``g4v_jax.inference.engine``): its decode slots and KV cache.
+
+    The cache is preallocated at (layers, num_slots, max_length, kv heads, head size) in the compute dtype; a request
+    fits when its prompt plus its token budget fit ``max_length`` (and the model's context)."""
+
+    num_slots: int = 8  # requests decoded together by one step program
+    max_length: int = 2048  # cache positions per slot: prompt + generated tokens
+    min_bucket: int = 32  # prompts are padded to a power of two >= this (one prefill program per bucket)
+    max_videos: int = 4  # videos per request (the prefill program's video input is sized for this many)
+    max_queue: int = 1024  # waiting requests beyond the slots; more are refused (the server answers 429/503)
+
+    def __post_init__(self):
+        for name, low in (("num_slots", 1), ("max_length", 2), ("min_bucket", 1), ("max_videos", 1),
+                          ("max_queue", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"engine.{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    engine: EngineConfig = EngineConfig()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

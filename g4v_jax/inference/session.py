@@ -131,13 +131,13 @@ class Answer:
     videos: tuple = ()  # t2v.RenderedVideo per request when the session renders (path or error each)
 
 
-_HELD = re.compile(r"[\s#\ufffd]+\Z")  # a streamed tail that may still change: spaces, '#'s, a partial character
 
 
-def clean_answer(text: str) -> str:
-    """The answer in decoded model output: up to the first ``###`` (the next turn's prefix), whitespace-stripped."""
-    cut = text.find(STOP_STRING)
-    return (text if cut < 0 else text[:cut]).strip()
+def clean_answer(text: str, stops: Sequence[str] = (STOP_STRING,)) -> str:
+    """The answer in decoded model output: up to the first stop string (default ``###``, the next turn's prefix),
+    whitespace-stripped."""
+    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[:min(cuts)] if cuts else text).strip()
 
 
 def finish_answer(text: str, num_tokens: int) -> Answer:
@@ -152,24 +152,32 @@ class StreamDecoder:
     change (trailing whitespace or '#', which may become the stop string, or a partial character). ``finish``
     flushes; the pieces then concatenate to ``finish_answer(self.text, ...).text``."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, stops: Sequence[str] = (STOP_STRING,)) -> None:
         self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        # a streamed tail that may still change: trailing whitespace, a partial character, or a prefix of a stop
+        self._held = re.compile("(?:" + "|".join([r"[\s\ufffd]+"] + [
+            "(?:" + "|".join(re.escape(s[:i]) for i in range(len(s), 0, -1)) + ")" for s in self.stops]) + r")+\Z")
         self.ids: list[int] = []
         self.text = ""  # decoded output so far (uncleaned)
         self.emitted = ""
 
     @property
     def stopped(self) -> bool:
-        """The output contains the stop string: the answer is complete."""
-        return STOP_STRING in self.text
+        """The output contains a stop string: the answer is complete."""
+        return any(s in self.text for s in self.stops)
+
+    @property
+    def answer(self) -> str:
+        return clean_answer(self.text, self.stops)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._emit(_HELD.sub("", clean_answer(self.text)))
+        return self._emit(self._held.sub("", self.answer))
 
     def finish(self) -> str:
-        return self._emit(clean_answer(self.text))
+        return self._emit(self.answer)
 
     def _emit(self, visible: str) -> str:
         # visible text only grows; if a decode ever rewrote emitted text, wait until it agrees again

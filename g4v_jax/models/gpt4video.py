@@ -107,10 +107,11 @@ class GPT4Video(VideoEncoder):
     def __call__(self, input_ids: jax.Array, *, videos: jax.Array | None = None,
                  frame_mask: jax.Array | None = None, video_features: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 logits_at: jax.Array | None = None):
         embeds = self.embed(input_ids, videos, frame_mask, video_features)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
-                                   segment_ids=segment_ids, cache=cache)
+                                   segment_ids=segment_ids, cache=cache, logits_at=logits_at)
 
 
 def _construct(cfg: ModelConfig, seed: int) -> nnx.Module:

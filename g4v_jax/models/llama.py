@@ -5,9 +5,12 @@ permuted for it; Meta ``.pth`` weights are interleaved and would need the invers
 grouped-query attention (``num_kv_heads`` < ``num_heads``), tied or untied output embeddings.
 
 Shapes: token ids (B, L) -> logits (B, L, V). Decoding uses a preallocated ``KVCache`` (keys/values for every layer,
-(layers, B, S, H_kv, Dh)) written at slot ``index``; ``valid`` marks the slots that hold real tokens, so left- or
-right-padded prompts share one cache. A query at slot q attends to valid slots s <= q. Positions for RoPE default
-to the number of real tokens before each token, so padding never shifts a sequence's positions.
+(layers, B, S, H_kv, Dh)) written at slot ``index``: one slot for the whole batch (), or one per row (B,) when rows
+are at different points of their sequences (the continuous-batching engine). ``valid`` marks the slots that hold
+real tokens, so left- or right-padded prompts share one cache. A query at slot q attends to valid slots s <= q.
+Positions for RoPE default to the number of real tokens before each token, so padding never shifts a sequence's
+positions. Each layer writes its new keys/values into the stacked cache in place (a scatter of L tokens), so a
+decode step moves O(B·L) cache bytes, not the whole cache.
 
 Attention goes through ``jax.nn.dot_product_attention`` (cuDNN on GPU when ``attention_impl`` allows).
 """
@@ -30,7 +33,7 @@ class KVCache(NamedTuple):
     k: jax.Array  # (layers, B, S, H_kv, Dh)
     v: jax.Array  # (layers, B, S, H_kv, Dh)
     valid: jax.Array  # (B, S) bool: slot holds a real token
-    index: jax.Array  # () int32: next slot to write
+    index: jax.Array  # () or (B,) int32: next slot to write (for all rows, or per row)
 
     @property
     def max_length(self) -> int:
@@ -88,6 +91,26 @@ def _lora_for(name: str, lora: LoraConfig | None) -> LoraConfig | None:
     return lora if lora is not None and lora.enabled and name in lora.targets else None
 
 
+class LayerCache(NamedTuple):
+    """The stacked keys/values (layers, B, S, H_kv, Dh) seen by layer ``layer``, which writes at ``index``."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: int
+    index: jax.Array  # () or (B,)
+
+    def write(self, k: jax.Array, v: jax.Array) -> "LayerCache":
+        """Write this layer's new k, v (B, L, H_kv, Dh) at ``index`` (in place under jit)."""
+        b, l = k.shape[:2]
+        if self.index.ndim == 0:
+            at = (self.layer, 0, self.index, 0, 0)
+            return self._replace(k=jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at),
+                                 v=jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at))
+        rows, cols = jnp.arange(b)[:, None], self.index[:, None] + jnp.arange(l)[None, :]
+        return self._replace(k=self.k.at[self.layer, rows, cols].set(k.astype(self.k.dtype), mode="drop"),
+                             v=self.v.at[self.layer, rows, cols].set(v.astype(self.v.dtype), mode="drop"))
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, lora: LoraConfig | None, *, param_dtype, dtype, attention_impl: str,
                  rngs: nnx.Rngs):
@@ -104,19 +127,20 @@ class LlamaAttention(nnx.Module):
         self.rope_cfg = cfg  # static: the frequencies are a trace-time constant, not state
         self.implementation = attention_implementation(attention_impl)
 
-    def __call__(self, x, positions, mask, kv: tuple[jax.Array, jax.Array] | None, index):
-        """x (B, L, D); mask (B, 1, L, S) bool; kv: this layer's cache (B, S, H_kv, Dh) x 2 or None."""
+    def __call__(self, x, positions, mask, kv: "LayerCache | None"):
+        """x (B, L, D); mask (B, 1, L, S) bool; kv: the stacked cache and this layer's number, or None.
+        Returns the output (B, L, D) and the stacked cache with this layer's new keys/values written."""
         b, l, _ = x.shape
         inv_freq = rope_inv_freq(self.rope_cfg)
         q = apply_rope(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim), positions, inv_freq)
         k = apply_rope(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq)
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            kv = kv.write(k, v)
+            k, v = kv.k[kv.layer], kv.v[kv.layer]
         impl = self.implementation if q.dtype != jnp.float32 else "xla"  # cuDNN needs fp16/bf16
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=impl)
-        return self.o_proj(out.reshape(b, l, -1)), (k, v)
+        return self.o_proj(out.reshape(b, l, -1)), kv
 
 
 class LlamaMLP(nnx.Module):
@@ -143,8 +167,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = LlamaMLP(cfg, lora, **kw)
 
-    def __call__(self, x, positions, mask, kv, index):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, index)
+    def __call__(self, x, positions, mask, kv: LayerCache | None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -155,21 +179,25 @@ def _attention_mask(attention_mask: jax.Array, cache: KVCache | None, segment_id
     and the cache's new ``valid``."""
     b, l = attention_mask.shape
     if cache is None:
-        key_valid, q_slot, k_slot = attention_mask, jnp.arange(l), jnp.arange(l)
+        key_valid, q_slot, k_slot = attention_mask, jnp.arange(l)[None], jnp.arange(l)
         new_valid = None
-    else:
+    elif cache.index.ndim == 0:
         key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.index, axis=1)
-        q_slot, k_slot = cache.index + jnp.arange(l), jnp.arange(cache.max_length)
+        q_slot, k_slot = cache.index + jnp.arange(l)[None], jnp.arange(cache.max_length)
         new_valid = key_valid
-    causal = k_slot[None, :] <= q_slot[:, None]  # (L, S)
+    else:  # per-row write slots
+        q_slot, k_slot = cache.index[:, None] + jnp.arange(l)[None], jnp.arange(cache.max_length)
+        key_valid = cache.valid.at[jnp.arange(b)[:, None], q_slot].set(attention_mask, mode="drop")
+        new_valid = key_valid
+    causal = k_slot[None, None, :] <= q_slot[:, :, None]  # (1 or B, L, S)
     # a padded query keeps its own slot so that its (unused) row never attends to nothing
-    own = k_slot[None, :] == q_slot[:, None]
-    mask = causal[None] & key_valid[:, None, :]
+    own = k_slot[None, None, :] == q_slot[:, :, None]
+    mask = causal & key_valid[:, None, :]
     if segment_ids is not None:
         if cache is not None:
             raise ValueError("segment_ids (packed rows) are for training and scoring, not for decoding with a cache")
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    mask = mask | own[None]
+    mask = mask | own
     return mask[:, None], new_valid
 
 
@@ -179,8 +207,8 @@ def default_positions(attention_mask: jax.Array, cache: KVCache | None) -> jax.A
     return (before + jnp.cumsum(attention_mask, axis=-1) - 1).clip(min=0).astype(jnp.int32)
 
 
-def _run_layer(layer, x, positions, mask, kv, index):
-    return layer(x, positions, mask, kv, index)
+def _run_layer(layer, x, positions, mask):
+    return layer(x, positions, mask, None)[0]
 
 
 REMAT_POLICIES = {
@@ -231,9 +259,12 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """``segment_ids`` (B, L) int: a packed row holds several sequences (1, 2, ... per token, 0 at pads); a token
-        attends only within its own, and ``positions`` must then restart at each (the data pipeline writes both)."""
+        attends only within its own, and ``positions`` must then restart at each (the data pipeline writes both).
+        ``logits_at`` (B,) int: compute logits only at that column of each row -> (B, 1, V) (a prefill needs only
+        its last token's: L·V fewer multiply-adds)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, l, _ = x.shape
         if cache is None and l > self.cfg.max_position_embeddings:
@@ -245,15 +276,17 @@ class LlamaForCausalLM(nnx.Module):
         if positions is None:
             positions = default_positions(attention_mask, cache)
         mask, new_valid = _attention_mask(attention_mask, cache, segment_ids)
-        index = None if cache is None else cache.index
-        ks, vs = [], []
-        run = _remat(_run_layer, self.remat)
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = run(layer, x, positions, mask, kv, index)
-            ks.append(k)
-            vs.append(v)
+        if cache is None:
+            run = _remat(_run_layer, self.remat)
+            for layer in self.layers:
+                x = run(layer, x, positions, mask)
+        else:
+            kv = LayerCache(cache.k, cache.v, 0, cache.index)
+            for i, layer in enumerate(self.layers):
+                x, kv = layer(x, positions, mask, kv._replace(layer=i))
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
         logits = self.logits(self.norm(x))
         if cache is None:
             return logits, None
-        return logits, KVCache(jnp.stack(ks), jnp.stack(vs), new_valid, cache.index + l)
+        return logits, KVCache(kv.k, kv.v, new_valid, cache.index + l)
