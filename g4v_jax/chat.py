@@ -3,6 +3,9 @@
     python -m g4v_jax.chat --ckpt ckpt/g4v                                        # interactive
     python -m g4v_jax.chat --ckpt ckpt/g4v --input requests.jsonl --output answers.jsonl [--batch-size 8]
 
+Both run on ``g4v_jax.inference.Engine``: a turn of the interactive chat on a one-slot engine, a batch file on an
+engine with ``--batch-size`` slots that refills a slot as soon as its answer is done.
+
 Options: ``--tokenizer DIR`` (default: the checkpoint directory), ``--max-new-tokens 256 --temperature 0 --top-p 1
 --top-k 0 --seed 0``, ``--system-prompt TEXT``, and ``key=value`` overrides of the saved model config
 (``model.compute_dtype=bfloat16``).
@@ -32,18 +35,17 @@ Library
     ``answer_batch_file``) is what it runs, as the evals and the world demo do.
 
 Decisions
-    - Prompts are left-padded to ``bucket_length`` (clamped so prompt + ``max_new_tokens`` fits the context) and the
-      videos of a chat prompt to a power-of-two count (masked zero videos, never read by the model), so a
-      conversation reuses a few compiled programs. Batches are padded to a power-of-two number of rows (copies of a
-      real row) for the same reason.
+    - Prompts are padded to power-of-two buckets by the engine, so a conversation or a batch reuses a few compiled
+      programs (one per bucket, one decode step).
     - The answer is the decoded text up to the first ``###`` (the next turn's prefix; the engine stops on its tokens,
       and the text check also catches other tokenizations of it), whitespace-stripped. While streaming, a trailing
       run of whitespace / ``#`` and an incomplete UTF-8 character are held back until they are resolved, so the
       streamed pieces concatenate to exactly the answer text.
     - The AI turn stored in the history is the answer text as generated, ``<video>`` tags included (they are part of
       the model's answer in training). An empty answer stores no AI turn (the template has no empty turns).
-    - Sampling keys: a chat turn uses ``fold_in(key(seed), turn number)``; a batch uses ``key(seed)``, so sampled
-      batch answers are reproducible for the same requests file and batch size (rows of one batch share a key).
+    - Sampling seeds: a chat turn uses ``seed + turn number``; a batch request its own ``seed`` (else ``--seed``).
+      Each request draws with ``fold_in(key(seed), token number)``, so a sampled answer is the same whatever the
+      other requests in the file and whatever ``--batch-size``.
 """
 
 from __future__ import annotations

@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 
 from g4v_jax import chat, inference
-from g4v_jax.inference import batch as batch_module
-from g4v_jax.inference import session as session_module
+from g4v_jax.inference import engine as engine_module
 from g4v_jax.config import Config, load_config
 from g4v_jax.data.template import SYSTEM_PROMPT, Turn, render
 from g4v_jax.data.tokenizer import build_bpe_tokenizer
 from g4v_jax.data.video import VideoReadError, synthetic_frames, write_video
-from g4v_jax.inference.generate import GenerationResult, SamplingConfig
+from g4v_jax.inference.generate import SamplingConfig
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.weights import save_pretrained
 
@@ -52,22 +51,35 @@ def world(tmp_path_factory):
     return dict(root=root, cfg=cfg, model=model, tokenizer=tokenizer, ckpt=ckpt, videos=videos)
 
 
+class _ScriptedPrograms:
+    """Stands in for the engine's device programs: every request "generates" ``ids`` (the host loop, stop rules and
+    streaming are the real engine's)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids, self.pos, self.traces = ids, {}, {}
+
+    def encode(self, state, frames, mask):
+        return np.zeros((frames.shape[0], 1, 1), np.float32)
+
+    def prefill_insert(self, state, ds, ids, video_tokens, n, slot, *sampling):
+        self.pos[int(slot)] = 0
+        tokens = np.array(ds.tokens)
+        tokens[int(slot)] = self.ids[0]
+        return ds._replace(tokens=tokens)
+
+    def step(self, state, ds, active):
+        tokens = np.array(ds.tokens)
+        for s in np.flatnonzero(np.asarray(active)):
+            self.pos[s] = min(self.pos[s] + 1, len(self.ids) - 1)
+            tokens[s] = self.ids[self.pos[s]]
+        return ds._replace(tokens=tokens)
+
+
 def _fake_engine(monkeypatch, tokenizer, text: str):
-    """Make ``stream`` / ``generate`` of the inference layer "generate" the tokens of ``text`` (then EOS)."""
+    """Make the engine "generate" the tokens of ``text`` (then EOS) for every request."""
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
-
-    def fake_stream(model, batch, cfg, *, key=None, eos_id, pad_id=0):
-        for t in ids[: cfg.max_new_tokens]:
-            yield np.asarray([t] * batch["input_ids"].shape[0], np.int32)
-
-    def fake_generate(model, batch, cfg, *, key=None, eos_id, pad_id=0):
-        b, n = batch["input_ids"].shape[0], min(len(ids), cfg.max_new_tokens)
-        tokens = np.full((b, cfg.max_new_tokens), pad_id, np.int32)
-        tokens[:, :n] = ids[:n]
-        return GenerationResult(tokens, np.full((b,), n, np.int32), np.zeros(tokens.shape, np.float32))
-
-    monkeypatch.setattr(session_module, "stream", fake_stream)
-    monkeypatch.setattr(batch_module, "generate", fake_generate)
+    monkeypatch.setattr(engine_module, "programs_for", lambda graphdef: _ScriptedPrograms(ids))
+    monkeypatch.setattr(engine_module.Engine, "_encode_videos", lambda self, admitted: {})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -183,7 +195,8 @@ def test_answer_requests_tags_settings_and_bad_requests(world, monkeypatch):
             {"id": "zero", "turns": [{"from": "human", "value": "Short"}], "max_new_tokens": 0}]
     out = inference.answer_requests(world["model"], world["tokenizer"], reqs, sampling=SamplingConfig(max_new_tokens=32),
                                progress=False)
-    n_fake = len(world["tokenizer"].encode(" Sure. <video>a red square</video>###")) + 1  # + EOS
+    # the engine ends the answer at the "###" in its text (the EOS after it is never generated)
+    n_fake = len(world["tokenizer"].encode(" Sure. <video>a red square</video>###"))
     assert out[0] == {"id": 1, "answer": "Sure. <video>a red square</video>",
                       "video_requests": [{"prompt": "a red square", "index": None, "start": 6, "end": 33}],
                       "num_tokens": n_fake}

@@ -1,11 +1,11 @@
-"""Answering many requests in jitted batches (the chat CLI's batch mode, the evals, the world demo).
+"""Answering many requests on the continuous-batching engine (the chat CLI's batch mode, the evals, the world demo).
 
 A request is ``{"id", "videos": [paths], "turns": [{"from": "human"|"ai", "value"} | {"from": "human", "video": i}],
-"max_new_tokens", "temperature", "top_p", "top_k", "seed"}`` (sampling keys optional). Requests with the same sampling
-settings and seed share batches, padded to a power-of-two number of rows (copies of a real row) so few programs
-compile; a batch samples with ``key(seed)``, so sampled answers are reproducible for the same requests and batch size.
-A request that cannot be prepared (bad turns, unreadable video, too long for the context, ``max_new_tokens: 0``) gets
-``{"id", "error"}`` and the others are answered.
+"max_new_tokens", "temperature", "top_p", "top_k", "seed"}`` (sampling keys optional). Every request is queued on one
+``Engine`` with ``batch_size`` slots; a finished request's slot is refilled at once, so short answers never wait for
+long ones. A sampled request draws with its own seed (its ``seed`` key, else the run's), so its answer does not
+depend on the other requests or on ``batch_size``. A request that cannot be prepared (bad turns, unreadable video,
+too long for the context, ``max_new_tokens: 0``) gets ``{"id", "error"}`` and the others are answered.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 
-from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, pad_batch, tokenize_conversation
+from g4v_jax.config import EngineConfig
+from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, tokenize_conversation
 from g4v_jax.data.video import VideoClip, VideoReadError, load_video
-from g4v_jax.inference.generate import SamplingConfig, generate
-
-from g4v_jax.inference.session import (
-    SAMPLING_KEYS, Answer, ModelInfo, check_vocab, finish_answer, model_info, pow2, prompt_length, video_arrays, with_stops,
-)
+from g4v_jax.inference.engine import Engine, EngineRequest, EngineResult, RequestError
+from g4v_jax.inference.generate import SamplingConfig
+from g4v_jax.inference.session import SAMPLING_KEYS, ModelInfo, check_vocab, model_info, pow2, prompt_length, with_stops
+from g4v_jax.inference.text import finish_answer
 
 
 class BatchOutputError(RuntimeError):
@@ -109,16 +108,13 @@ class _Job:
 def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: SamplingConfig = SamplingConfig(),
                     batch_size: int = 8, num_frames: int | None = None, image_size: int | None = None,
                     system_prompt: str = SYSTEM_PROMPT, seed: int = 0, progress: bool = True,
-                    on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """Answer many requests (module docstring) in jitted batches; results in input order.
+                    on_result: Callable[[dict], None] | None = None,
+                    engine_config: EngineConfig | None = None) -> list[dict]:
+    """Answer many requests (module docstring) on the engine; results in input order.
 
-    ``on_result`` is called with each result as soon as it is final (a request's error at once, answers as their
-    batch finishes), so a caller can write them out before the rest are done.
-
-    Requests with the same sampling settings (``sampling`` overridden by their own keys) and seed share batches of
-    up to ``batch_size`` rows, grouped by video count and length; each batch is left-padded to one bucketed length
-    and its rows' videos to the batch's largest count. A request that cannot be prepared (bad turns, unreadable
-    video, too long for the context) gets ``{"id", "error"}``; the others are answered.
+    ``on_result`` is called with each result as soon as it is final (a request's error at once, an answer when its
+    last token is out), so a caller can write them out before the rest are done. ``batch_size`` is the engine's
+    number of slots; its cache is sized to the longest request (``engine_config`` overrides both).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -128,35 +124,54 @@ def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: 
     base = with_stops(sampling, tokenizer)
     results: list[dict | None] = [None] * len(requests)
     clip_cache: dict[str, VideoClip | VideoReadError] = {}
-    groups: dict[tuple[SamplingConfig, int], list[_Job]] = {}
+    jobs: list[_Job] = []
+
+    def finish(pos: int, result: dict) -> None:
+        results[pos] = result
+        if on_result is not None:
+            on_result(result)
+
     for pos, obj in enumerate(requests):
         rid = obj.get("id", pos) if isinstance(obj, Mapping) else pos
         try:
-            job = _prepare(pos, obj, info, tokenizer, base, seed, system_prompt, clip_cache)
+            jobs.append(_prepare(pos, obj, info, tokenizer, base, seed, system_prompt, clip_cache))
         except ValueError as e:  # VideoReadError included
-            results[pos] = {"id": rid, "error": str(e)}
-            if on_result is not None:
-                on_result(results[pos])
-            continue
-        groups.setdefault((job.sampling, job.seed), []).append(job)
+            finish(pos, {"id": rid, "error": str(e)})
 
     with tqdm(total=len(requests), disable=not progress, desc="answering", unit="req", file=sys.stderr) as bar:
         bar.update(sum(r is not None for r in results))
-        for (cfg, key_seed), jobs in groups.items():
-            jobs.sort(key=lambda j: (j.conv.num_videos, len(j.conv)))
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start:start + batch_size]
-                for job, answer in zip(chunk, _run_batch(model, tokenizer, info, chunk, cfg, key_seed, batch_size)):
-                    results[job.position] = {
-                        "id": job.id, "answer": answer.text,
-                        "video_requests": [{"prompt": r.prompt, "index": r.index, "start": r.start, "end": r.end}
-                                           for r in answer.requests],
-                        "num_tokens": answer.num_tokens,
-                    }
-                    if on_result is not None:
-                        on_result(results[job.position])
-                bar.update(len(chunk))
+        if jobs:
+            engine = Engine(model, tokenizer, engine_config or _engine_config(info, jobs, batch_size),
+                            eos_id=info.eos_id)
+            for job in jobs:
+                def done(res: EngineResult, job=job) -> None:
+                    finish(job.position, _answer(job, res))
+                    bar.update(1)
+
+                try:
+                    engine.submit(EngineRequest(job.conv.input_ids, [(c.frames, c.frame_mask) for c in job.clips],
+                                                job.sampling, seed=job.seed, id=job.id), on_done=done)
+                except RequestError as e:
+                    finish(job.position, {"id": job.id, "error": str(e)})
+                    bar.update(1)
+            engine.run()
     return results  # type: ignore[return-value]
+
+
+def _engine_config(info: ModelInfo, jobs: Sequence["_Job"], batch_size: int) -> EngineConfig:
+    """Slots = ``batch_size`` (no more than the requests); the cache fits the longest prompt + budget, rounded up to
+    a power of two (few distinct step programs across calls); the queue holds every request."""
+    need = max(len(j.conv) + j.sampling.max_new_tokens for j in jobs)
+    return EngineConfig(num_slots=min(batch_size, pow2(len(jobs))), max_length=min(info.context, pow2(need)),
+                        max_videos=max(1, pow2(max(len(j.clips) for j in jobs))), max_queue=len(jobs))
+
+
+def _answer(job: "_Job", res: EngineResult) -> dict:
+    answer = finish_answer(res.text, len(res.tokens))
+    return {"id": job.id, "answer": answer.text,
+            "video_requests": [{"prompt": r.prompt, "index": r.index, "start": r.start, "end": r.end}
+                               for r in answer.requests],
+            "num_tokens": answer.num_tokens}
 
 
 def _prepare(pos: int, obj, info: ModelInfo, tokenizer, base: SamplingConfig, seed: int, system_prompt: str,
@@ -180,27 +195,7 @@ def _prepare(pos: int, obj, info: ModelInfo, tokenizer, base: SamplingConfig, se
                                  system_prompt=system_prompt, add_generation_prompt=True)
     check_vocab(info, conv)
     prompt_length(info, len(conv), cfg.max_new_tokens)  # raises if it cannot fit
-    key_seed = int(req.settings.get("seed", seed)) if cfg.temperature > 0 else 0  # greedy: no key, one group
-    return _Job(pos, req.id, conv, clips, cfg, key_seed)
-
-
-def _run_batch(model, tokenizer, info: ModelInfo, jobs: list[_Job], cfg: SamplingConfig, seed: int,
-               batch_size: int) -> list[Answer]:
-    rows = jobs + [jobs[-1]] * (min(batch_size, pow2(len(jobs))) - len(jobs))  # few batch shapes, few compiles
-    length = prompt_length(info, max(len(j.conv) for j in rows), cfg.max_new_tokens)
-    padded = pad_batch([j.conv for j in rows], pad_id=info.pad_id, length=length, side="left")
-    batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
-    num_videos = max(j.conv.num_videos for j in rows)
-    if num_videos:
-        batch["videos"], batch["frame_mask"] = video_arrays([j.clips for j in rows], num_videos, info)
-    out = generate(model, batch, cfg, key=jax.random.key(seed), eos_id=info.eos_id, pad_id=info.pad_id)
-    answers = []
-    for b in range(len(jobs)):
-        ids = out.tokens[b, :out.lengths[b]].tolist()
-        if info.eos_id in ids:
-            ids = ids[:ids.index(info.eos_id)]
-        answers.append(finish_answer(tokenizer.decode(ids, skip_special_tokens=True), int(out.lengths[b])))
-    return answers
+    return _Job(pos, req.id, conv, clips, cfg, int(req.settings.get("seed", seed)))
 
 
 def answer_batch_file(model, tokenizer, requests: Sequence[Mapping], output: Path, **kwargs) -> list[dict]:

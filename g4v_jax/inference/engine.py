@@ -42,6 +42,7 @@ from flax import nnx
 
 from g4v_jax.config import EngineConfig
 from g4v_jax.inference.generate import NEG_INF, SamplingConfig
+from g4v_jax.inference.text import StreamDecoder
 from g4v_jax.models.gpt4video import language_model, model_kind, splice_video_tokens
 from g4v_jax.models.llama import KVCache, init_cache
 
@@ -287,9 +288,11 @@ class Engine:
         graphdef, self.state = nnx.split(model)
         self.programs = programs_for(graphdef)
         self._dtype = jnp.dtype(language_model(model).dtype)
-        self._video_tokens_shape = None
+        self._video_tokens_shape = self._frame_shape = None
         if self.has_vision:
             self._video_tokens_shape = (1, cfg.max_videos, self.num_video_tokens, model.cfg.llm.hidden_size)
+            size = model.cfg.vision.image_size
+            self._frame_shape = (model.cfg.num_frames, size, size, 3)
         self.ds = self._empty_state()
         self.slots: list[_Active | None] = [None] * cfg.num_slots
         self.queue: collections.deque[RequestHandle] = collections.deque()
@@ -344,6 +347,32 @@ class Engine:
             self._lock.notify_all()
         return handle
 
+    def warmup(self, buckets: Sequence[int] | None = None) -> None:
+        """Compile every program the engine can need (each prompt bucket up to ``max_length`` or the ``buckets``
+        given, each power-of-two video batch up to ``num_slots * max_videos``, the step) on dummy inputs, so that no
+        request ever waits for a compile. The decode state is reset afterwards."""
+        if self.busy:
+            raise RuntimeError("warmup() needs an idle engine")
+        if buckets is None:
+            buckets, b = [], self._bucket(1)
+            while b not in buckets:
+                buckets.append(b)
+                b = self._bucket(b + 1)
+        if self.has_vision:
+            n = 1
+            while n <= _pow2(self.cfg.num_slots * self.cfg.max_videos):
+                frames = np.zeros((n, *self._frame_shape), np.uint8)
+                self.programs.encode(self.state, jax.device_put(frames), jnp.zeros((n, self._frame_shape[0]), bool))
+                n *= 2
+        for bucket in buckets:
+            vt = jnp.zeros(self._video_tokens_shape, self._dtype) if self.has_vision else None
+            self.ds = self.programs.prefill_insert(
+                self.state, self.ds, jnp.zeros((1, bucket), jnp.int32), vt, jnp.int32(1), jnp.int32(0),
+                jnp.uint32(0), jnp.float32(0), jnp.int32(0), jnp.float32(1))
+        self.ds = self.programs.step(self.state, self.ds, jnp.zeros((self.cfg.num_slots,), bool))
+        jax.block_until_ready(self.ds)
+        self.ds = self._empty_state()
+
     def free_slots(self) -> int:
         return sum(a is None for a in self.slots)
 
@@ -387,7 +416,7 @@ class Engine:
         active = np.array([a is not None for a in self.slots])
         if not active.any():
             return
-        self.ds = self.programs.step(self.state, self.ds, jnp.asarray(active))
+        self.ds = self.programs.step(self.state, self.ds, jax.device_put(active))
         tokens, logprobs = np.asarray(self.ds.tokens), np.asarray(self.ds.logprobs)
         now = time.perf_counter()
         self.stats.steps += 1
@@ -412,8 +441,6 @@ class Engine:
     def _decoder(self, request: EngineRequest):
         if self.tokenizer is None:
             return None
-        from g4v_jax.inference.session import StreamDecoder
-
         return StreamDecoder(self.tokenizer, stops=request.stop_strings)
 
     def _encode_videos(self, admitted) -> dict[int, jax.Array]:
@@ -427,7 +454,7 @@ class Engine:
         mask = np.zeros((n, np.shape(mask0)[0]), bool)
         for j, (_, (f, m)) in enumerate(clips):
             frames[j], mask[j] = f, m
-        tokens = np.asarray(self.programs.encode(self.state, jnp.asarray(frames), jnp.asarray(mask)))
+        tokens = np.asarray(self.programs.encode(self.state, jax.device_put(frames), jax.device_put(mask)))
         self.stats.encoded_videos += len(clips)
         out: dict[int, np.ndarray] = {}
         for j, (slot, _) in enumerate(clips):
@@ -453,10 +480,10 @@ class Engine:
             vt = None
             if self.has_vision:
                 vt = video_tokens.get(slot)
-                vt = jnp.zeros(self._video_tokens_shape, self._dtype) if vt is None else jnp.asarray(vt)
+                vt = jnp.zeros(self._video_tokens_shape, self._dtype) if vt is None else jax.device_put(vt)
             s = req.sampling
             self.ds = self.programs.prefill_insert(
-                self.state, self.ds, jnp.asarray(padded), vt, jnp.int32(len(ids)), jnp.int32(slot),
+                self.state, self.ds, jax.device_put(padded), vt, jnp.int32(len(ids)), jnp.int32(slot),
                 jnp.uint32(req.seed % 2**32), jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
             self.stats.prefills += 1
             token, logprob = int(np.asarray(self.ds.tokens)[slot]), float(np.asarray(self.ds.logprobs)[slot])

@@ -1,39 +1,39 @@
 """A chat with a loaded model: the prompt of each turn, streamed text, the ``<video>`` requests the model wrote.
 
-``ChatSession`` (``attach_video``, ``ask``, ``reset``) is what the chat CLI, the world demo and the server drive;
-``StreamDecoder`` turns token ids into text pieces that concatenate to exactly the final answer.
+``ChatSession`` (``attach_video``, ``ask``, ``reset``) is what the chat CLI and the world demo drive; ``model_info``
+and the prompt helpers are shared with batch answering.
 
 Decisions
-    - Prompts are left-padded to ``bucket_length`` (clamped so prompt + ``max_new_tokens`` fits the context) and the
-      videos of a chat prompt to a power-of-two count (masked zero videos, never read by the model), so a
-      conversation reuses a few compiled programs.
+    - A conversation's prompts go to one engine sized to the model's context; the engine pads them to power-of-two
+      buckets, so a conversation reuses a few compiled programs. ``prompt`` also returns the left-padded batch
+      ``generate`` takes (the static reference).
     - The answer is the decoded text up to the first ``###`` (the next turn's prefix; generation stops on its tokens,
-      and the text check also catches other tokenizations of it), whitespace-stripped. While streaming, a trailing
-      run of whitespace / ``#`` and an incomplete UTF-8 character are held back until they are resolved, so the
-      streamed pieces concatenate to exactly the answer text.
+      and the text check also catches other tokenizations of it), whitespace-stripped; streamed pieces concatenate
+      to exactly the answer text (``inference.text.StreamDecoder``).
     - The AI turn stored in the history is the answer text as generated, ``<video>`` tags included (they are part of
       the model's answer in training). An empty answer stores no AI turn (the template has no empty turns).
-    - A chat turn samples with ``fold_in(key(seed), turn number)``.
+    - A chat turn runs on a one-slot ``Engine`` (the one road for every answer) and samples with the seed
+      ``seed + turn number``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, pad_batch, tokenize_conversation
 from g4v_jax.data.video import VideoClip, load_video
-from g4v_jax.inference.generate import SamplingConfig, bucket_length, stop_sequences_for, stream
+from g4v_jax.config import EngineConfig
+from g4v_jax.inference.engine import Engine, EngineRequest
+from g4v_jax.inference.generate import SamplingConfig, bucket_length, stop_sequences_for
+from g4v_jax.inference.text import STOP_STRING, Answer, finish_answer
 from g4v_jax.models.gpt4video import model_kind
-from g4v_jax.tags import VideoRequest, parse_video_tags
+from g4v_jax.tags import VideoRequest
 
-STOP_STRING = "###"  # every turn prefix starts with it: the model is done with its answer
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")
 
 
@@ -123,70 +123,6 @@ def video_arrays(rows: Sequence[Sequence[VideoClip]], num_videos: int, info: Mod
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    text: str  # the answer, <video> tags included, without the "###" that ended it
-    requests: list[VideoRequest]  # the <video>...</video> spans of ``text`` (offsets into ``text``)
-    num_tokens: int  # tokens generated (the stop token included)
-    videos: tuple = ()  # t2v.RenderedVideo per request when the session renders (path or error each)
-
-
-
-
-def clean_answer(text: str, stops: Sequence[str] = (STOP_STRING,)) -> str:
-    """The answer in decoded model output: up to the first stop string (default ``###``, the next turn's prefix),
-    whitespace-stripped."""
-    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[:min(cuts)] if cuts else text).strip()
-
-
-def finish_answer(text: str, num_tokens: int) -> Answer:
-    """``Answer`` of decoded model output: cleaned (``clean_answer``) and its video requests parsed."""
-    answer = clean_answer(text)
-    return Answer(answer, parse_video_tags(answer), int(num_tokens))
-
-
-class StreamDecoder:
-    """Token ids in, answer text pieces out. Decodes the cumulative ids each time (so BPE merges and multi-byte
-    characters come out right) and returns the new part of the cleaned text, holding back a tail that may still
-    change (trailing whitespace or '#', which may become the stop string, or a partial character). ``finish``
-    flushes; the pieces then concatenate to ``finish_answer(self.text, ...).text``."""
-
-    def __init__(self, tokenizer, stops: Sequence[str] = (STOP_STRING,)) -> None:
-        self.tokenizer = tokenizer
-        self.stops = tuple(s for s in stops if s)
-        # a streamed tail that may still change: trailing whitespace, a partial character, or a prefix of a stop
-        self._held = re.compile("(?:" + "|".join([r"[\s\ufffd]+"] + [
-            "(?:" + "|".join(re.escape(s[:i]) for i in range(len(s), 0, -1)) + ")" for s in self.stops]) + r")+\Z")
-        self.ids: list[int] = []
-        self.text = ""  # decoded output so far (uncleaned)
-        self.emitted = ""
-
-    @property
-    def stopped(self) -> bool:
-        """The output contains a stop string: the answer is complete."""
-        return any(s in self.text for s in self.stops)
-
-    @property
-    def answer(self) -> str:
-        return clean_answer(self.text, self.stops)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._emit(self._held.sub("", self.answer))
-
-    def finish(self) -> str:
-        return self._emit(self.answer)
-
-    def _emit(self, visible: str) -> str:
-        # visible text only grows; if a decode ever rewrote emitted text, wait until it agrees again
-        if len(visible) <= len(self.emitted) or not visible.startswith(self.emitted):
-            return ""
-        piece, self.emitted = visible[len(self.emitted):], visible
-        return piece
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Interactive session
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,6 +160,7 @@ class ChatSession:
         self.pending: list[int] = []  # indices of attached videos not yet in ``turns``
         self.last_prompt_ids: np.ndarray | None = None  # unpadded ids of the last prompt (video slots = -1)
         self._asked = 0
+        self._engine_obj: Engine | None = None
 
     def reset(self) -> None:
         """Forget the conversation (turns, videos, pending videos)."""
@@ -258,7 +195,15 @@ class ChatSession:
                                                                  pow2(conv.num_videos), self._info)
         return turns, conv, batch
 
-    def ask(self, text: str, *, key: jax.Array | None = None,
+    def _engine(self, num_videos: int):
+        """The session's one-slot engine (cache = the model's context), rebuilt only if a prompt holds more videos
+        than it was sized for."""
+        if self._engine_obj is None or self._engine_obj.cfg.max_videos < num_videos:
+            cfg = EngineConfig(num_slots=1, max_length=self._info.context, max_videos=max(4, pow2(num_videos)))
+            self._engine_obj = Engine(self.model, self.tokenizer, cfg, eos_id=self._info.eos_id)
+        return self._engine_obj
+
+    def ask(self, text: str, *, seed: int | None = None,
             on_token: Callable[[str], None] | None = None) -> Answer:
         """Answer a question in the context of the conversation; ``on_token`` gets the answer's text pieces as they
         are generated. The question (after any pending videos) and the answer join the history."""
@@ -272,26 +217,15 @@ class ChatSession:
                           Turn("ai", POLITE_REFUSAL)]
             self.pending = []
             return Answer(POLITE_REFUSAL, [], 0)
-        turns, conv, batch = self.prompt(text)
-        if key is None:
-            key = jax.random.fold_in(jax.random.key(self.seed), self._asked)
-        decoder = StreamDecoder(self.tokenizer)
-        n = 0
-        for step in stream(self.model, batch, self.sampling, key=key, eos_id=self._info.eos_id,
-                           pad_id=self._info.pad_id):
-            n += 1
-            token = int(step[0])
-            if token == self._info.eos_id:
-                break
-            piece = decoder.push(token)
-            if piece and on_token is not None:
-                on_token(piece)
-            if decoder.stopped:
-                break
-        piece = decoder.finish()
-        if piece and on_token is not None:
-            on_token(piece)
-        answer = finish_answer(decoder.text, n)
+        turns, conv, _ = self.prompt(text)
+        engine = self._engine(conv.num_videos)
+        clips = [(c.frames, c.frame_mask) for c in self.clips[:conv.num_videos]]
+        handle = engine.submit(EngineRequest(conv.input_ids, clips, self.sampling,
+                                             seed=self.seed + self._asked if seed is None else seed),
+                               on_text=on_token)
+        engine.run()
+        result = handle.result()
+        answer = finish_answer(result.text, len(result.tokens))
         if self.renderer is not None and answer.requests:
             answer = dataclasses.replace(answer, videos=tuple(self.renderer(answer.requests, f"turn{self._asked + 1}")))
         self.turns = turns + ([Turn("ai", answer.text)] if answer.text else [])
