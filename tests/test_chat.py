@@ -78,7 +78,7 @@ class _ScriptedPrograms:
 def _fake_engine(monkeypatch, tokenizer, text: str):
     """Make the engine "generate" the tokens of ``text`` (then EOS) for every request."""
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
-    monkeypatch.setattr(engine_module, "programs_for", lambda graphdef: _ScriptedPrograms(ids))
+    monkeypatch.setattr(engine_module, "programs_for", lambda graphdef, treedef: _ScriptedPrograms(ids))
     monkeypatch.setattr(engine_module.Engine, "_encode_videos", lambda self, admitted: {})
 
 
