@@ -43,7 +43,7 @@ from g4v_jax.models.gpt4video import build_model, language_model  # noqa: E402
 SMOLLM = ["model.kind=llm", "model.llm.vocab_size=49152", "model.llm.hidden_size=576",
           "model.llm.intermediate_size=1536", "model.llm.num_layers=30", "model.llm.num_heads=9",
           "model.llm.num_kv_heads=3", "model.llm.max_position_embeddings=2048", "model.llm.tie_word_embeddings=true",
-          "model.lora.rank=0"]
+          "model.lora.enabled=false"]
 SLOTS = 8
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

@@ -82,9 +82,12 @@ def _drive(engine: Engine, requests, arrivals, cancel_at=None):
 
 def test_greedy_requests_arriving_at_random_steps_equal_generate_alone(model):
     requests = _requests(model, 24)
-    # an EOS that the reference outputs actually produce mid-answer, so that EOS, budgets and stop sequences all end
-    # requests; one token-level stop sequence too
-    free = [_alone(model, r, eos_id=-1) for r in requests]
+    # an EOS that the outputs actually produce mid-answer, so that EOS, budgets and stop sequences all end requests;
+    # one token-level stop sequence too
+    free_engine = Engine(model, None, EngineConfig(num_slots=8, max_length=160, min_bucket=16), eos_id=-1)
+    free_handles = [free_engine.submit(r) for r in requests]
+    free_engine.run()
+    free = [h.result().tokens for h in free_handles]
     counts = np.bincount([t for toks in free for t in toks[1:-1]], minlength=512)
     eos = int(np.argmax(counts))
     stop = (free[3][1], free[3][2]) if len(free[3]) > 2 else (7, 7)
@@ -186,6 +189,10 @@ def test_requests_that_cannot_fit_are_refused_alone(model):
         engine.submit(EngineRequest(_prompt(rng, 5, 2, k), [_clip(rng), _clip(rng)], SamplingConfig(4)))
     with pytest.raises(RequestError, match="video slots but 0 videos"):
         engine.submit(EngineRequest(_prompt(rng, 5, 1, k), (), SamplingConfig(4)))
+    with pytest.raises(RequestError, match=r"video 0 has frames uint8 \(4, 32, 32, 3\).*reads uint8 frames "
+                                           r"\(4, 56, 56, 3\)"):
+        engine.submit(EngineRequest(_prompt(rng, 5, 1, k), [(np.zeros((4, 32, 32, 3), np.uint8), np.ones(4, bool))],
+                                    SamplingConfig(4)))
     with pytest.raises(RequestError, match="outside the model's vocabulary of 512"):
         engine.submit(EngineRequest(np.array([3, 900], np.int32), (), SamplingConfig(4)))
     handles = [engine.submit(ok) for _ in range(5)]  # 2 slots + 3 queued

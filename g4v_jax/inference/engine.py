@@ -297,6 +297,7 @@ class Engine:
             self._video_tokens_shape = (1, cfg.max_videos, self.num_video_tokens, model.cfg.llm.hidden_size)
             size = model.cfg.vision.image_size
             self._frame_shape = (model.cfg.num_frames, size, size, 3)
+        self._check_memory()
         self.ds = self._empty_state()
         self.slots: list[_Active | None] = [None] * cfg.num_slots
         self.queue: collections.deque[RequestHandle] = collections.deque()
@@ -305,6 +306,24 @@ class Engine:
         self._active: tuple[np.ndarray, jax.Array] | None = None  # the last step's slot mask, host and device
 
     # ---------------------------------------------------------------------------------------------------- requests
+
+    @property
+    def cache_bytes(self) -> int:
+        c = self.lm_cfg
+        return 2 * c.num_layers * self.cfg.num_slots * self.cfg.max_length * c.num_kv_heads * c.head_size * \
+            self._dtype.itemsize
+
+    def _check_memory(self) -> None:
+        """Refuse a cache the device cannot hold, naming the settings, before allocating it (GPU/TPU report their
+        memory; the CPU does not, and is not checked)."""
+        stats = jax.devices()[0].memory_stats() or {}
+        free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+        if stats.get("bytes_limit") and self.cache_bytes > free:
+            from g4v_jax.config import ConfigError
+
+            raise ConfigError(f"the KV cache of engine.num_slots={self.cfg.num_slots} x engine.max_length="
+                              f"{self.cfg.max_length} needs {self.cache_bytes / 2**30:.2f} GiB but the device has "
+                              f"{free / 2**30:.2f} GiB free; lower one of them")
 
     def _empty_state(self) -> DecodeState:
         s = self.cfg.num_slots
@@ -338,6 +357,12 @@ class Engine:
         if slots != len(request.videos) * self.num_video_tokens:
             raise RequestError(f"the prompt has {slots} video slots but {len(request.videos)} videos of "
                                f"{self.num_video_tokens} tokens were given")
+        for i, (frames, mask) in enumerate(request.videos):
+            if (np.shape(frames) != self._frame_shape or np.asarray(frames).dtype != np.uint8
+                    or np.shape(mask) != self._frame_shape[:1]):
+                raise RequestError(f"video {i} has frames {np.asarray(frames).dtype} {np.shape(frames)} and mask "
+                                   f"{np.shape(mask)}; this model reads uint8 frames {self._frame_shape} and a mask "
+                                   f"({self._frame_shape[0]},)")
 
     def submit(self, request: EngineRequest, *, on_text: Callable[[str], None] | None = None,
                on_done: Callable[[EngineResult], None] | None = None) -> RequestHandle:
@@ -455,9 +480,8 @@ class Engine:
         if not clips:
             return {}
         n = _pow2(len(clips))
-        frames0, mask0 = clips[0][1]
-        frames = np.zeros((n, *np.shape(frames0)), np.asarray(frames0).dtype)
-        mask = np.zeros((n, np.shape(mask0)[0]), bool)
+        frames = np.zeros((n, *self._frame_shape), np.uint8)
+        mask = np.zeros((n, self._frame_shape[0]), bool)
         for j, (_, (f, m)) in enumerate(clips):
             frames[j], mask[j] = f, m
         tokens = np.asarray(self.programs.encode(self.state, jax.device_put(frames), jax.device_put(mask)))
