@@ -15,11 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from g4v_jax import chat, inference
-from g4v_jax.inference import engine as engine_module
 from g4v_jax.config import Config, load_config
 from g4v_jax.data.template import SYSTEM_PROMPT, Turn, render
 from g4v_jax.data.tokenizer import build_bpe_tokenizer
@@ -29,6 +27,8 @@ from g4v_jax.models.gpt4video import build_model
 from g4v_jax.weights import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the shared scripted engine
+from scripted_engine import script_engine  # noqa: E402
 CORPUS = [SYSTEM_PROMPT, "###Human: <video></video> ###Human: What happens in this video? ###AI: a red square "
           "moves to the right. <video>a red square on a gradient</video> café ###Human: And then? ###AI: stops."] * 8
 
@@ -51,35 +51,10 @@ def world(tmp_path_factory):
     return dict(root=root, cfg=cfg, model=model, tokenizer=tokenizer, ckpt=ckpt, videos=videos)
 
 
-class _ScriptedPrograms:
-    """Stands in for the engine's device programs: every request "generates" ``ids`` (the host loop, stop rules and
-    streaming are the real engine's)."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.ids, self.pos, self.traces = ids, {}, {}
-
-    def encode(self, state, frames, mask):
-        return np.zeros((frames.shape[0], 1, 1), np.float32)
-
-    def prefill_insert(self, state, ds, ids, video_tokens, n, slot, *sampling):
-        self.pos[int(slot)] = 0
-        tokens = np.array(ds.tokens)
-        tokens[int(slot)] = self.ids[0]
-        return ds._replace(tokens=tokens)
-
-    def step(self, state, ds, active):
-        tokens = np.array(ds.tokens)
-        for s in np.flatnonzero(np.asarray(active)):
-            self.pos[s] = min(self.pos[s] + 1, len(self.ids) - 1)
-            tokens[s] = self.ids[self.pos[s]]
-        return ds._replace(tokens=tokens)
-
-
 def _fake_engine(monkeypatch, tokenizer, text: str):
     """Make the engine "generate" the tokens of ``text`` (then EOS) for every request."""
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
-    monkeypatch.setattr(engine_module, "programs_for", lambda graphdef, treedef: _ScriptedPrograms(ids))
-    monkeypatch.setattr(engine_module.Engine, "_encode_videos", lambda self, admitted: {})
+    script_engine(monkeypatch, ids)
 
 
 # --------------------------------------------------------------------------------------------------------------------

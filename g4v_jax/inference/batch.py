@@ -159,11 +159,12 @@ def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: 
 
 
 def _engine_config(info: ModelInfo, jobs: Sequence["_Job"], batch_size: int) -> EngineConfig:
-    """Slots = ``batch_size`` (no more than the requests); the cache fits the longest prompt + budget, rounded up to
-    a power of two (few distinct step programs across calls); the queue holds every request."""
+    """Slots = ``batch_size`` (fewer, a power of two, for fewer requests); the cache fits the longest prompt +
+    budget, rounded up to a power of two of at least 512 (within the context). Calls with similar requests get the
+    same shapes, so the evals' many calls reuse one set of compiled programs."""
     need = max(len(j.conv) + j.sampling.max_new_tokens for j in jobs)
-    return EngineConfig(num_slots=min(batch_size, pow2(len(jobs))), max_length=min(info.context, pow2(need)),
-                        max_videos=max(1, pow2(max(len(j.clips) for j in jobs))), max_queue=len(jobs))
+    return EngineConfig(num_slots=min(batch_size, pow2(len(jobs))), max_length=min(info.context, max(512, pow2(need))),
+                        max_videos=max(4, pow2(max(len(j.clips) for j in jobs))), max_queue=len(jobs))
 
 
 def _answer(job: "_Job", res: EngineResult) -> dict:

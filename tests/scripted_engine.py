@@ -1,0 +1,38 @@
+"""A stand-in for the engine's device programs, for tests of what surrounds the model (chat, batch, server): every
+request "generates" a given token sequence, while the host loop, stop rules and streaming are the real engine's."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from g4v_jax.inference import engine as engine_module
+
+
+class ScriptedPrograms:
+    """Stands in for the engine's device programs: every request "generates" ``ids`` (the host loop, stop rules and
+    streaming are the real engine's)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids, self.pos, self.traces = ids, {}, {}
+
+    def encode(self, state, frames, mask):
+        return np.zeros((frames.shape[0], 1, 1), np.float32)
+
+    def prefill_insert(self, state, ds, ids, video_tokens, n, slot, *sampling):
+        self.pos[int(slot)] = 0
+        tokens = np.array(ds.tokens)
+        tokens[int(slot)] = self.ids[0]
+        return ds._replace(tokens=tokens)
+
+    def step(self, state, ds, active):
+        tokens = np.array(ds.tokens)
+        for s in np.flatnonzero(np.asarray(active)):
+            self.pos[s] = min(self.pos[s] + 1, len(self.ids) - 1)
+            tokens[s] = self.ids[self.pos[s]]
+        return ds._replace(tokens=tokens)
+
+
+def script_engine(monkeypatch, ids: list[int]) -> None:
+    """Every engine built while ``monkeypatch`` is active generates ``ids`` for every request."""
+    monkeypatch.setattr(engine_module, "programs_for", lambda graphdef, treedef: ScriptedPrograms(ids))
+    monkeypatch.setattr(engine_module.Engine, "_encode_videos", lambda self, admitted: {})
