@@ -7,9 +7,10 @@ and use the README's `python -m ...` commands as written).
 
 `demo` trains a tiny GPT4Video from scratch on the synthetic video world and judges it (`python -m
 g4v_jax.world.demo`, 12-20 minutes on a 2-core CPU; `--quick` for about two); `forward` runs the jitted forward
-pass of a random model on a written video (`python -m g4v_jax.demo`, seconds).
+pass of a random model on a written video (`python -m g4v_jax.demo`, seconds); `serve` serves the model `demo` trained
+(`python -m g4v_jax.serve`: the OpenAI-compatible API and the web page on http://127.0.0.1:8000/).
 
-Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch`, `eval` and `dev` extras,
+Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch`, `eval`, `dev` and `serve` extras,
 then runs the demo or the whole test suite inside it. Extra arguments go to the demo / pytest.
 """
 
@@ -38,18 +39,25 @@ def ensure_env() -> None:
     if not PY.is_file():
         venv.create(VENV, with_pip=True)
     run(str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip")
-    run(str(PY), "-m", "pip", "install", "-q", "-e", ".[torch,eval,dev]")
+    run(str(PY), "-m", "pip", "install", "-q", "-e", ".[torch,eval,dev,serve]")
     STAMP.write_text(want)
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("demo", "forward", "test", "setup", "run") or argv == ["run"] or argv == ["run", "-m"]:
+    if not argv or argv[0] not in ("demo", "forward", "test", "setup", "run", "serve") or argv == ["run"] or argv == ["run", "-m"]:
         sys.exit(__doc__)
     ensure_env()
     task, rest = argv[0], argv[1:]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if task == "demo":
         run(str(PY), "-m", "g4v_jax.world.demo", *rest, env=env)
+    elif task == "serve":  # the model `demo` trained, its T2V renderer and input detector, on 127.0.0.1:8000
+        world = ROOT / "runs" / "world"
+        if not (world / "stage2" / "final").is_dir():
+            sys.exit("dev.py serve: no trained world model in runs/world; run `python3 dev.py demo` first")
+        run(str(PY), "-m", "g4v_jax.serve", "--ckpt", str(world / "stage2" / "final"), "--t2v", "world",
+            "--detector", str(world / "detector"), "--media-dir", str(world / "data" / "videos"),
+            "--output-dir", str(world / "serve"), *rest, env=env)
     elif task == "forward":
         run(str(PY), "-m", "g4v_jax.demo", *rest, env=env)
     elif task == "run":

@@ -1,0 +1,125 @@
+"""python -m g4v_jax.serve --ckpt DIR: the OpenAI-compatible video chat API and the web page, on 127.0.0.1:8000.
+
+    python -m g4v_jax.serve --ckpt runs/world/stage2/final --t2v world --detector runs/world/detector \\
+        --media-dir runs/world/data/videos
+    python3 dev.py serve          # the same, for the model `python3 dev.py demo` trained
+
+Options: ``--host``/``--port``; ``--t2v NAME`` (a ``g4v_jax.t2v`` backend: world, diffusers, solid; none: the
+``<video>`` requests stay text) with ``--t2v-path DIR`` for diffusers; ``--detector DIR`` (the world's learned input
+detector) or ``--safety-checker DIR`` (the SD safety checker) for the input gate and the output check;
+``--media-dir DIR`` (file:// video URLs inside it), ``--output-dir DIR``; ``--slots``, ``--max-length``,
+``--max-queue`` (the engine), ``--max-body-mb``, ``--max-videos``; ``--tokenizer DIR`` (default: the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from g4v_jax.cli import fail, guard, setup_logging
+
+
+def parse_args(argv: Sequence[str] | None):
+    ap = argparse.ArgumentParser(prog="python -m g4v_jax.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model-name", default=None, help="the model id of /v1/models (default: the checkpoint's name)")
+    ap.add_argument("--t2v", default="none", help="text-to-video backend: world, diffusers, solid or none")
+    ap.add_argument("--t2v-path", default=None)
+    ap.add_argument("--detector", default=None, help="a learned input detector directory (the world demo's)")
+    ap.add_argument("--safety-checker", default=None, help="an SD safety checker directory (convert.sd_safety_checker)")
+    ap.add_argument("--blocklist", default="", help="comma-separated words no video prompt may contain")
+    ap.add_argument("--media-dir", default="")
+    ap.add_argument("--output-dir", default="serve_out")
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=0, help="cache positions per slot (default: the context)")
+    ap.add_argument("--max-queue", type=int, default=256)
+    ap.add_argument("--max-body-mb", type=float, default=96)
+    ap.add_argument("--max-videos", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="compile every program before the first request")
+    ap.add_argument("--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def build_server(args):
+    """The ``Server`` the arguments describe (also what ``dev.py serve`` and the tests start)."""
+    import g4v_jax
+    from g4v_jax.config import EngineConfig
+    from g4v_jax.data.tokenizer import load_tokenizer
+    from g4v_jax.serve.app import Server, ServeConfig
+    from g4v_jax.serve.media import MediaLimits
+
+    ckpt = Path(args.ckpt)
+    if not (ckpt / "config.yaml").is_file():
+        fail("python -m g4v_jax.serve", f"--ckpt {ckpt}: not a g4v_jax model directory (no config.yaml)")
+    model = g4v_jax.load(ckpt)
+    tokenizer = load_tokenizer(args.tokenizer or ckpt)
+    context = getattr(getattr(model, "cfg", None), "llm", getattr(model, "cfg", None)).max_position_embeddings
+    engine = EngineConfig(num_slots=args.slots, max_length=args.max_length or context, max_queue=args.max_queue,
+                          max_videos=args.max_videos)
+    cfg = ServeConfig(model_name=args.model_name or ckpt.resolve().name, media_dir=args.media_dir, output_dir=args.output_dir,
+                      max_body_bytes=int(args.max_body_mb * 2**20), max_videos=args.max_videos,
+                      max_tokens=args.max_tokens, limits=MediaLimits(), engine=engine)
+    gate, renderer = _safety_and_t2v(args)
+    return Server(model, tokenizer, cfg, renderer=renderer, video_gate=gate)
+
+
+def _safety_and_t2v(args):
+    """The input gate (path -> flagged) and the renderer (prompt check -> backend -> output check -> files)."""
+    from g4v_jax.safety.gates import keyword_prompt_check, make_output_video_check, make_video_gate
+
+    gate = check_video = None
+    if args.detector or args.safety_checker:
+        if args.detector:
+            from g4v_jax.safety.frame_classifier import load_frame_classifier
+
+            checker = load_frame_classifier(args.detector)
+        else:
+            from g4v_jax.safety.checker import load_safety_checker
+
+            checker = load_safety_checker(args.safety_checker)
+        gate, check_video = make_video_gate(checker), make_output_video_check(checker)
+    renderer = None
+    if args.t2v != "none":
+        from g4v_jax.inference.session import make_renderer
+
+        if args.t2v == "world":
+            import g4v_jax.world.backend  # noqa: F401  (registers the "world" backend)
+
+        options = {"path": args.t2v_path} if args.t2v_path else {}
+        blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
+        renderer = make_renderer(args.t2v, Path(args.output_dir) / "videos",
+                                 check_prompt=keyword_prompt_check(blocklist), check_video=check_video, **options)
+    return gate, renderer
+
+
+@guard("python -m g4v_jax.serve", (OSError, ValueError))
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    server = build_server(args)
+    if args.warmup:
+        print("compiling the engine's programs ...", file=sys.stderr, flush=True)
+        server.engine.warmup()
+    import uvicorn
+
+    from g4v_jax.serve.app import create_app
+
+    print(f"serving {server.cfg.model_name} on http://{args.host}:{args.port}/ (API: /v1/chat/completions)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning" if not args.verbose
+                else "info")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

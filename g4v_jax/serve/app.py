@@ -1,0 +1,360 @@
+"""The HTTP server: an OpenAI-compatible video chat API over the inference engine, video generation jobs, health,
+Prometheus metrics and the web page.
+
+    app = create_app(Server(model, tokenizer, ServeConfig(...)))      # any ASGI server runs it; __main__ uses uvicorn
+
+The engine runs on its own thread (``Engine.serve_forever``); a request handler parses and checks the request,
+decodes its videos on a worker thread, submits it, and awaits the engine's callbacks through an asyncio queue. A
+client that goes away mid-stream cancels its request, which frees its slot before the next step.
+
+Status codes: 400 bad input (the message names the field or content part), 404 unknown job, 413 body over
+``max_body_bytes``, 429 queue full; anything unexpected is a 500 with a one-line message (the traceback goes to the
+server's log, never to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import Request  # at module level: the route signatures' annotations are resolved from here
+
+from g4v_jax.config import EngineConfig
+from g4v_jax.data.template import SYSTEM_PROMPT, tokenize_conversation
+from g4v_jax.inference.engine import Engine, EngineRequest, RequestError
+from g4v_jax.inference.generate import SamplingConfig
+from g4v_jax.inference.session import STOP_STRING, check_vocab, model_info, with_stops
+from g4v_jax.inference.text import finish_answer
+from g4v_jax.serve import api
+from g4v_jax.serve.jobs import VideoJobs
+from g4v_jax.serve.media import MediaError, MediaLimits, load_video_part
+
+logger = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = "g4v"
+    media_dir: str = ""  # file:// video URLs are allowed inside it only ("" : off)
+    output_dir: str = "serve_out"  # rendered videos, uploads while they are decoded
+    max_body_bytes: int = 96 * 2**20
+    max_videos: int = 4  # per request
+    max_tokens: int = 256  # default max_tokens
+    temperature: float = 0.0  # default temperature (the release's chat decodes greedily)
+    system_prompt: str = SYSTEM_PROMPT
+    limits: MediaLimits = MediaLimits()
+    engine: EngineConfig = EngineConfig()
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry: several servers in one process stay apart)."""
+
+    def __init__(self, server: "Server") -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("g4v_requests", "chat completion requests by outcome", ["outcome"], registry=r)
+        self.prompt_tokens = Counter("g4v_prompt_tokens", "prompt tokens of answered requests", registry=r)
+        self.generated_tokens = Counter("g4v_generation_tokens", "generated tokens", registry=r)
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.ttft = Histogram("g4v_time_to_first_token_seconds", "submit to first token", buckets=buckets,
+                              registry=r)
+        self.latency = Histogram("g4v_request_latency_seconds", "submit to last token", buckets=buckets, registry=r)
+        engine = server.engine
+        Gauge("g4v_queue_depth", "requests waiting for a slot", registry=r).set_function(lambda: len(engine.queue))
+        Gauge("g4v_slots_busy", "decode slots in use", registry=r).set_function(
+            lambda: engine.cfg.num_slots - engine.free_slots())
+        Gauge("g4v_slots_total", "decode slots", registry=r).set_function(lambda: engine.cfg.num_slots)
+        jobs = server.jobs
+        if jobs is not None:
+            for status in ("queued", "running", "succeeded", "refused", "failed"):
+                Gauge(f"g4v_video_jobs_{status}", f"video jobs {status}", registry=r).set_function(
+                    lambda s=status: jobs.counts().get(s, 0))
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Server:
+    """A loaded model behind the API: the engine and its thread, the video jobs, the input gate."""
+
+    def __init__(self, model, tokenizer, cfg: ServeConfig = ServeConfig(), *,
+                 renderer: Callable[[list, str], list] | None = None,
+                 video_gate: Callable[[str], bool] | None = None) -> None:
+        self.cfg = cfg
+        self.model, self.tokenizer = model, tokenizer
+        self.info = model_info(model, tokenizer, None, None)
+        self.engine = Engine(model, tokenizer, dataclasses.replace(cfg.engine, max_videos=cfg.max_videos),
+                             eos_id=self.info.eos_id)
+        self.stops = with_stops(SamplingConfig(1), tokenizer).stop_sequences
+        self.jobs = VideoJobs(renderer) if renderer is not None else None
+        self.video_gate = video_gate  # (video path) -> flagged: safety.gates.make_video_gate
+        self.output_dir = Path(cfg.output_dir)
+        self.upload_dir = Path(tempfile.mkdtemp(prefix="uploads-", dir=self._mkdir(self.output_dir)))
+        self.media_dir = Path(cfg.media_dir) if cfg.media_dir else None
+        self.metrics = Metrics(self)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _mkdir(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.engine.serve_forever, args=(self._stop,), daemon=True,
+                                            name="engine")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.engine._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        if self.jobs is not None:
+            self.jobs.close()
+
+    # ------------------------------------------------------------------------------------------------ one request
+
+    def load_videos(self, call: api.ChatCall) -> tuple[list, bool]:
+        """Decode every video part (worker thread) -> (clips, any flagged by the input gate); ``MediaError`` names
+        the part."""
+        out = [load_video_part(url, where, media_dir=self.media_dir, upload_dir=self.upload_dir,
+                               limits=self.cfg.limits, num_frames=self.info.num_frames, size=self.info.image_size,
+                               sampling=self.info.sampling, resize=self.info.resize, gate=self.video_gate)
+               for url, where in call.video_urls]
+        return [clip for clip, _ in out], any(flagged for _, flagged in out)
+
+    def engine_request(self, call: api.ChatCall, clips: list) -> EngineRequest:
+        if clips and not self.info.has_vision:
+            raise api.APIError(400, "this model is a text-only LLM: it cannot take videos", param="messages")
+        conv = tokenize_conversation(self.tokenizer, call.turns, num_video_tokens=self.info.num_video_tokens,
+                                     system_prompt=self.cfg.system_prompt if call.system_prompt is None
+                                     else call.system_prompt, add_generation_prompt=True)
+        try:
+            check_vocab(self.info, conv)
+        except ValueError as e:
+            raise api.APIError(500, str(e)) from None
+        max_tokens = call.max_tokens if call.max_tokens is not None else min(
+            self.cfg.max_tokens, max(1, min(self.engine.cfg.max_length, self.info.context) - len(conv)))
+        sampling = SamplingConfig(max_tokens, temperature=call.temperature, top_k=call.top_k, top_p=call.top_p,
+                                  stop_sequences=self.stops)
+        return EngineRequest(conv.input_ids, [(c.frames, c.frame_mask) for c in clips], sampling, seed=call.seed,
+                             stop_strings=(STOP_STRING, *call.stop))
+
+    def start_jobs(self, text: str) -> list[dict]:
+        answer = finish_answer(text, 0)
+        if not answer.requests:
+            return []
+        if self.jobs is None:
+            return [{"id": None, "prompt": r.prompt, "status": "not_rendered",
+                     "error": {"message": "this server has no text-to-video backend"}} for r in answer.requests]
+        return [self.jobs.submit(r).public() for r in answer.requests]
+
+
+def create_app(server: Server):
+    """The ASGI app (FastAPI) serving ``server``; starts and stops its engine thread with the app."""
+    import contextlib
+
+    from fastapi import FastAPI
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        try:
+            yield
+        finally:
+            server.stop()
+
+    app = FastAPI(title="g4v_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    model_name = server.cfg.model_name
+
+    @app.exception_handler(api.APIError)
+    async def api_error(request, exc: api.APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return JSONResponse(api.APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc):
+        logger.exception("unexpected error answering %s", request.url.path)
+        return JSONResponse(api.APIError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
+
+    async def read_body(request: Request) -> bytes:
+        limit = server.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise api.APIError(413, f"the request body is {int(declared)} bytes, over the limit of {limit} bytes")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise api.APIError(413, f"the request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        raw = await read_body(request)
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            server.metrics.requests.labels("bad_request").inc()
+            raise api.APIError(400, f"the request body is not JSON ({e})") from None
+        try:
+            call = api.parse_chat(obj, max_videos=server.cfg.max_videos, default_temperature=server.cfg.temperature)
+            clips, flagged = await run_in_threadpool(server.load_videos, call)
+        except (api.APIError, MediaError) as e:
+            server.metrics.requests.labels("bad_request").inc()
+            raise e if isinstance(e, api.APIError) else api.APIError(400, str(e)) from None
+        cid = api.completion_id()
+        if flagged:  # the model never sees the video
+            server.metrics.requests.labels("refused_input").inc()
+            return _refusal(cid, model_name, call.stream, call.include_usage)
+        try:
+            req = server.engine_request(call, clips)
+        except api.APIError:
+            server.metrics.requests.labels("bad_request").inc()
+            raise
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_text(piece: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("text", piece))
+
+        def on_done(result) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("done", result))
+
+        try:
+            handle = server.engine.submit(req, on_text=on_text, on_done=on_done)
+        except RequestError as e:
+            busy = "queue is full" in str(e)
+            server.metrics.requests.labels("busy" if busy else "bad_request").inc()
+            raise api.APIError(429 if busy else 400, str(e), param=None if busy else "max_tokens") from None
+
+        def account(result) -> dict:
+            server.metrics.requests.labels(result.finish_reason).inc()
+            server.metrics.prompt_tokens.inc(result.prompt_tokens)
+            server.metrics.generated_tokens.inc(len(result.tokens))
+            if result.token_times:
+                server.metrics.ttft.observe(result.ttft)
+                server.metrics.latency.observe(result.token_times[-1] - result.submitted)
+            return api.usage(result.prompt_tokens, len(result.tokens))
+
+        if not call.stream:
+            try:
+                while True:
+                    kind, value = await events.get()
+                    if kind == "done":
+                        break
+            except asyncio.CancelledError:
+                handle.cancel()
+                raise
+            use = account(value)
+            jobs = server.start_jobs(value.text)
+            return JSONResponse(api.completion(cid, model_name, value.text, value.finish_reason, use, jobs))
+
+        async def sse():
+            finished = False
+            try:
+                yield _sse(api.chunk(cid, model_name, {"role": "assistant", "content": ""}))
+                while True:
+                    kind, value = await events.get()
+                    if kind == "text":
+                        yield _sse(api.chunk(cid, model_name, {"content": value}))
+                        continue
+                    finished = True
+                    use = account(value)
+                    jobs = server.start_jobs(value.text)
+                    yield _sse(api.chunk(cid, model_name, {"video_generations": jobs} if jobs else {},
+                                         value.finish_reason))
+                    if call.include_usage:
+                        yield _sse(api.chunk(cid, model_name, {}, use=use, choices=False))
+                    yield "data: [DONE]\n\n"
+                    return
+            finally:
+                if not finished:  # the client went away: free the slot now
+                    handle.cancel()
+                    server.metrics.requests.labels("disconnected").inc()
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "g4v_jax",
+                                            "max_model_len": server.info.context}]}
+
+    @app.get("/v1/videos/{job_id}")
+    async def video_status(job_id: str):
+        job = server.jobs.get(job_id) if server.jobs is not None else None
+        if job is None:
+            raise api.APIError(404, f"no video job {job_id!r}", param="job_id")
+        return job.public()
+
+    @app.get("/v1/videos/{job_id}/content")
+    async def video_content(job_id: str):
+        job = server.jobs.get(job_id) if server.jobs is not None else None
+        if job is None:
+            raise api.APIError(404, f"no video job {job_id!r}", param="job_id")
+        if job.status != "succeeded" or job.path is None:
+            raise api.APIError(404, f"video job {job_id!r} has no video ({job.status}"
+                                    + (f": {job.error}" if job.error else "") + ")", param="job_id")
+        return FileResponse(job.path, media_type="video/mp4")
+
+    @app.get("/health")
+    async def health():
+        alive = server._thread is not None and server._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": model_name},
+                            status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def page():
+        index = STATIC / "index.html"
+        if not index.is_file():
+            return Response("g4v_jax server: the API is at /v1/chat/completions", media_type="text/plain")
+        return FileResponse(index, media_type="text/html")
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _refusal(cid: str, model_name: str, stream: bool, include_usage: bool):
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from g4v_jax.safety.refusal import POLITE_REFUSAL
+
+    if not stream:
+        return JSONResponse(api.completion(cid, model_name, POLITE_REFUSAL, "refused", api.usage(0, 0), []))
+
+    async def sse():
+        yield _sse(api.chunk(cid, model_name, {"role": "assistant", "content": ""}))
+        yield _sse(api.chunk(cid, model_name, {"content": POLITE_REFUSAL}))
+        yield _sse(api.chunk(cid, model_name, {}, "refused"))
+        if include_usage:
+            yield _sse(api.chunk(cid, model_name, {}, use=api.usage(0, 0), choices=False))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
