@@ -186,9 +186,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(cid: str, model: str, text: str, finish: str, use: dict, jobs: list[dict]) -> dict:
+def completion(cid: str, model: str, text: str, finish: str, use: dict, jobs: list[dict], *,
+               refusal: bool = False) -> dict:
+    """``message.refusal`` (OpenAI's field) repeats the text when the answer is a refusal (``safety.is_refusal``)."""
+    message = {"role": "assistant", "content": text, "refusal": text if refusal else None, "video_generations": jobs}
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "video_generations": jobs},
+            "choices": [{"index": 0, "message": message,
                          "finish_reason": FINISH.get(finish, "stop"), "logprobs": None}],
             "usage": use}
 

@@ -31,6 +31,7 @@ from g4v_jax.inference.engine import Engine, EngineRequest, RequestError
 from g4v_jax.inference.generate import SamplingConfig
 from g4v_jax.inference.session import STOP_STRING, check_vocab, model_info, with_stops
 from g4v_jax.inference.text import finish_answer
+from g4v_jax.safety.refusal import is_refusal
 from g4v_jax.serve import api
 from g4v_jax.serve.jobs import VideoJobs
 from g4v_jax.serve.media import MediaError, MediaLimits, load_video_part
@@ -267,7 +268,8 @@ def create_app(server: Server):
                 raise
             use = account(value)
             jobs = server.start_jobs(value.text)
-            return JSONResponse(api.completion(cid, model_name, value.text, value.finish_reason, use, jobs))
+            return JSONResponse(api.completion(cid, model_name, value.text, value.finish_reason, use, jobs,
+                                               refusal=is_refusal(value.text)))
 
         async def sse():
             finished = False
@@ -281,8 +283,10 @@ def create_app(server: Server):
                     finished = True
                     use = account(value)
                     jobs = server.start_jobs(value.text)
-                    yield _sse(api.chunk(cid, model_name, {"video_generations": jobs} if jobs else {},
-                                         value.finish_reason))
+                    delta = {"video_generations": jobs} if jobs else {}
+                    if is_refusal(value.text):
+                        delta["refusal"] = value.text
+                    yield _sse(api.chunk(cid, model_name, delta, value.finish_reason))
                     if call.include_usage:
                         yield _sse(api.chunk(cid, model_name, {}, use=use, choices=False))
                     yield "data: [DONE]\n\n"
@@ -294,6 +298,36 @@ def create_app(server: Server):
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/video/frames")
+    async def video_frames(request: Request):
+        """The T frames the model reads of a video (its sampling and resizing), as PNG data URLs: the page shows
+        them. Body: ``{"url": data: or file:// URL}``; the same checks as a chat request's video parts."""
+        try:
+            obj = json.loads(await read_body(request))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise api.APIError(400, f"the request body is not JSON ({e})") from None
+        url = obj.get("url") if isinstance(obj, dict) else None
+        if not isinstance(url, str):
+            raise api.APIError(400, "the body must be {\"url\": a data: or file:// video URL}", param="url")
+        try:
+            clip, _ = await run_in_threadpool(
+                load_video_part, url, "url", media_dir=server.media_dir, upload_dir=server.upload_dir,
+                limits=server.cfg.limits, num_frames=server.info.num_frames, size=server.info.image_size,
+                sampling=server.info.sampling, resize=server.info.resize)
+        except MediaError as e:
+            raise api.APIError(400, str(e), param="url") from None
+        return {"frames": [_png_data_url(f) for f in clip.frames], "frame_mask": clip.frame_mask.tolist(),
+                "sampling": server.info.sampling, "resize": server.info.resize}
+
+    @app.get("/v1/media")
+    async def media():
+        """The videos a file:// URL may name (the media directory's top level), for the page's picker."""
+        if server.media_dir is None or not server.media_dir.is_dir():
+            return {"videos": []}
+        names = sorted(p.name for p in server.media_dir.iterdir()
+                       if p.is_file() and p.suffix.lower() in (".mp4", ".webm", ".mov", ".mkv", ".avi"))
+        return {"videos": names[:500]}
 
     @app.get("/v1/models")
     async def models():
@@ -337,6 +371,17 @@ def create_app(server: Server):
     return app
 
 
+def _png_data_url(frame) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -347,12 +392,13 @@ def _refusal(cid: str, model_name: str, stream: bool, include_usage: bool):
     from g4v_jax.safety.refusal import POLITE_REFUSAL
 
     if not stream:
-        return JSONResponse(api.completion(cid, model_name, POLITE_REFUSAL, "refused", api.usage(0, 0), []))
+        return JSONResponse(api.completion(cid, model_name, POLITE_REFUSAL, "refused", api.usage(0, 0), [],
+                                           refusal=True))
 
     async def sse():
         yield _sse(api.chunk(cid, model_name, {"role": "assistant", "content": ""}))
         yield _sse(api.chunk(cid, model_name, {"content": POLITE_REFUSAL}))
-        yield _sse(api.chunk(cid, model_name, {}, "refused"))
+        yield _sse(api.chunk(cid, model_name, {"refusal": POLITE_REFUSAL}, "refused"))
         if include_usage:
             yield _sse(api.chunk(cid, model_name, {}, use=api.usage(0, 0), choices=False))
         yield "data: [DONE]\n\n"
