@@ -8,7 +8,8 @@ Options: ``--host``/``--port``; ``--t2v NAME`` (a ``g4v_jax.t2v`` backend: world
 ``<video>`` requests stay text) with ``--t2v-path DIR`` for diffusers; ``--detector DIR`` (the world's learned input
 detector) or ``--safety-checker DIR`` (the SD safety checker) for the input gate and the output check;
 ``--media-dir DIR`` (file:// video URLs inside it), ``--output-dir DIR``; ``--slots``, ``--max-length``,
-``--max-queue`` (the engine), ``--max-body-mb``, ``--max-videos``; ``--tokenizer DIR`` (default: the checkpoint).
+``--max-queue`` (the engine), ``--max-body-mb``, ``--max-videos``, ``--max-video-mb``, ``--max-video-frames``,
+``--decode-timeout`` (untrusted input); ``--tokenizer DIR`` (default: the checkpoint).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--max-length", type=int, default=0, help="cache positions per slot (default: the context)")
     ap.add_argument("--max-queue", type=int, default=256)
     ap.add_argument("--max-body-mb", type=float, default=96)
-    ap.add_argument("--max-videos", type=int, default=4)
+    ap.add_argument("--max-videos", type=int, default=4, help="videos per request")
+    ap.add_argument("--max-video-mb", type=float, default=64, help="size of one video")
+    ap.add_argument("--max-video-frames", type=int, default=3000, help="frames one video may declare")
+    ap.add_argument("--decode-timeout", type=float, default=30, help="seconds to decode one video")
     ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="compile every program before the first request")
@@ -67,7 +71,10 @@ def build_server(args):
                           max_videos=args.max_videos)
     cfg = ServeConfig(model_name=args.model_name or ckpt.resolve().name, media_dir=args.media_dir, output_dir=args.output_dir,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_videos=args.max_videos,
-                      max_tokens=args.max_tokens, limits=MediaLimits(), engine=engine)
+                      max_tokens=args.max_tokens, engine=engine,
+                      limits=MediaLimits(max_video_bytes=int(args.max_video_mb * 2**20),
+                                         max_video_frames=args.max_video_frames,
+                                         decode_timeout_s=args.decode_timeout))
     gate, renderer = _safety_and_t2v(args)
     return Server(model, tokenizer, cfg, renderer=renderer, video_gate=gate)
 

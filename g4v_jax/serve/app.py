@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -125,6 +126,7 @@ class Server:
             self._thread = None
         if self.jobs is not None:
             self.jobs.close()
+        shutil.rmtree(self.upload_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------ one request
 
@@ -258,14 +260,20 @@ def create_app(server: Server):
             return api.usage(result.prompt_tokens, len(result.tokens))
 
         if not call.stream:
+            # nobody else reads the connection now: a disconnect is the next ASGI message it gives
+            gone = asyncio.ensure_future(_disconnect(request))
+            done = asyncio.ensure_future(_finished(events))
             try:
-                while True:
-                    kind, value = await events.get()
-                    if kind == "done":
-                        break
-            except asyncio.CancelledError:
-                handle.cancel()
-                raise
+                await asyncio.wait({gone, done}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not done.done():
+                    done.cancel()
+                    handle.cancel()
+                gone.cancel()
+            if not done.done() or done.cancelled():
+                server.metrics.requests.labels("disconnected").inc()
+                return Response(status_code=499)
+            value = done.result()
             use = account(value)
             jobs = server.start_jobs(value.text)
             return JSONResponse(api.completion(cid, model_name, value.text, value.finish_reason, use, jobs,
@@ -380,6 +388,20 @@ def _png_data_url(frame) -> str:
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def _disconnect(request) -> None:
+    """Returns when the client has gone away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _finished(events: asyncio.Queue):
+    """The engine's result, skipping the streamed text pieces (a plain request does not stream)."""
+    while True:
+        kind, value = await events.get()
+        if kind == "done":
+            return value
 
 
 def _sse(obj: dict) -> str:

@@ -312,3 +312,45 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
         time.sleep(0.05)
     assert engine.free_slots() == engine.cfg.num_slots
     assert 'g4v_requests_total{outcome="disconnected"}' in _get(served.url + "/metrics").text
+
+
+def _disconnected(served) -> float:
+    for line in _get(served.url + "/metrics").text.splitlines():
+        if line.startswith('g4v_requests_total{outcome="disconnected"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(world, tmp_path, monkeypatch):
+    # a scripted model at 20 ms a token: 300 tokens take 6 s, so only a cancel frees the slot within the test
+    script_engine(monkeypatch, world["tokenizer"].encode(" la", add_special_tokens=False), step_seconds=0.02)
+    running = Running(_server(world, tmp_path))
+    try:
+        engine = running.server.engine
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "a long answer please"}],
+                           "max_tokens": 300})
+        s = socket.create_connection(("127.0.0.1", running.port))
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.time() + 30
+        while engine.free_slots() == engine.cfg.num_slots and time.time() < deadline:
+            time.sleep(0.01)
+        t0 = time.time()
+        s.close()
+        while engine.free_slots() < engine.cfg.num_slots and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.free_slots() == engine.cfg.num_slots and time.time() - t0 < 3
+        assert _disconnected(running) == 1
+    finally:
+        running.stop()
+
+
+def test_the_command_line_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "g4v_jax.serve", "--ckpt", str(tmp_path / "nothing")],
+                       capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"python -m g4v_jax.serve: error: --ckpt {tmp_path / 'nothing'}: not a "
+                                             "g4v_jax model directory (no config.yaml)"]
