@@ -149,8 +149,13 @@ class Server:
             check_vocab(self.info, conv)
         except ValueError as e:
             raise api.APIError(500, str(e)) from None
-        max_tokens = call.max_tokens if call.max_tokens is not None else min(
-            self.cfg.max_tokens, max(1, min(self.engine.cfg.max_length, self.info.context) - len(conv)))
+        room = min(self.engine.cfg.max_length, self.info.context)
+        max_tokens = call.max_tokens if call.max_tokens is not None else min(self.cfg.max_tokens,
+                                                                             max(1, room - len(conv)))
+        if len(conv) + max_tokens > room:
+            raise api.APIError(400, f"the conversation is {len(conv)} tokens (videos included); with max_tokens="
+                                    f"{max_tokens} it does not fit the {room} tokens this server gives a request",
+                               param="messages")
         sampling = SamplingConfig(max_tokens, temperature=call.temperature, top_k=call.top_k, top_p=call.top_p,
                                   stop_sequences=self.stops)
         return EngineRequest(conv.input_ids, [(c.frames, c.frame_mask) for c in clips], sampling, seed=call.seed,

@@ -132,5 +132,7 @@ def load_video_part(url: str, where: str, *, media_dir: Path | None, upload_dir:
 
 
 def _short(e: Exception, path: Path) -> str:
-    """The decoder's reason without the server's own file name."""
-    return str(e).replace(repr(str(path)), "the video").replace(str(path), "the video")
+    """The decoder's reason without the server's own file name or errno noise."""
+    text = str(e).replace(repr(str(path)), "").replace(str(path), "")
+    text = re.sub(r"\[Errno -?\d+\]\s*", "", text)
+    return re.sub(r"^[:\s]+|[:\s]+$", "", text)

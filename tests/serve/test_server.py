@@ -274,7 +274,7 @@ BAD_INPUTS = [
                                        "max_tokens": -3}, 400, "'max_tokens' must be an integer >= 1"),
     ("a prompt beyond the context", lambda w: {"model": "tiny", "messages": [{"role": "user",
                                                                               "content": "red " * 700}]}, 400,
-     "does not fit"),
+     "it does not fit the 512 tokens this server gives a request"),
     ("not JSON", lambda w: b"{this is not json", 400, "not JSON"),
     ("no user message last", lambda w: {"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, 400,
      "the last message must be a user message"),
