@@ -176,9 +176,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_u
     def micro_loss(params, frozen, rest, mb, key):
         model = nnx.merge(graphdef, params, frozen, with_dropout_key(rest, key))
         model.train()
-        logits, _ = model(mb["input_ids"], videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
-                          video_features=mb.get("video_features"), attention_mask=mb["attention_mask"],
-                          positions=mb.get("positions"), segment_ids=mb.get("segment_ids"))
+        inputs = dict(attention_mask=mb["attention_mask"], positions=mb.get("positions"),
+                      segment_ids=mb.get("segment_ids"))
+        if model_kind(model) == "gpt4video":  # a plain LLM (LoRA-tuning LLaMA alone) takes no video inputs
+            inputs.update(videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
+                          video_features=mb.get("video_features"))
+        logits, _ = model(mb["input_ids"], **inputs)
         return answer_nll(logits, mb["labels"])
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

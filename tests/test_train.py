@@ -63,6 +63,18 @@ def test_loss_falls_and_only_the_stage_trains(stage, prefix, lr, extra):
         assert all(".lora_" in k for k in changed)  # frozen base weights are bit-identical
 
 
+def test_lora_tuning_a_plain_llm():
+    """``model.kind=llm`` (a LLaMA alone, no vision) LoRA-tunes: the step takes no video inputs."""
+    cfg = _cfg("model.kind=llm", "train.stage=stage2", "train.learning_rate=3e-2")
+    trainer = build_trainer(cfg, total_steps=100)
+    before = _snapshot(trainer)
+    losses = [m["loss"] for m in trainer.train_steps(iter([synthetic_batch(cfg.model)] * 6), 6)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.01
+    after = _snapshot(trainer)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all(".lora_" in k for k in changed)
+
+
 def test_gradient_accumulation_equals_one_big_batch():
     batch = synthetic_batch(_cfg().model, batch=4)
     results = []

@@ -125,13 +125,15 @@ def _prefill(model, batch: Mapping[str, jax.Array], key, cfg: SamplingConfig, eo
     ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
     b, l = ids.shape
     cache = init_cache(lm.cfg, b, l + cfg.max_new_tokens, cache_dtype)
+    last = jnp.full((b,), l - 1, jnp.int32)  # left padding: the last column is every row's last token
     if lm is not model:
         logits, cache = model(ids, videos=batch.get("videos"), frame_mask=batch.get("frame_mask"),
-                              video_features=batch.get("video_features"), attention_mask=mask, cache=cache)
+                              video_features=batch.get("video_features"), attention_mask=mask, cache=cache,
+                              logits_at=last)
     else:
-        logits, cache = model(ids, attention_mask=mask, cache=cache)
+        logits, cache = model(ids, attention_mask=mask, cache=cache, logits_at=last)
     key, sub = jax.random.split(key)
-    first, first_lp = choose(logits[:, -1], sub, cfg)  # left padding: the last column is every row's last token
+    first, first_lp = choose(logits[:, 0], sub, cfg)
     m = cfg.max_new_tokens
     tokens = jnp.full((b, m), pad_id, jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((b, m), jnp.float32).at[:, 0].set(first_lp)
