@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from g4v_jax.config import EngineConfig, load_config  # noqa: E402
 from g4v_jax.inference.engine import Engine, EngineRequest  # noqa: E402
-from g4v_jax.inference.generate import SamplingConfig, stream  # noqa: E402
+from g4v_jax.inference.generate import SamplingConfig, pow2, stream  # noqa: E402
 from g4v_jax.models.gpt4video import build_model, language_model  # noqa: E402
 
 SMOLLM = ["model.kind=llm", "model.llm.vocab_size=49152", "model.llm.hidden_size=576",
@@ -99,10 +99,6 @@ def make_requests(model, n: int, seed: int = 0) -> list[EngineRequest]:
     return out
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _static_batches(model, requests, size):
     """(batch dict, SamplingConfig, rows) per static batch: the batch's longest budget rounded up to a power of two,
     left-padded to a power-of-two length, both clamped to the context (``ChatSession``'s rule; few programs)."""
@@ -111,8 +107,8 @@ def _static_batches(model, requests, size):
     for start in range(0, len(requests), size):
         rows = requests[start:start + size]
         longest = max(len(r.prompt_ids) for r in rows)
-        budget = min(_pow2(max(r.sampling.max_new_tokens for r in rows)), context - longest)
-        length = min(max(64, _pow2(longest)), context - budget)
+        budget = min(pow2(max(r.sampling.max_new_tokens for r in rows)), context - longest)
+        length = min(max(64, pow2(longest)), context - budget)
         ids = np.zeros((len(rows), length), np.int32)
         mask = np.zeros((len(rows), length), bool)
         for b, r in enumerate(rows):
@@ -158,7 +154,7 @@ def warm_stream(model, requests, size):
 
 
 def engine_path(model, requests):
-    cfg = EngineConfig(num_slots=SLOTS, max_length=_pow2(max(len(r.prompt_ids) + r.sampling.max_new_tokens
+    cfg = EngineConfig(num_slots=SLOTS, max_length=pow2(max(len(r.prompt_ids) + r.sampling.max_new_tokens
                                                               for r in requests)),
                        min_bucket=32, max_queue=len(requests))
     engine = Engine(model, None, cfg, eos_id=-1)

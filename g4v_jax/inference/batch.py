@@ -23,8 +23,8 @@ from g4v_jax.config import EngineConfig
 from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, tokenize_conversation
 from g4v_jax.data.video import VideoClip, VideoReadError, load_video
 from g4v_jax.inference.engine import Engine, EngineRequest, EngineResult, RequestError
-from g4v_jax.inference.generate import SamplingConfig
-from g4v_jax.inference.session import SAMPLING_KEYS, ModelInfo, check_vocab, model_info, pow2, prompt_length, with_stops
+from g4v_jax.inference.generate import SamplingConfig, pow2
+from g4v_jax.inference.session import SAMPLING_KEYS, ModelInfo, check_vocab, model_info, prompt_length, with_stops
 from g4v_jax.inference.text import finish_answer
 
 

@@ -41,12 +41,10 @@ import numpy as np
 from flax import nnx
 
 from g4v_jax.config import EngineConfig
-from g4v_jax.inference.generate import NEG_INF, SamplingConfig
+from g4v_jax.inference.generate import NEG_INF, SamplingConfig, pow2
 from g4v_jax.inference.text import StreamDecoder
 from g4v_jax.models.gpt4video import language_model, model_kind, splice_video_tokens
 from g4v_jax.models.llama import KVCache, init_cache
-
-FINISH_REASONS = ("eos", "stop", "length", "cancelled")
 
 
 class RequestError(ValueError):
@@ -238,10 +236,6 @@ def programs_for(graphdef, treedef) -> Programs:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _ends_with(tokens: list[int], seq: tuple[int, ...]) -> bool:
     return len(tokens) >= len(seq) and tuple(tokens[-len(seq):]) == seq
 
@@ -389,7 +383,7 @@ class Engine:
                 b = self._bucket(b + 1)
         if self.has_vision:
             n = 1
-            while n <= _pow2(self.cfg.num_slots * self.cfg.max_videos):
+            while n <= pow2(self.cfg.num_slots * self.cfg.max_videos):
                 frames = np.zeros((n, *self._frame_shape), np.uint8)
                 self.programs.encode(self.state, jax.device_put(frames), jnp.zeros((n, self._frame_shape[0]), bool))
                 n *= 2
@@ -429,9 +423,9 @@ class Engine:
             if not stop.is_set():
                 self.run_once()
 
-    def close(self, stop: threading.Event | None = None) -> None:
-        if stop is not None:
-            stop.set()
+    def close(self, stop: threading.Event) -> None:
+        """End ``serve_forever(stop)`` now, even while it waits for work."""
+        stop.set()
         self._wake()
 
     def run_once(self) -> None:
@@ -479,7 +473,7 @@ class Engine:
         clips = [(slot, v) for slot, h in admitted for v in h.request.videos]
         if not clips:
             return {}
-        n = _pow2(len(clips))
+        n = pow2(len(clips))
         frames = np.zeros((n, *self._frame_shape), np.uint8)
         mask = np.zeros((n, self._frame_shape[0]), bool)
         for j, (_, (f, m)) in enumerate(clips):
@@ -497,7 +491,7 @@ class Engine:
         return padded
 
     def _bucket(self, n: int) -> int:
-        return min(max(self.cfg.min_bucket, _pow2(n)), self.cfg.max_length)
+        return min(max(self.cfg.min_bucket, pow2(n)), self.cfg.max_length)
 
     def _prefill(self, admitted) -> None:
         video_tokens = self._encode_videos(admitted) if self.has_vision else {}
@@ -516,8 +510,8 @@ class Engine:
                 self.state, self.ds, jax.device_put(padded), vt, jnp.int32(len(ids)), jnp.int32(slot),
                 jnp.uint32(req.seed % 2**32), jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
             self.stats.prefills += 1
-            token, logprob = int(np.asarray(self.ds.tokens)[slot]), float(np.asarray(self.ds.logprobs)[slot])
-            self._take(slot, token, logprob, time.perf_counter())
+            tokens, logprobs = jax.device_get((self.ds.tokens, self.ds.logprobs))
+            self._take(slot, int(tokens[slot]), float(logprobs[slot]), time.perf_counter())
 
     def _take(self, slot: int, token: int, logprob: float, now: float) -> None:
         """Record one new token of the request in ``slot``; finish it if a stop rule says so."""

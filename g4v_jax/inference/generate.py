@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
@@ -57,9 +56,14 @@ class GenerationResult(NamedTuple):
     logprobs: np.ndarray  # (B, max_new_tokens) float32, 0 after the end
 
 
+def pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1): the shapes that keep compiled programs few."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def bucket_length(n: int, minimum: int = 64) -> int:
     """Prompt length rounded up to a power of two (>= ``minimum``): few shapes, few compiles."""
-    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return max(minimum, pow2(n))
 
 
 def stop_sequences_for(tokenizer, strings: Sequence[str] = ("###",)) -> tuple[tuple[int, ...], ...]:

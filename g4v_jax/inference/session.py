@@ -5,8 +5,8 @@ and the prompt helpers are shared with batch answering.
 
 Decisions
     - A conversation's prompts go to one engine sized to the model's context; the engine pads them to power-of-two
-      buckets, so a conversation reuses a few compiled programs. ``prompt`` also returns the left-padded batch
-      ``generate`` takes (the static reference).
+      buckets, so a conversation reuses a few compiled programs. ``prompt`` adds the left-padded batch ``generate``
+      takes (the static reference); ``ask`` does not build it.
     - The answer is the decoded text up to the first ``###`` (the next turn's prefix; generation stops on its tokens,
       and the text check also catches other tokenizations of it), whitespace-stripped; streamed pieces concatenate
       to exactly the answer text (``inference.text.StreamDecoder``).
@@ -29,7 +29,7 @@ from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, pa
 from g4v_jax.data.video import VideoClip, load_video
 from g4v_jax.config import EngineConfig
 from g4v_jax.inference.engine import Engine, EngineRequest
-from g4v_jax.inference.generate import SamplingConfig, bucket_length, stop_sequences_for
+from g4v_jax.inference.generate import SamplingConfig, bucket_length, pow2, stop_sequences_for
 from g4v_jax.inference.text import STOP_STRING, Answer, finish_answer
 from g4v_jax.models.gpt4video import model_kind
 from g4v_jax.tags import VideoRequest
@@ -84,10 +84,6 @@ def with_stops(sampling: SamplingConfig, tokenizer) -> SamplingConfig:
     if sampling.stop_sequences:
         return sampling
     return dataclasses.replace(sampling, stop_sequences=stop_sequences_for(tokenizer, (STOP_STRING,)))
-
-
-def pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def prompt_length(info: ModelInfo, n: int, max_new_tokens: int) -> int:
@@ -181,12 +177,18 @@ class ChatSession:
         self.pending.append(len(self.clips) - 1)
         return len(self.clips) - 1
 
-    def prompt(self, text: str) -> tuple[list[Turn], TokenizedConversation, dict[str, np.ndarray]]:
-        """The turns, tokenized conversation and model batch that ``ask(text)`` would generate from."""
+    def conversation(self, text: str) -> tuple[list[Turn], TokenizedConversation]:
+        """The turns and tokenized conversation ``ask(text)`` answers; raises if they cannot fit the context."""
         turns = [*self.turns, *(Turn("human", video=i) for i in self.pending), Turn("human", text)]
         conv = tokenize_conversation(self.tokenizer, turns, num_video_tokens=self._info.num_video_tokens,
                                      system_prompt=self.system_prompt, add_generation_prompt=True)
         check_vocab(self._info, conv)
+        prompt_length(self._info, len(conv), self.sampling.max_new_tokens)  # raises if it cannot fit
+        return turns, conv
+
+    def prompt(self, text: str) -> tuple[list[Turn], TokenizedConversation, dict[str, np.ndarray]]:
+        """``conversation(text)`` and the left-padded batch ``generate`` would take for it (the static reference)."""
+        turns, conv = self.conversation(text)
         length = prompt_length(self._info, len(conv), self.sampling.max_new_tokens)
         padded = pad_batch([conv], pad_id=self._info.pad_id, length=length, side="left")
         batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
@@ -217,7 +219,7 @@ class ChatSession:
                           Turn("ai", POLITE_REFUSAL)]
             self.pending = []
             return Answer(POLITE_REFUSAL, [], 0)
-        turns, conv, _ = self.prompt(text)
+        turns, conv = self.conversation(text)
         engine = self._engine(conv.num_videos)
         clips = [(c.frames, c.frame_mask) for c in self.clips[:conv.num_videos]]
         handle = engine.submit(EngineRequest(conv.input_ids, clips, self.sampling,

@@ -119,8 +119,7 @@ class Server:
             self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self.engine._wake()
+        self.engine.close(self._stop)
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
