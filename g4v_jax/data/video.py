@@ -387,6 +387,17 @@ def _claimed_frames(container, stream) -> int:
     return int(round(seconds * float(rate)))
 
 
+def declared_frame_count(path: str | os.PathLike, timeout_s: float = DECODE_TIMEOUT_S) -> int:
+    """The frame count a video file's header states (0 if it states none), read without decoding: what a server
+    checks before it agrees to decode an upload. ``VideoReadError`` if the file cannot be opened."""
+    source = check_video_path(path)
+    container = _open(source, _Deadline(source, timeout_s))
+    with container, _reading(source, "reading the video's header"):
+        if not container.streams.video:
+            raise VideoReadError(f"{source!r}: contains no video stream")
+        return _claimed_frames(container, container.streams.video[0])
+
+
 def _decode_video_at(path: str, wanted: np.ndarray, size: int, resize: str,
                      deadline: _Deadline) -> tuple[list[np.ndarray], int]:
     """Decode up to the last wanted index, keeping only wanted frames (already resized, so memory stays small).

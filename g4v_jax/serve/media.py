@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from g4v_jax.data.video import VideoClip, VideoReadError, check_video_path, load_video
+from g4v_jax.data.video import VideoClip, VideoReadError, check_video_path, declared_frame_count, load_video
 
 
 class MediaError(ValueError):
@@ -81,18 +81,6 @@ def _from_file_url(url: str, where: str, media_dir: Path | None) -> Path:
     return resolved
 
 
-def _count_frames(path: Path) -> int:
-    """Frames the container declares (0 if unknown): enough to refuse a huge video before decoding it."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            streams = container.streams.video
-            return int(streams[0].frames) if streams else 0
-    except Exception:  # unreadable: load_video says why, with its own message
-        return 0
-
-
 def load_video_part(url: str, where: str, *, media_dir: Path | None, upload_dir: Path, limits: MediaLimits,
                     num_frames: int, size: int, sampling: str, resize: str,
                     gate: Callable[[str], bool] | None = None) -> tuple[VideoClip, bool]:
@@ -114,7 +102,7 @@ def load_video_part(url: str, where: str, *, media_dir: Path | None, upload_dir:
     try:
         if path.stat().st_size > limits.max_video_bytes:
             raise MediaError(f"{where}: the video is over the limit of {limits.max_video_bytes // 2**20} MiB")
-        frames = _count_frames(path)
+        frames = declared_frame_count(path, limits.decode_timeout_s)
         if frames > limits.max_video_frames:
             raise MediaError(f"{where}: the video has {frames} frames; this server takes at most "
                              f"{limits.max_video_frames}")
