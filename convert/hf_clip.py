@@ -17,8 +17,9 @@ import numpy as np
 
 from convert.common import (Rule, convert_checkpoint, layernorm, linear, module_name, open_checkpoint,
                             print_load_hint, read_hf_config, run_converter)
-from g4v_jax.config import AbstractorConfig, Config, ModelConfig, VisionConfig, load_config
+from g4v_jax.config import AbstractorConfig, Config, VisionConfig, load_config
 from g4v_jax.models.clip_vit import CLIPVisionTower
+from g4v_jax.models.layers import dtype_of
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.weights import assign_params, named_params, param_shapes, save_pretrained
 
@@ -82,11 +83,14 @@ def vision_config_from_hf(hf: dict) -> VisionConfig:
     )
 
 
-def load_hf_clip_vision(src: str | Path, *, progress: bool = False) -> tuple[VisionConfig, CLIPVisionTower]:
-    """Convert an HF CLIP checkpoint's vision tower into a ready ``CLIPVisionTower`` (fp32)."""
+def load_hf_clip_vision(src: str | Path, *, progress: bool = False, dtype: str = "float32"
+                        ) -> tuple[VisionConfig, CLIPVisionTower]:
+    """Convert an HF CLIP checkpoint's vision tower into a ready ``CLIPVisionTower`` (weights and compute in
+    ``dtype``)."""
     tensors = open_checkpoint(src)
     cfg = vision_config_from_hf(read_hf_config(src))
-    target = nnx.eval_shape(lambda: CLIPVisionTower(cfg, rngs=nnx.Rngs(0)))
+    dt = dtype_of(dtype)
+    target = nnx.eval_shape(lambda: CLIPVisionTower(cfg, param_dtype=dt, dtype=dt, rngs=nnx.Rngs(0)))
     shapes = {k: s for k, (s, _) in param_shapes(target).items()}
     arrays = convert_checkpoint(tensors, clip_vision_rules(theirs=_vision_prefix(tensors)), shapes, source=str(src),
                                 ignore=CLIP_IGNORE, progress=progress)

@@ -189,6 +189,9 @@ class ModelConfig:
     # rematerialisation of each transformer layer in training: none | full (save nothing) | dots (save matmul
     # outputs without batch dims, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     remat: str = "none"
+    # run the LLM's layers with jax.lax.scan over layer-stacked weights: compile time and program size independent
+    # of depth (MaxText's scan_layers). Checkpoints and converters name the weights per layer either way.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.kind not in ("gpt4video", "video_encoder", "llm"):

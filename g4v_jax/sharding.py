@@ -37,6 +37,7 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "channels": (),
     "time_kernel": (),
     "norm": (),
+    "layers": (),  # the stacked-layers axis of scan_layers: every device holds every layer's slice
     # activations
     "activation_batch": ("data", "fsdp"),
     "activation_length": (),

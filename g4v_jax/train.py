@@ -30,7 +30,6 @@ import collections
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -123,11 +122,14 @@ def answer_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arr
 
     logits (B, L, V) predict token t+1 at position t; labels (B, L) are -100 outside AI answers.
     """
-    targets = labels[:, 1:]
+    # the labels move left, not the logits: slicing (B, L, V) logits would copy them, and log-softmax would keep a
+    # second (B, L, V) array alive for the backward pass; logsumexp minus the target's logit needs neither
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     valid = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return -(picked * valid).sum(), valid.sum()
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    return (nll * valid).sum(), valid.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,8 +159,10 @@ def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
     """
     leaves = []
     for i, (path, var) in enumerate(nnx.to_flat_state(rest)):
-        if isinstance(var, nnx.RngKey):
-            var = var.replace(jax.random.fold_in(key, i))
+        if isinstance(var, nnx.RngKey):  # a layer-stacked stream (scan_layers) gets one key per layer
+            k = jax.random.fold_in(key, i)
+            shape = var.get_value().shape
+            var = var.replace(jax.random.split(k, shape) if shape else k)
         elif isinstance(var, nnx.RngCount):
             var = var.replace(jnp.zeros_like(var.get_value()))
         leaves.append((path, var))
@@ -299,7 +303,7 @@ def _initial_model(cfg: Config) -> nnx.Module:
         # the run's compute settings apply on top of the loaded directory's own config
         m = cfg.model
         compute = [f"model.compute_dtype={m.compute_dtype}", f"model.attention_impl={m.attention_impl}",
-                   f"model.remat={m.remat}"]
+                   f"model.remat={m.remat}", f"model.scan_layers={str(m.scan_layers).lower()}"]
         # the final checkpoint is saved with the run's model section, so it must describe the loaded weights
         # (param_dtype may differ: weights are cast on load)
         loaded = _config_fields(load_model_config(cfg.train.init_from, compute).model, "model")

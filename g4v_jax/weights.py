@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from flax import nnx
 
 from g4v_jax.config import Config, ModelConfig, dump_config, from_dict, load_config
 from g4v_jax.models.gpt4video import abstract_model
+from g4v_jax.models.layers import is_stacked, named_variables, variable_names
 from g4v_jax.models.lora import unmerged_kernels
 
 WEIGHTS_FILE = "model.safetensors"
@@ -124,21 +125,21 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray], metad
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _path_name(path: Iterable) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def param_shapes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``{name: (shape, dtype)}`` of every parameter."""
+    """``{name: (shape, dtype)}`` of every parameter (a layer-stacked one per layer, see ``named_variables``)."""
     _, state, _ = nnx.split(model, nnx.Param, ...)
-    return {_path_name(p): (tuple(v.get_value().shape), np.dtype(v.get_value().dtype))
-            for p, v in nnx.to_flat_state(state)}
+    out = {}
+    for name, var, layer in named_variables(state):
+        shape = tuple(var.get_value().shape)
+        out[name] = (shape if layer is None else shape[1:], np.dtype(var.get_value().dtype))
+    return out
 
 
 def named_params(model: nnx.Module) -> dict[str, jax.Array]:
     """Every parameter (``nnx.Param``, LoRA adapters included; not RNG state) by dotted name."""
     _, state, _ = nnx.split(model, nnx.Param, ...)
-    return {_path_name(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    return {name: var.get_value() if layer is None else var.get_value()[layer]
+            for name, var, layer in named_variables(state)}
 
 
 def mismatch_report(expected: Mapping[str, tuple], got: Mapping[str, tuple], source: str) -> str | None:
@@ -163,15 +164,16 @@ def assign_params(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: s
     """Return ``model`` (abstract or concrete) with every parameter replaced by ``arrays[name]``, cast to the
     parameter's dtype. Raises ``CheckpointMismatchError`` naming all missing/unexpected keys and wrong shapes."""
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    flat = nnx.to_flat_state(state)
-    expected = {_path_name(p): tuple(v.get_value().shape) for p, v in flat}
+    expected = {k: shape for k, (shape, _) in param_shapes(model).items()}
     report = mismatch_report(expected, {k: tuple(np.shape(a)) for k, a in arrays.items()}, source)
     if report:
         raise CheckpointMismatchError(report)
     leaves = []
-    for path, var in flat:
+    for path, var in nnx.to_flat_state(state):
         dtype = var.get_value().dtype
-        leaves.append((path, var.replace(jnp.asarray(np.asarray(arrays[_path_name(path)]), dtype=dtype))))
+        value = [np.asarray(arrays[n]) for n in variable_names(path, var)]
+        value = value[0] if not is_stacked(var) else np.stack(value)
+        leaves.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves), jax.tree.map(_materialize, rest))
 
 

@@ -79,7 +79,8 @@ class GPT4Video(VideoEncoder):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
-        self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, remat=cfg.remat, **_module_kwargs(cfg, rngs))
+        self.language_model = LlamaForCausalLM(cfg.llm, cfg.lora, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                                               **_module_kwargs(cfg, rngs))
 
     def embed(self, input_ids: jax.Array, videos: jax.Array | None = None, frame_mask: jax.Array | None = None,
               video_features: jax.Array | None = None) -> jax.Array:
@@ -119,7 +120,8 @@ def _construct(cfg: ModelConfig, seed: int) -> nnx.Module:
     if cfg.kind == "video_encoder":
         return VideoEncoder(cfg, rngs=rngs)
     if cfg.kind == "llm":
-        return LlamaForCausalLM(cfg.llm, cfg.lora, remat=cfg.remat, **_module_kwargs(cfg, rngs))
+        return LlamaForCausalLM(cfg.llm, cfg.lora, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                                **_module_kwargs(cfg, rngs))
     return GPT4Video(cfg, rngs=rngs)
 
 

@@ -46,6 +46,44 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str 
     return kind(value, logical_axes=tuple(axes))
 
 
+STACKED = "layers"  # the logical axis of a parameter stacked over layers (``scan_layers``)
+
+
+def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
+    """One module whose every variable stacks the given identical modules' along a new leading axis, named
+    ``"layers"`` in the parameters' logical axes: the form ``jax.lax.scan`` runs over."""
+    graphdef, _ = nnx.split(modules[0])
+    flats = [nnx.to_flat_state(nnx.split(m)[1]) for m in modules]
+    leaves = []
+    for items in zip(*flats):
+        path, var = items[0]
+        value = jnp.stack([v.get_value() for _, v in items])
+        axes = var.get_metadata().get("logical_axes")
+        leaves.append((path, var.replace(value) if axes is None else var.replace(value, logical_axes=(STACKED, *axes))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def is_stacked(var: nnx.Variable) -> bool:
+    axes = var.get_metadata().get("logical_axes")
+    return bool(axes) and axes[0] == STACKED
+
+
+def variable_names(path: tuple, var: nnx.Variable) -> list[str]:
+    """The dotted name of a variable, or of each layer of a stacked one: the name the unrolled model gives it
+    (``...layers.{i}...``). Checkpoints, converters and exports use these names, so a model writes the same files
+    with ``scan_layers`` on or off."""
+    if not is_stacked(var):
+        return [".".join(map(str, path))]
+    k = path.index(STACKED) + 1
+    return [".".join(map(str, (*path[:k], i, *path[k:]))) for i in range(var.get_value().shape[0])]
+
+
+def named_variables(state: nnx.State) -> list[tuple[str, nnx.Variable, int | None]]:
+    """(name, variable, layer) for every variable: a stacked one once per layer (layer = i), others once (None)."""
+    return [(name, var, i if is_stacked(var) else None)
+            for path, var in nnx.to_flat_state(state) for i, name in enumerate(variable_names(path, var))]
+
+
 def normal_init(std: float):
     return lambda rng, shape: rng.normal(0.0, std, shape).astype(np.float32)
 

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from g4v_jax.config import LlamaConfig, LoraConfig
-from g4v_jax.models.layers import attention_implementation, normal_init, ones_init, param
+from g4v_jax.models.layers import attention_implementation, normal_init, ones_init, param, stack_modules
 from g4v_jax.models.lora import LoRALinear
 
 
@@ -207,37 +207,61 @@ def default_positions(attention_mask: jax.Array, cache: KVCache | None) -> jax.A
     return (before + jnp.cumsum(attention_mask, axis=-1) - 1).clip(min=0).astype(jnp.int32)
 
 
-def _run_layer(layer, x, positions, mask):
-    return layer(x, positions, mask, None)[0]
-
-
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the layer in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
-def _remat(fn, remat: str):
-    """Wrap a layer call in ``nnx.remat`` with the configured policy (``model.remat``); "none" leaves it."""
-    if remat == "none":
-        return fn
-    return nnx.remat(fn, policy=REMAT_POLICIES[remat])
+def _layer_fn(graphdef, remat: str):
+    """``f(layer_state, x, positions, mask) -> x`` for a layer without a cache, under ``jax.checkpoint`` with the
+    configured policy (``model.remat``) unless "none". A pure function of the layer's state: ``nnx.remat`` on the
+    module itself writes state back across traces and failed inside the trainer's grad + scan. (Dropout's RNG
+    counter is not written back; training reseeds dropout every step.)"""
+
+    def f(layer_state, x, positions, mask):
+        return nnx.merge(graphdef, layer_state, copy=True)(x, positions, mask, None)[0]
+
+    return f if remat == "none" else jax.checkpoint(f, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
+def _scan_layers(layers: nnx.Module, x, positions, mask, kv: LayerCache | None, remat: str):
+    """Run layer-stacked ``layers`` (``stack_modules``) with ``jax.lax.scan``: one layer's program, traced and compiled
+    once, whatever the depth. The stacked cache travels in the carry, so each layer writes its rows in place.
+    Returns x and the cache."""
+    graphdef, state = nnx.split(layers)
+    train_layer = _layer_fn(graphdef, remat)
+
+    def body(carry, xs):
+        x, k, v = carry
+        i, layer_state = xs
+        if kv is None:
+            return (train_layer(layer_state, x, positions, mask), k, v), None
+        x, out = nnx.merge(graphdef, layer_state, copy=True)(x, positions, mask, LayerCache(k, v, i, kv.index))
+        return (x, out.k, out.v), None
+
+    n = jax.tree.leaves(state)[0].shape[0]
+    k, v = (None, None) if kv is None else (kv.k, kv.v)
+    (x, k, v), _ = jax.lax.scan(body, (x, k, v), (jnp.arange(n), state))
+    return x, None if kv is None else kv._replace(k=k, v=v)
 
 
 class LlamaForCausalLM(nnx.Module):
     """Token ids or embeddings (B, L) -> fp32 logits (B, L, V), optionally through a ``KVCache``."""
 
     def __init__(self, cfg: LlamaConfig, lora: LoraConfig | None = None, *, param_dtype=jnp.float32,
-                 dtype=jnp.float32, attention_impl="auto", remat: str = "none", rngs: nnx.Rngs):
+                 dtype=jnp.float32, attention_impl="auto", remat: str = "none", scan_layers: bool = False,
+                 rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = scan_layers
         self.embed_tokens = param(rngs, normal_init(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                   param_dtype)
-        self.layers = nnx.List(
-            [LlamaDecoderLayer(cfg, lora, attention_impl=attention_impl, **kw) for _ in range(cfg.num_layers)]
-        )
+        layers = [LlamaDecoderLayer(cfg, lora, attention_impl=attention_impl, **kw) for _ in range(cfg.num_layers)]
+        # scan_layers: the same layers (same initial values) stacked along a leading "layers" axis
+        self.layers = stack_modules(layers) if scan_layers else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else param(
             rngs, normal_init(0.02), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
@@ -276,10 +300,16 @@ class LlamaForCausalLM(nnx.Module):
         if positions is None:
             positions = default_positions(attention_mask, cache)
         mask, new_valid = _attention_mask(attention_mask, cache, segment_ids)
-        if cache is None:
-            run = _remat(_run_layer, self.remat)
+        if self.scan_layers:
+            kv = None if cache is None else LayerCache(cache.k, cache.v, 0, cache.index)
+            x, kv = _scan_layers(self.layers, x, positions, mask, kv, self.remat)
+        elif cache is None and self.remat != "none":
             for layer in self.layers:
-                x = run(layer, x, positions, mask)
+                graphdef, layer_state = nnx.split(layer)
+                x = _layer_fn(graphdef, self.remat)(layer_state, x, positions, mask)
+        elif cache is None:
+            for layer in self.layers:
+                x = layer(x, positions, mask, None)[0]
         else:
             kv = LayerCache(cache.k, cache.v, 0, cache.index)
             for i, layer in enumerate(self.layers):

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from g4v_jax.config import LoraConfig
-from g4v_jax.models.layers import dtype_of, normal_init, param, zeros_init
+from g4v_jax.models.layers import dtype_of, named_variables, normal_init, param, variable_names, zeros_init
 
 
 class LoRAParam(nnx.Param):
@@ -62,10 +62,10 @@ class LoRALinear(nnx.Module):
         return y + (h * self.scaling).astype(y.dtype)
 
     def delta(self) -> jax.Array:
-        """The adapter as a full matrix, A B · alpha/r, in fp32 (in, out)."""
+        """The adapter as a full matrix, A B · alpha/r, in fp32 (in, out), or (layers, in, out) when stacked."""
         a = self.lora_a[...].astype(jnp.float32)
         b = self.lora_b[...].astype(jnp.float32)
-        return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST) * self.scaling
+        return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * self.scaling
 
 
 def named_lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
@@ -82,10 +82,12 @@ def unmerged_kernels(model: nnx.Module) -> dict[str, jax.Array]:
     """``{"<path>.kernel": W}`` of the layers currently merged, with the adapter taken back out (what ``unmerge``
     would leave), without touching the model: checkpoints always store base weights and adapters apart."""
     out = {}
-    for name, layer in named_lora_layers(model).items():
-        if layer.merged:
+    for path, layer in nnx.iter_graph(model):
+        if isinstance(layer, LoRALinear) and layer.lora_a is not None and layer.merged:
             w = layer.kernel[...]
-            out[f"{name}.kernel"] = (w.astype(jnp.float32) - layer.delta()).astype(w.dtype)
+            w = (w.astype(jnp.float32) - layer.delta()).astype(w.dtype)
+            names = variable_names((*path, "kernel"), layer.kernel)
+            out.update(zip(names, [w] if len(names) == 1 else list(w)))
     return out
 
 
@@ -114,11 +116,15 @@ def fresh_lora_arrays(model: nnx.Module, seed: int = 0) -> dict[str, np.ndarray]
     B = 0. Converters use it to add adapters to base weights that never had any."""
     rng = np.random.default_rng(seed)
     _, state = nnx.split(model)
+    adapters = [(name, var, layer) for name, var, layer in named_variables(state) if isinstance(var, LoRAParam)]
     out = {}
-    for path, var in nnx.to_flat_state(state):
-        if not isinstance(var, LoRAParam):
-            continue
-        shape, name = tuple(var.get_value().shape), ".".join(map(str, path))
-        out[name] = (np.zeros(shape, np.float32) if path[-1] == "lora_b"
+    # drawn in the unrolled model's layer order, so that scan_layers on or off gives the same adapters
+    for name, var, layer in sorted(adapters, key=lambda a: _natural(a[0])):
+        shape = tuple(var.get_value().shape)[0 if layer is None else 1:]
+        out[name] = (np.zeros(shape, np.float32) if name.endswith("lora_b")
                      else _kaiming_uniform_a(shape[0])(rng, shape))
     return out
+
+
+def _natural(name: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))

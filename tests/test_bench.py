@@ -1,0 +1,36 @@
+"""``bench/run.py``: the GPU suite's code runs end to end on toy sizes on the CPU (``--tiny``), so the script a lent
+GPU will run is never first tried on the GPU. The figures themselves are not judged here (timed tests on a shared
+machine measure the machine); what is checked is that every row is there, both sides agree on the outputs, and the
+tables and JSON are written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_runs_on_toy_sizes(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--suite", "gpu", "--tiny", "--reps", "1",
+                          "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (result,) = json.loads((tmp_path / "r.json").read_text())
+    assert result["suite"] == "gpu (tiny)" and result["dtype"] == "bfloat16"
+    works = [r["work"] for r in result["rows"]]
+    for expected in ("prefill", "greedy decode, batch 1", "greedy decode, batch 4", "engine:", "LoRA r16",
+                     "remat dots", "CLIP ViT", "stage-1 step", "one video question"):
+        assert any(expected in w for w in works), (expected, works)
+    for r in result["rows"]:
+        assert r["ours"] > 0 and (r["peer"] is None or r["peer"] > 0), r
+        if "tokens_match" in r:  # greedy on the same bf16 weights: the same tokens at toy sizes
+            assert r["tokens_match"] == 1.0, r
+        if "requests_match" in r:
+            assert r["requests_match"] == r["requests"], r
+        if "first_loss" in r:  # the same weights and batch: the same loss before any update
+            assert abs(r["first_loss"][0] - r["first_loss"][1]) < 0.05, r
+        if "max_abs_logit_diff" in r:
+            assert r["max_abs_logit_diff"] < 0.1, r
+    table = (tmp_path / "r.md").read_text()
+    assert table.count("\n| ") == len(works) + 1 and "ours/HF" in table
