@@ -1,6 +1,7 @@
 """Our hot paths beside the PyTorch stack, in one run, on the same weights: ``python bench/run.py --suite cpu``.
 
-    python bench/run.py --suite cpu|gpu|all [--tiny] [--reps 3] [--json out.json] [--markdown out.md]
+    python bench/run.py --suite cpu|gpu|all [--tiny] [--rows prefill,decode,...] [--reps 3] [--json out.json]
+                        [--markdown out.md]
 
 Suites (one ``Suite`` each; every row is the same code on every suite, only sizes, dtype and device differ):
 - ``cpu``: fp32 on the CPU, a SmolLM2-135M-shaped LLaMA (vocab 49152, hidden 576, 30 layers, 9 heads, 3 KV heads)
@@ -669,7 +670,11 @@ def log(suite: Suite, rows: list[dict]) -> None:
     print(f"[{suite.name}] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
 
 
-def run_suite(suite: Suite, suite_args: list[str], reps: int) -> dict:
+ROW_GROUPS = ("prefill", "decode", "engine", "lora", "vit", "gpt4video")
+
+
+def run_suite(suite: Suite, suite_args: list[str], reps: int, groups: tuple[str, ...] = ROW_GROUPS) -> dict:
+    """The suite's rows of ``groups`` (a lent GPU's minutes are few: run the groups in several calls if need be)."""
     import jax
     import torch
 
@@ -680,21 +685,26 @@ def run_suite(suite: Suite, suite_args: list[str], reps: int) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        hf, ours = models(suite, tmp)
-        rows.append(prefill_row(suite, hf, ours, reps))
-        log(suite, rows)
-        _, scanned = load_hf_llama(tmp / "llm", [*OURS_TRAIN, *our_dtypes(suite)])
-        rows += decode_rows(suite, hf, ours, scanned, reps, peak["bandwidth_gbs"])
-        del scanned
-        log(suite, rows)
-        rows.append(engine_row(suite, hf, ours))
-        log(suite, rows)
+        hf, ours = models(suite, tmp) if {"prefill", "decode", "engine", "lora"} & set(groups) else (None, None)
+        if "prefill" in groups:
+            rows.append(prefill_row(suite, hf, ours, reps))
+            log(suite, rows)
+        if "decode" in groups:
+            _, scanned = load_hf_llama(tmp / "llm", [*OURS_TRAIN, *our_dtypes(suite)])
+            rows += decode_rows(suite, hf, ours, scanned, reps, peak["bandwidth_gbs"])
+            del scanned
+            log(suite, rows)
+        if "engine" in groups:
+            rows.append(engine_row(suite, hf, ours))
+            log(suite, rows)
         del hf, ours
-        rows += lora_rows(suite, suite_args, tmp / "llm")
-        log(suite, rows)
-        rows.append(vit_row(suite, tmp, reps))
-        log(suite, rows)
-        if suite.gpt4video:
+        if "lora" in groups:
+            rows += lora_rows(suite, suite_args, tmp / "llm")
+            log(suite, rows)
+        if "vit" in groups:
+            rows.append(vit_row(suite, tmp, reps))
+            log(suite, rows)
+        if "gpt4video" in groups and suite.gpt4video:
             rows += gpt4video_rows(suite, suite_args)
     return {"suite": suite.name, "machine": platform.node(), "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg(), "jax": jax.__version__,
@@ -757,11 +767,17 @@ def main() -> None:
     ap.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks the suite's code in minutes")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rows", default=",".join(ROW_GROUPS),
+                    help=f"comma-separated row groups to run, of {', '.join(ROW_GROUPS)} (default: all)")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--markdown", default="", help="write the tables here")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    groups = tuple(g.strip() for g in args.rows.split(",") if g.strip())
+    unknown = sorted(set(groups) - set(ROW_GROUPS))
+    if unknown:
+        ap.error(f"--rows: unknown group(s) {', '.join(unknown)}; choose from {', '.join(ROW_GROUPS)}")
     names = ["cpu", "gpu"] if args.suite == "all" else [args.suite]
     if args.child:
         suite = tiny(SUITES[names[0]]) if args.tiny else SUITES[names[0]]
@@ -777,7 +793,7 @@ def main() -> None:
                 print(f"bench/run.py: suite {name} needs a CUDA GPU and this machine has none; skipped "
                       "(--tiny runs its rows on toy sizes on the CPU)", file=sys.stderr)
                 continue
-        results.append(run_suite(suite, ["--suite", name, *(["--tiny"] if args.tiny else [])], args.reps))
+        results.append(run_suite(suite, ["--suite", name, *(["--tiny"] if args.tiny else [])], args.reps, groups))
         print(markdown(results[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
