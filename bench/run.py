@@ -538,15 +538,14 @@ def random_gpt4video(suite: Suite):
 
     from g4v_jax.config import load_config
     from g4v_jax.models.gpt4video import abstract_model
+    from g4v_jax.weights import materialize
 
     cfg = load_config(suite.gpt4video, [*OURS_TRAIN, *our_dtypes(suite)]).model
     graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     leaves = [(0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype) for k, x in zip(keys, leaves)]
-    rest = jax.tree.map(lambda x: jnp.broadcast_to(jax.random.key(0), x.shape)
-                        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.zeros(x.shape, x.dtype), rest)
-    return cfg, nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+    return cfg, nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), jax.tree.map(materialize, rest))
 
 
 def video_batch(cfg, batch: int, text: int, seed: int = 0) -> dict:

@@ -174,10 +174,10 @@ def assign_params(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: s
         value = [np.asarray(arrays[n]) for n in variable_names(path, var)]
         value = value[0] if not is_stacked(var) else np.stack(value)
         leaves.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves), jax.tree.map(_materialize, rest))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves), jax.tree.map(materialize, rest))
 
 
-def _materialize(x):
+def materialize(x):
     """Concrete values for non-parameter state of an abstract model (dropout RNG keys and counters)."""
     if not isinstance(x, jax.ShapeDtypeStruct):
         return x
@@ -230,5 +230,5 @@ def load(directory: str | Path, overrides=()) -> nnx.Module:
 
 __all__ = [
     "CheckpointMismatchError", "SafetensorsError", "assign_params", "from_dict", "load", "load_model_config",
-    "named_params", "param_shapes", "read_safetensors", "save_pretrained", "write_safetensors",
+    "materialize", "named_params", "param_shapes", "read_safetensors", "save_pretrained", "write_safetensors",
 ]

@@ -82,11 +82,11 @@ def unmerged_kernels(model: nnx.Module) -> dict[str, jax.Array]:
     """``{"<path>.kernel": W}`` of the layers currently merged, with the adapter taken back out (what ``unmerge``
     would leave), without touching the model: checkpoints always store base weights and adapters apart."""
     out = {}
-    for path, layer in nnx.iter_graph(model):
-        if isinstance(layer, LoRALinear) and layer.lora_a is not None and layer.merged:
+    for name, layer in named_lora_layers(model).items():
+        if layer.merged:
             w = layer.kernel[...]
             w = (w.astype(jnp.float32) - layer.delta()).astype(w.dtype)
-            names = variable_names((*path, "kernel"), layer.kernel)
+            names = variable_names((*name.split("."), "kernel"), layer.kernel)
             out.update(zip(names, [w] if len(names) == 1 else list(w)))
     return out
 
