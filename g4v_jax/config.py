@@ -139,6 +139,10 @@ class LoraConfig:
     dropout: float = 0.1
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     param_dtype: str = "float32"  # adapters stay fp32 while the frozen base may be bf16
+    # adapters off at every token up to the end of the last video span (its close tag; in stage 2 the caption in
+    # tags that stands in for the video), in training and inference alike: stage 2 then never changes how the
+    # prefix, a video included, is read, so its hidden states stay those that stage 1 aligned the abstractor to
+    skip_video_span: bool = False
 
     def __post_init__(self):
         allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

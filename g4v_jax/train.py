@@ -148,8 +148,8 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], accum: int) -> dict[str
     return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
 
 
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "positions", "segment_ids", "videos", "frame_mask",
-                "video_features")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "positions", "segment_ids", "adapter_mask", "videos",
+                "frame_mask", "video_features")
 
 
 def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
@@ -181,7 +181,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_u
         model = nnx.merge(graphdef, params, frozen, with_dropout_key(rest, key))
         model.train()
         inputs = dict(attention_mask=mb["attention_mask"], positions=mb.get("positions"),
-                      segment_ids=mb.get("segment_ids"))
+                      segment_ids=mb.get("segment_ids"), adapter_mask=mb.get("adapter_mask"))
         if model_kind(model) == "gpt4video":  # a plain LLM (LoRA-tuning LLaMA alone) takes no video inputs
             inputs.update(videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
                           video_features=mb.get("video_features"))
@@ -300,10 +300,12 @@ def _config_fields(tree: Any, prefix: str) -> dict[str, Any]:
 
 def _initial_model(cfg: Config) -> nnx.Module:
     if cfg.train.init_from:
-        # the run's compute settings apply on top of the loaded directory's own config
+        # the run's compute settings apply on top of the loaded directory's own config, and so does where the
+        # adapters act (stage 2 may skip the video span over a stage-1 directory; its checkpoint then records it)
         m = cfg.model
         compute = [f"model.compute_dtype={m.compute_dtype}", f"model.attention_impl={m.attention_impl}",
-                   f"model.remat={m.remat}", f"model.scan_layers={str(m.scan_layers).lower()}"]
+                   f"model.remat={m.remat}", f"model.scan_layers={str(m.scan_layers).lower()}",
+                   f"model.lora.skip_video_span={str(m.lora.skip_video_span).lower()}"]
         # the final checkpoint is saved with the run's model section, so it must describe the loaded weights
         # (param_dtype may differ: weights are cast on load)
         loaded = _config_fields(load_model_config(cfg.train.init_from, compute).model, "model")

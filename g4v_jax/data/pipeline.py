@@ -11,6 +11,8 @@ Batches
     ``positions``       (B, L) int32           0, 1, ... over real tokens, 0 at pads
     ``segment_ids``     (B, L) int32           only when ``pack_sequences``: 1, 2, ... per example of the row, 0 at
                                                pads (positions restart at each example)
+    ``adapter_mask``    (B, L) bool            only when ``adapter_mask`` (``model.lora.skip_video_span``): False up
+                                               to the end of each example's last video span, True after it
     ``videos``          (B, V, T, S, S, 3)     uint8; only when ``use_videos``
     ``frame_mask``      (B, V, T) bool         False at padded frames and padding videos; only when ``use_videos``
     ==================  =====================  ====================================================================
@@ -136,6 +138,8 @@ class DataConfig:
     feature_dtype: str = "float32"
     # text rows only (stages 0 and 2): consecutive examples share a row, each attending only to itself
     pack_sequences: bool = False
+    # batches carry "adapter_mask" (model.lora.skip_video_span): the LoRA adapters skip each example's video span
+    adapter_mask: bool = False
 
     def __post_init__(self) -> None:
         check_data_config(self)
@@ -187,6 +191,8 @@ def batch_spec(cfg: DataConfig, per_host_batch: int) -> dict[str, tuple[tuple[in
     }
     if cfg.pack_sequences:
         spec["segment_ids"] = ((b, l), np.dtype(np.int32))
+    if cfg.adapter_mask:
+        spec["adapter_mask"] = ((b, l), np.dtype(np.bool_))
     if cfg.use_videos:
         v, t, s = cfg.max_videos_per_example, cfg.num_frames, cfg.image_size
         if cfg.vision_cache:
@@ -227,6 +233,7 @@ class _Row:
     labels: np.ndarray
     attention_mask: np.ndarray
     positions: np.ndarray
+    adapter_mask: np.ndarray  # (L,) bool: after the last video span (template's video_prefix)
     videos: np.ndarray
     frame_mask: np.ndarray
 
@@ -331,15 +338,20 @@ class _Prepare:
             labels=padded["labels"][0],
             attention_mask=padded["attention_mask"][0],
             positions=padded["positions"][0],
+            adapter_mask=padded["adapter_mask"][0],
             videos=np.stack([c.frames for c in clips]) if clips else empty,
             frame_mask=np.stack([c.frame_mask for c in clips]) if clips else np.zeros((0, t), np.bool_),
         )
 
 
+def _token_arrays(cfg: DataConfig) -> tuple[str, ...]:
+    """The per-token (L,) arrays a ``_Row`` brings to a batch."""
+    return ("input_ids", "labels", "attention_mask", "positions") + (("adapter_mask",) if cfg.adapter_mask else ())
+
+
 def collate(rows: Sequence[_Row], cfg: DataConfig) -> dict[str, np.ndarray]:
     """Stack rows into a batch; row b's videos at ``videos[b, :n_b]``, zero videos with a False mask after them."""
-    batch = {name: np.stack([getattr(r, name) for r in rows]) for name in
-             ("input_ids", "labels", "attention_mask", "positions")}
+    batch = {name: np.stack([getattr(r, name) for r in rows]) for name in _token_arrays(cfg)}
     if cfg.use_videos:
         spec = batch_spec(cfg, len(rows))
         name = "video_features" if cfg.vision_cache else "videos"
@@ -360,12 +372,14 @@ def collate_packed(bins: Sequence[Sequence[_Row]], cfg: DataConfig, pad_id: int)
     batch = {"input_ids": np.full((b, l), pad_id, np.int32), "labels": np.full((b, l), IGNORE_INDEX, np.int32),
              "attention_mask": np.zeros((b, l), np.bool_), "positions": np.zeros((b, l), np.int32),
              "segment_ids": np.zeros((b, l), np.int32)}
+    if cfg.adapter_mask:
+        batch["adapter_mask"] = np.zeros((b, l), np.bool_)
     for i, rows in enumerate(bins):
         start = 0
         for k, r in enumerate(rows):
             n = int(r.attention_mask.sum())
             span = slice(start, start + n)
-            for name in ("input_ids", "labels", "attention_mask", "positions"):
+            for name in _token_arrays(cfg):
                 batch[name][i, span] = getattr(r, name)[:n]
             batch["labels"][i, start] = IGNORE_INDEX
             batch["segment_ids"][i, span] = k + 1
@@ -663,7 +677,8 @@ def pipeline_config(cfg) -> DataConfig:
         use_videos=cfg.train.stage == "stage1", num_video_tokens=cfg.model.num_video_tokens,
         system_prompt=cfg.data.system_prompt, worker_count=cfg.data.worker_count, shuffle=cfg.data.shuffle,
         seed=cfg.train.seed, on_bad_video=cfg.data.on_bad_video, on_too_long=cfg.data.on_too_long,
-        vision_cache=cfg.data.vision_cache, pack_sequences=cfg.data.pack_sequences)
+        vision_cache=cfg.data.vision_cache, pack_sequences=cfg.data.pack_sequences,
+        adapter_mask=cfg.model.lora.enabled and cfg.model.lora.skip_video_span)
 
 
 def count_problems(

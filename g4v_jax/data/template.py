@@ -55,6 +55,7 @@ Lengths
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -104,6 +105,9 @@ class TokenizedConversation:
     input_ids: np.ndarray  # int32 (L,), VIDEO_PLACEHOLDER_ID at video slots
     labels: np.ndarray  # int32 (L,), IGNORE_INDEX except AI answer tokens and the EOS ending each answer
     num_videos: int
+    # tokens up to and including the end of the last video span (its close tag), 0 without one; a video written as
+    # its caption in tags (stage 2, ``manifest.replace_videos_with_captions``) counts as a video span
+    video_prefix: int = 0
 
     def __post_init__(self) -> None:
         ids, labels = self.input_ids, self.labels
@@ -130,6 +134,16 @@ class _Piece:
     video: int | None = None  # a run of video slots instead of text
     labelled: bool = False  # an AI answer: its tokens (and the EOS after it) are trained on
     eos: bool = False  # append EOS after the text
+    ends_video: bool = False  # the last piece of a video span: a close tag, or a whole caption-in-tags turn
+
+
+# A human turn that is a video written as its caption between its tags, as stage 2 writes videos
+_CAPTION_VIDEO = re.compile(r"<video(\d*)>.*</video\1>", re.DOTALL)
+
+
+def is_caption_video(text: str) -> bool:
+    """Whether a human turn's text is a video written as its caption in tags (``"<video>a red circle ...</video>"``)."""
+    return _CAPTION_VIDEO.fullmatch(text.strip()) is not None
 
 
 def video_tags(index: int, num_videos: int) -> tuple[str, str]:
@@ -172,10 +186,10 @@ def _pieces(turns: Sequence[Turn], system_prompt: str, add_generation_prompt: bo
         elif turn.video is not None:
             open_tag, close_tag = video_tags(turn.video, num_videos)
             pieces.append(_Piece(lead + HUMAN_PREFIX))
-            pieces.extend([_Piece(" " + open_tag), _Piece(video=turn.video), _Piece(close_tag)])
+            pieces.extend([_Piece(" " + open_tag), _Piece(video=turn.video), _Piece(close_tag, ends_video=True)])
         else:
             pieces.append(_Piece(lead + HUMAN_PREFIX))
-            pieces.append(_Piece(" " + turn.text))
+            pieces.append(_Piece(" " + turn.text, ends_video=is_caption_video(turn.text)))
     if add_generation_prompt:
         pieces.append(_Piece(" " + AI_PREFIX))
     return pieces, num_videos
@@ -240,6 +254,7 @@ def tokenize_conversation(
     bos = tokenizer.bos_token_id
     ids: list[int] = [bos] if bos is not None else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
+    video_prefix = 0
     for i, piece in enumerate(pieces):
         if piece.video is not None:
             chunk = [VIDEO_PLACEHOLDER_ID] * num_video_tokens
@@ -249,6 +264,8 @@ def tokenize_conversation(
             chunk = chunk + [eos]
         ids.extend(chunk)
         labels.extend(chunk if piece.labelled else [IGNORE_INDEX] * len(chunk))
+        if piece.ends_video:
+            video_prefix = len(ids)
 
     if max_length is not None and len(ids) > max_length:
         raise ValueError(
@@ -257,7 +274,8 @@ def tokenize_conversation(
             f"(it is never truncated)"
         )
     return TokenizedConversation(
-        input_ids=np.asarray(ids, dtype=np.int32), labels=np.asarray(labels, dtype=np.int32), num_videos=num_videos
+        input_ids=np.asarray(ids, dtype=np.int32), labels=np.asarray(labels, dtype=np.int32), num_videos=num_videos,
+        video_prefix=video_prefix,
     )
 
 
@@ -270,7 +288,9 @@ def pad_batch(
     convs: Sequence[TokenizedConversation], pad_id: int, length: int | None = None, *, side: str = "right"
 ) -> dict[str, np.ndarray]:
     """Pad conversations to (B, L): ``input_ids`` (pad_id), ``labels`` (IGNORE_INDEX), ``attention_mask`` (bool),
-    ``positions`` (int32: 0, 1, ... over real tokens, 0 at pads), ``num_videos`` (B,) int32.
+    ``positions`` (int32: 0, 1, ... over real tokens, 0 at pads), ``adapter_mask`` (bool: real tokens after the
+    conversation's ``video_prefix``, where ``lora.skip_video_span`` lets the adapters act), ``num_videos`` (B,)
+    int32.
 
     ``side="right"`` for training, ``"left"`` for generation prompts (so every row ends at the same column).
     ``length=None`` pads to the longest conversation; one longer than ``length`` raises ``ValueError``.
@@ -298,6 +318,8 @@ def pad_batch(
         cols = slice(0, n) if side == "right" else slice(length - n, length)
         input_ids[b, cols], labels[b, cols], mask[b, cols] = conv.input_ids, conv.labels, True
     positions = np.where(mask, np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0).astype(np.int32)
+    prefix = np.asarray([c.video_prefix for c in convs], np.int32)
+    adapter_mask = mask & (positions >= prefix[:, None])
     num_videos = np.asarray([c.num_videos for c in convs], np.int32)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "positions": positions,
-            "num_videos": num_videos}
+            "adapter_mask": adapter_mask, "num_videos": num_videos}

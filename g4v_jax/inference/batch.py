@@ -149,8 +149,9 @@ def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: 
                     bar.update(1)
 
                 try:
-                    engine.submit(EngineRequest(job.conv.input_ids, [(c.frames, c.frame_mask) for c in job.clips],
-                                                job.sampling, seed=job.seed, id=job.id), on_done=done)
+                    engine.submit(EngineRequest.from_conversation(
+                        job.conv, [(c.frames, c.frame_mask) for c in job.clips], job.sampling, seed=job.seed,
+                        id=job.id), on_done=done)
                 except RequestError as e:
                     finish(job.position, {"id": job.id, "error": str(e)})
                     bar.update(1)

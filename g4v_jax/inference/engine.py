@@ -62,6 +62,15 @@ class EngineRequest:
     seed: int = 0
     stop_strings: tuple[str, ...] = ("###",)  # the text ends before the first of these (the next turn's prefix)
     id: Any = None
+    # prompt tokens up to the end of its last video span (TokenizedConversation.video_prefix): a model with
+    # lora.skip_video_span reads them without its adapters
+    video_prefix: int = 0
+
+    @classmethod
+    def from_conversation(cls, conv, videos: Sequence[tuple[np.ndarray, np.ndarray]] = (), sampling=SamplingConfig(),
+                          **kwargs) -> "EngineRequest":
+        """The request continuing a ``template.TokenizedConversation`` (its ids and its video span)."""
+        return cls(conv.input_ids, videos, sampling, video_prefix=conv.video_prefix, **kwargs)
 
 
 @dataclasses.dataclass
@@ -161,10 +170,11 @@ def _encode(graphdef, state, frames, frame_mask):
     return nnx.merge(graphdef, state).encode_videos(frames, frame_mask)
 
 
-def _prefill_insert(graphdef, state, ds: DecodeState, ids, video_tokens, n, slot, seed, temperature, top_k, top_p
-                    ) -> DecodeState:
+def _prefill_insert(graphdef, state, ds: DecodeState, ids, video_tokens, n, slot, seed, temperature, top_k, top_p,
+                    video_prefix) -> DecodeState:
     """Prefill one right-padded prompt ids (1, B_p) (``n`` real tokens) into a fresh cache, insert it at ``slot``,
-    and sample its first token."""
+    and sample its first token. Under ``lora.skip_video_span`` the adapters skip the first ``video_prefix`` tokens
+    (generated tokens always come after them)."""
     model = nnx.merge(graphdef, state)
     lm = language_model(model)
     bucket = ids.shape[1]
@@ -173,7 +183,9 @@ def _prefill_insert(graphdef, state, ds: DecodeState, ids, video_tokens, n, slot
         embeds = splice_video_tokens(embeds, ids, video_tokens)
     mask = (jnp.arange(bucket) < n)[None]
     fresh = init_cache(lm.cfg, 1, bucket, ds.cache.k.dtype)
-    logits, prefix = lm(inputs_embeds=embeds, attention_mask=mask, cache=fresh, logits_at=(n - 1)[None])
+    adapter_mask = (jnp.arange(bucket) >= video_prefix)[None] if lm.skip_video_span else None
+    logits, prefix = lm(inputs_embeds=embeds, attention_mask=mask, cache=fresh, logits_at=(n - 1)[None],
+                        adapter_mask=adapter_mask)
     # insert: the prefix's keys/values into row ``slot``; positions >= n are marked empty (decode overwrites them)
     cache = ds.cache
     at = (0, slot, 0, 0, 0)
@@ -391,7 +403,7 @@ class Engine:
             vt = jnp.zeros(self._video_tokens_shape, self._dtype) if self.has_vision else None
             self.ds = self.programs.prefill_insert(
                 self.state, self.ds, jnp.zeros((1, bucket), jnp.int32), vt, jnp.int32(1), jnp.int32(0),
-                jnp.uint32(0), jnp.float32(0), jnp.int32(0), jnp.float32(1))
+                jnp.uint32(0), jnp.float32(0), jnp.int32(0), jnp.float32(1), jnp.int32(0))
         self.ds = self.programs.step(self.state, self.ds, jnp.zeros((self.cfg.num_slots,), bool))
         jax.block_until_ready(self.ds)
         self.ds = self._empty_state()
@@ -508,7 +520,8 @@ class Engine:
             s = req.sampling
             self.ds = self.programs.prefill_insert(
                 self.state, self.ds, jax.device_put(padded), vt, jnp.int32(len(ids)), jnp.int32(slot),
-                jnp.uint32(req.seed % 2**32), jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
+                jnp.uint32(req.seed % 2**32), jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p),
+                jnp.int32(req.video_prefix))
             self.stats.prefills += 1
             tokens, logprobs = jax.device_get((self.ds.tokens, self.ds.logprobs))
             self._take(slot, int(tokens[slot]), float(logprobs[slot]), time.perf_counter())

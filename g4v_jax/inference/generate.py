@@ -130,12 +130,15 @@ def _prefill(model, batch: Mapping[str, jax.Array], key, cfg: SamplingConfig, eo
     b, l = ids.shape
     cache = init_cache(lm.cfg, b, l + cfg.max_new_tokens, cache_dtype)
     last = jnp.full((b,), l - 1, jnp.int32)  # left padding: the last column is every row's last token
+    adapter_mask = None
+    if lm.skip_video_span:  # pad_batch's mask; without one (a text prompt) the adapters act everywhere
+        adapter_mask = batch.get("adapter_mask", mask).astype(bool)
     if lm is not model:
         logits, cache = model(ids, videos=batch.get("videos"), frame_mask=batch.get("frame_mask"),
                               video_features=batch.get("video_features"), attention_mask=mask, cache=cache,
-                              logits_at=last)
+                              logits_at=last, adapter_mask=adapter_mask)
     else:
-        logits, cache = model(ids, attention_mask=mask, cache=cache, logits_at=last)
+        logits, cache = model(ids, attention_mask=mask, cache=cache, logits_at=last, adapter_mask=adapter_mask)
     key, sub = jax.random.split(key)
     first, first_lp = choose(logits[:, 0], sub, cfg)
     m = cfg.max_new_tokens
@@ -196,8 +199,8 @@ def _check_batch(model, batch: Mapping[str, Any], cfg: SamplingConfig) -> None:
 
 
 def _inputs(batch: Mapping[str, Any]) -> dict:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "videos", "frame_mask",
-                                                     "video_features")}
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "adapter_mask", "videos",
+                                                     "frame_mask", "video_features")}
 
 
 def generate(model: nnx.Module, batch: Mapping[str, Any], cfg: SamplingConfig, *, key: jax.Array | None = None,

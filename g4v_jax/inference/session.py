@@ -191,7 +191,7 @@ class ChatSession:
         turns, conv = self.conversation(text)
         length = prompt_length(self._info, len(conv), self.sampling.max_new_tokens)
         padded = pad_batch([conv], pad_id=self._info.pad_id, length=length, side="left")
-        batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        batch = {k: padded[k] for k in ("input_ids", "attention_mask", "adapter_mask")}
         if conv.num_videos:
             batch["videos"], batch["frame_mask"] = video_arrays([self.clips[:conv.num_videos]],
                                                                  pow2(conv.num_videos), self._info)
@@ -222,8 +222,8 @@ class ChatSession:
         turns, conv = self.conversation(text)
         engine = self._engine(conv.num_videos)
         clips = [(c.frames, c.frame_mask) for c in self.clips[:conv.num_videos]]
-        handle = engine.submit(EngineRequest(conv.input_ids, clips, self.sampling,
-                                             seed=self.seed + self._asked if seed is None else seed),
+        handle = engine.submit(EngineRequest.from_conversation(
+                                   conv, clips, self.sampling, seed=self.seed + self._asked if seed is None else seed),
                                on_text=on_token)
         engine.run()
         result = handle.result()

@@ -109,10 +109,11 @@ class GPT4Video(VideoEncoder):
                  frame_mask: jax.Array | None = None, video_features: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                 logits_at: jax.Array | None = None):
+                 logits_at: jax.Array | None = None, adapter_mask: jax.Array | None = None):
         embeds = self.embed(input_ids, videos, frame_mask, video_features)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
-                                   segment_ids=segment_ids, cache=cache, logits_at=logits_at)
+                                   segment_ids=segment_ids, cache=cache, logits_at=logits_at,
+                                   adapter_mask=adapter_mask)
 
 
 def _construct(cfg: ModelConfig, seed: int) -> nnx.Module:

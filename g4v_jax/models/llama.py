@@ -127,20 +127,22 @@ class LlamaAttention(nnx.Module):
         self.rope_cfg = cfg  # static: the frequencies are a trace-time constant, not state
         self.implementation = attention_implementation(attention_impl)
 
-    def __call__(self, x, positions, mask, kv: "LayerCache | None"):
-        """x (B, L, D); mask (B, 1, L, S) bool; kv: the stacked cache and this layer's number, or None.
-        Returns the output (B, L, D) and the stacked cache with this layer's new keys/values written."""
+    def __call__(self, x, positions, mask, kv: "LayerCache | None", adapter_mask=None):
+        """x (B, L, D); mask (B, 1, L, S) bool; kv: the stacked cache and this layer's number, or None;
+        adapter_mask (B, L) bool or None (``LoRALinear``). Returns the output (B, L, D) and the stacked cache with
+        this layer's new keys/values written."""
         b, l, _ = x.shape
         inv_freq = rope_inv_freq(self.rope_cfg)
-        q = apply_rope(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), positions, inv_freq)
-        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        q = apply_rope(self.q_proj(x, adapter_mask).reshape(b, l, self.num_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x, adapter_mask).reshape(b, l, self.num_kv_heads, self.head_dim), positions,
+                       inv_freq)
+        v = self.v_proj(x, adapter_mask).reshape(b, l, self.num_kv_heads, self.head_dim)
         if kv is not None:
             kv = kv.write(k, v)
             k, v = kv.k[kv.layer], kv.v[kv.layer]
         impl = self.implementation if q.dtype != jnp.float32 else "xla"  # cuDNN needs fp16/bf16
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=impl)
-        return self.o_proj(out.reshape(b, l, -1)), kv
+        return self.o_proj(out.reshape(b, l, -1), adapter_mask), kv
 
 
 class LlamaMLP(nnx.Module):
@@ -154,8 +156,9 @@ class LlamaMLP(nnx.Module):
         self.up_proj = proj("up_proj", d, f, ("embed", "mlp"))
         self.down_proj = proj("down_proj", f, d, ("mlp", "embed"))
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, adapter_mask=None):
+        m = adapter_mask
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, m)) * self.up_proj(x, m), m)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -167,10 +170,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = LlamaMLP(cfg, lora, **kw)
 
-    def __call__(self, x, positions, mask, kv: LayerCache | None):
-        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv)
+    def __call__(self, x, positions, mask, kv: LayerCache | None, adapter_mask=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, mask, kv, adapter_mask)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x), adapter_mask), kv
 
 
 def _attention_mask(attention_mask: jax.Array, cache: KVCache | None, segment_ids: jax.Array | None = None
@@ -214,18 +217,18 @@ REMAT_POLICIES = {
 
 
 def _layer_fn(graphdef, remat: str):
-    """``f(layer_state, x, positions, mask) -> x`` for a layer without a cache, under ``jax.checkpoint`` with the
+    """``f(layer_state, x, positions, mask, adapter_mask) -> x`` for a layer without a cache, under ``jax.checkpoint`` with the
     configured policy (``model.remat``) unless "none". A pure function of the layer's state: ``nnx.remat`` on the
     module itself writes state back across traces and failed inside the trainer's grad + scan. (Dropout's RNG
     counter is not written back; training reseeds dropout every step.)"""
 
-    def f(layer_state, x, positions, mask):
-        return nnx.merge(graphdef, layer_state, copy=True)(x, positions, mask, None)[0]
+    def f(layer_state, x, positions, mask, adapter_mask):
+        return nnx.merge(graphdef, layer_state, copy=True)(x, positions, mask, None, adapter_mask)[0]
 
     return f if remat == "none" else jax.checkpoint(f, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
 
-def _scan_layers(layers: nnx.Module, x, positions, mask, kv: LayerCache | None, remat: str):
+def _scan_layers(layers: nnx.Module, x, positions, mask, kv: LayerCache | None, remat: str, adapter_mask=None):
     """Run layer-stacked ``layers`` (``stack_modules``) with ``jax.lax.scan``: one layer's program, traced and compiled
     once, whatever the depth. The stacked cache travels in the carry, so each layer writes its rows in place.
     Returns x and the cache."""
@@ -236,8 +239,9 @@ def _scan_layers(layers: nnx.Module, x, positions, mask, kv: LayerCache | None, 
         x, k, v = carry
         i, layer_state = xs
         if kv is None:
-            return (train_layer(layer_state, x, positions, mask), k, v), None
-        x, out = nnx.merge(graphdef, layer_state, copy=True)(x, positions, mask, LayerCache(k, v, i, kv.index))
+            return (train_layer(layer_state, x, positions, mask, adapter_mask), k, v), None
+        x, out = nnx.merge(graphdef, layer_state, copy=True)(x, positions, mask, LayerCache(k, v, i, kv.index),
+                                                             adapter_mask)
         return (x, out.k, out.v), None
 
     n = jax.tree.leaves(state)[0].shape[0]
@@ -257,6 +261,8 @@ class LlamaForCausalLM(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.scan_layers = scan_layers
+        # static: callers (the engine, generate) build an adapter_mask only for a model that asks for one
+        self.skip_video_span = bool(lora is not None and lora.enabled and lora.skip_video_span)
         self.embed_tokens = param(rngs, normal_init(0.02), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                   param_dtype)
         layers = [LlamaDecoderLayer(cfg, lora, attention_impl=attention_impl, **kw) for _ in range(cfg.num_layers)]
@@ -284,11 +290,13 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         logits_at: jax.Array | None = None,
+        adapter_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """``segment_ids`` (B, L) int: a packed row holds several sequences (1, 2, ... per token, 0 at pads); a token
         attends only within its own, and ``positions`` must then restart at each (the data pipeline writes both).
         ``logits_at`` (B,) int: compute logits only at that column of each row -> (B, 1, V) (a prefill needs only
-        its last token's: L·V fewer multiply-adds)."""
+        its last token's: L·V fewer multiply-adds). ``adapter_mask`` (B, L) bool: the LoRA adapters apply only at
+        these tokens (``lora.skip_video_span``: not up to the end of a video span); None: at every token."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, l, _ = x.shape
         if cache is None and l > self.cfg.max_position_embeddings:
@@ -302,18 +310,18 @@ class LlamaForCausalLM(nnx.Module):
         mask, new_valid = _attention_mask(attention_mask, cache, segment_ids)
         if self.scan_layers:
             kv = None if cache is None else LayerCache(cache.k, cache.v, 0, cache.index)
-            x, kv = _scan_layers(self.layers, x, positions, mask, kv, self.remat)
+            x, kv = _scan_layers(self.layers, x, positions, mask, kv, self.remat, adapter_mask)
         elif cache is None and self.remat != "none":
             for layer in self.layers:
                 graphdef, layer_state = nnx.split(layer)
-                x = _layer_fn(graphdef, self.remat)(layer_state, x, positions, mask)
+                x = _layer_fn(graphdef, self.remat)(layer_state, x, positions, mask, adapter_mask)
         elif cache is None:
             for layer in self.layers:
-                x = layer(x, positions, mask, None)[0]
+                x = layer(x, positions, mask, None, adapter_mask)[0]
         else:
             kv = LayerCache(cache.k, cache.v, 0, cache.index)
             for i, layer in enumerate(self.layers):
-                x, kv = layer(x, positions, mask, kv._replace(layer=i))
+                x, kv = layer(x, positions, mask, kv._replace(layer=i), adapter_mask)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
         logits = self.logits(self.norm(x))

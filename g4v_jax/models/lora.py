@@ -52,14 +52,23 @@ class LoRALinear(nnx.Module):
         self.scaling = lora.scaling
         self.dropout = nnx.Dropout(lora.dropout, rngs=rngs) if lora.dropout > 0 else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, adapter_mask: jax.Array | None = None) -> jax.Array:
+        """x (B, L, in) -> (B, L, out). ``adapter_mask`` (B, L) bool: the adapter applies only where True (the
+        tokens after a video span under ``lora.skip_video_span``); None: everywhere."""
         x = x.astype(self.dtype)
         y = jnp.dot(x, self.kernel[...].astype(self.dtype))
-        if self.lora_a is None or self.merged:
+        if self.lora_a is None:
+            return y
+        if self.merged:
+            if adapter_mask is not None:
+                raise ValueError("a merged adapter applies to every token; unmerge it to mask tokens (adapter_mask)")
             return y
         h = self.dropout(x) if self.dropout is not None else x
         h = jnp.dot(jnp.dot(h, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
-        return y + (h * self.scaling).astype(y.dtype)
+        h = h * self.scaling
+        if adapter_mask is not None:
+            h = jnp.where(adapter_mask[..., None], h, 0)
+        return y + h.astype(y.dtype)
 
     def delta(self) -> jax.Array:
         """The adapter as a full matrix, A B · alpha/r, in fp32 (in, out), or (layers, in, out) when stacked."""

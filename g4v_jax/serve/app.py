@@ -157,8 +157,8 @@ class Server:
                                param="messages")
         sampling = SamplingConfig(max_tokens, temperature=call.temperature, top_k=call.top_k, top_p=call.top_p,
                                   stop_sequences=self.stops)
-        return EngineRequest(conv.input_ids, [(c.frames, c.frame_mask) for c in clips], sampling, seed=call.seed,
-                             stop_strings=(STOP_STRING, *call.stop))
+        return EngineRequest.from_conversation(conv, [(c.frames, c.frame_mask) for c in clips], sampling,
+                                               seed=call.seed, stop_strings=(STOP_STRING, *call.stop))
 
     def start_jobs(self, text: str) -> list[dict]:
         answer = finish_answer(text, 0)

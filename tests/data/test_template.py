@@ -192,6 +192,31 @@ def test_three_videos_get_numbered_tags_and_their_own_slots(tok):
     )
 
 
+def test_video_prefix_ends_at_the_last_video_spans_close_tag(tok):
+    """lora.skip_video_span keeps the adapters off up to here: the close tag of the last video, whether the video is
+    slots (stages 1, inference) or its caption in tags (stage 2); 0 without a video."""
+    conv = tokenize_conversation(tok, VIDEO_CONV, num_video_tokens=N)
+    assert text_of(tok, conv.input_ids[:conv.video_prefix]).endswith("</video>")
+    assert text_of(tok, conv.input_ids[conv.video_prefix:]).startswith(" ###Human: What happens")
+    three = tokenize_conversation(tok, THREE_VIDEOS, num_video_tokens=N)
+    assert text_of(tok, three.input_ids[:three.video_prefix]).endswith("</video3>")
+    assert text_of(tok, three.input_ids[three.video_prefix:]).startswith(" ###Human: Compare them.")
+    captioned = (Turn("human", "<video>a dog runs</video>"), *VIDEO_CONV[1:])
+    conv = tokenize_conversation(tok, captioned, num_video_tokens=N)
+    assert tok.decode(conv.input_ids[:conv.video_prefix]).endswith("<video>a dog runs</video>")
+    assert tok.decode(conv.input_ids[conv.video_prefix:]).startswith(" ###Human: What happens")
+    # a request that mentions tags is not a video; neither is text with no tags
+    for text in ("Make <video>a dog</video> please", "a dog runs"):
+        assert tokenize_conversation(tok, (Turn("human", text),), num_video_tokens=N).video_prefix == 0
+    assert tokenize_conversation(tok, TEXT_CONV, num_video_tokens=N).video_prefix == 0
+    padded = pad_batch([tokenize_conversation(tok, VIDEO_CONV, num_video_tokens=N),
+                        tokenize_conversation(tok, TEXT_CONV, num_video_tokens=N)], pad_id=0, side="left")
+    first = tokenize_conversation(tok, VIDEO_CONV, num_video_tokens=N)
+    row = padded["adapter_mask"][0][padded["attention_mask"][0]]
+    assert not row[:first.video_prefix].any() and row[first.video_prefix:].all()
+    np.testing.assert_array_equal(padded["adapter_mask"][1], padded["attention_mask"][1])
+
+
 def test_text_only_conversation_has_no_slots(tok):
     conv = tokenize_conversation(tok, TEXT_CONV, num_video_tokens=N)
     assert conv.num_videos == 0 and not (conv.input_ids == VIDEO_PLACEHOLDER_ID).any()
@@ -339,12 +364,13 @@ def test_pad_batch_right():
     a = _conv([1, 7, -1, -1, 8, 2], [-100, -100, -100, -100, 8, 2], num_videos=1)
     b = _conv([1, 9, 2], [-100, 9, 2])
     out = pad_batch([a, b], pad_id=3)
-    assert set(out) == {"input_ids", "labels", "attention_mask", "positions", "num_videos"}
+    assert set(out) == {"input_ids", "labels", "attention_mask", "positions", "adapter_mask", "num_videos"}
     np.testing.assert_array_equal(out["input_ids"], [[1, 7, -1, -1, 8, 2], [1, 9, 2, 3, 3, 3]])
     np.testing.assert_array_equal(out["labels"], [[-100, -100, -100, -100, 8, 2], [-100, 9, 2, -100, -100, -100]])
     np.testing.assert_array_equal(out["attention_mask"], [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 0, 0]])
     np.testing.assert_array_equal(out["num_videos"], [1, 0])
+    np.testing.assert_array_equal(out["adapter_mask"], out["attention_mask"])  # video_prefix 0: adapters everywhere
     assert out["input_ids"].dtype == out["labels"].dtype == out["positions"].dtype == np.int32
     assert out["attention_mask"].dtype == np.bool_ and out["num_videos"].dtype == np.int32
 
