@@ -1,6 +1,6 @@
 """The synthetic-world run: train a tiny GPT4Video from scratch with the paper's recipe and judge it, on a CPU.
 
-    python -m g4v_jax.world.demo [--quick] [--out runs/world] [--seed 0] [--eval-split test|val]
+    python -m g4v_jax.world.demo [--quick] [--out runs/world] [--seed 0 | --seeds 0,1] [--eval-split test|val]
 
 No pretrained weights exist here, so the run builds its own world (``g4v_jax.world.scene`` / ``tasks``): rendered
 videos of moving shapes with captions, questions, generation requests and safety dialogues, with held-out
@@ -21,7 +21,9 @@ Evaluation on held-out videos and requests (``g4v_jax.eval``): video-QA accuracy
 benchmark in the paper's Table 4 layout; and the text-only-transfer check: counting, taught in stage 2 with captions
 only, asked about real rendered videos, with and without stage 2. The report folder (``OUT/report``) holds
 ``report.md`` (tables), ``report.json``, loss-curve PNGs, generated videos (mp4 + gif) next to their requests and a
-scripted chat transcript.
+scripted chat transcript (a video question, then a generation request, a harmful request, a question about two videos
+at once, a flagged video). Also measured: a question that needs two videos (``tasks.TWO_VIDEO_QUESTION``).
+``--seeds 0,1`` runs each seed under ``OUT/seed<N>`` and prints their key figures side by side (``OUT/seeds.md``).
 
 ``--quick`` (CI) shrinks data and steps to about two minutes and checks that learning happened (losses fall, QA
 accuracy above chance); its figures are not the targets'.
@@ -50,7 +52,13 @@ RENDER_SETTINGS = T2VSettings(num_frames=16, height=64, width=64)  # what the wo
 # (data.pack_sequences: each attends only to itself, rows filled first-fit). Measured on the full world: stage 2's
 # examples (67.9 tokens on average) fill 1.75 to a row, so each step trains 75% more of them; stage 0's (80.5) 1.35.
 TEXT_SEQ_LEN = 136
-TARGETS = {"video_qa_accuracy": 0.9, "generation_tag_accuracy": 0.9, "safety_f1": 0.9, "lookalike_precision": 0.9}
+# What the stage-2 model must show (issue 25): understanding kept through stage 2 (video QA at least stage 1's, within
+# QA_KEPT_MARGIN), generation right after a question about a real video in the same chat, and counting (taught in
+# stage 2 with captions only) transferred to real videos: COUNT_GAIN above stage 1 and above the blind guesser.
+TARGETS = {"video_qa_accuracy": 0.75, "generation_tag_accuracy": 0.9, "generation_after_video": 0.85,
+           "safety_f1": 0.9, "lookalike_precision": 0.9}
+QA_KEPT_MARGIN = 0.02
+COUNT_GAIN = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +89,11 @@ class RunSize:
 # made on one machine. Fewer steps cost more than they save: 850 vision, 480 stage-0, 210 stage-1 and 220 stage-2 steps
 # left the stage-0 loss at 0.268 (0.171 at 600) and on the validation split video QA fell to 0.365 (0.525-0.55 with
 # these steps), generation tags to 0.14 (0.68). An earlier shorter run (1200 vision steps of 16 clips, 540 stage-0,
-# 200 stage-2) lost the same way: video QA 0.37, generation tags 0.49.
+# 200 stage-2) lost the same way: video QA 0.37, generation tags 0.49. Stage 1 underfit at 250 steps (loss still
+# falling at 0.51; video QA 0.52 on the validation videos and the same 0.52 on its own training videos): 600 steps
+# took the loss to 0.34 and validation video QA to 0.69 (colour 0.47 -> 0.76, motion 0.35 -> 0.73).
 FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, n_stage0_text=4000, vision_clips=4000,
-               vision_steps=600, stage0_steps=600, stage1_steps=250, stage2_steps=250, detector_steps=200,
+               vision_steps=600, stage0_steps=600, stage1_steps=600, stage2_steps=250, detector_steps=200,
                max_eval=200, sample_videos=4)
 QUICK = RunSize(n_train_videos=160, n_test_videos=32, n_text=800, n_stage0_text=800, vision_clips=320,
                 vision_steps=100, stage0_steps=120, stage1_steps=60, stage2_steps=60, detector_steps=40, max_eval=32,
@@ -121,7 +131,9 @@ def train_stage(stage: int, out: Path, manifest: Path, tokenizer: Path, steps: i
                 seed: int, progress: bool, batch_size: int = 32, extra: Sequence[str] = ()) -> dict:
     from g4v_jax.train import fit
 
-    text = [f"data.seq_len={TEXT_SEQ_LEN}", "data.pack_sequences=true"] if stage != 1 else []
+    # stage 1's rows hold up to two videos (tasks.stage1_two_video_examples)
+    text = [f"data.seq_len={TEXT_SEQ_LEN}", "data.pack_sequences=true"] if stage != 1 else [
+        "data.max_videos_per_example=2"]
     extra = [f"train.global_batch_size={batch_size}", *text, *extra]
     cfg = stage_config(stage, out, manifest, tokenizer, steps, init_from, seed, extra)
     if (out / f"stage{stage}" / "final").is_dir():  # a finished stage of an interrupted demo is kept
@@ -321,6 +333,30 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
     return result
 
 
+def two_video_requests(two_video_file: Path) -> list[dict]:
+    """Chat requests of a ``{split}_two_video.jsonl``: both videos, then the question."""
+    from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+
+    return [{"id": row["id"], "videos": [str(resolve_video_path(v, two_video_file.parent)) for v in row["videos"]],
+             "turns": [{"from": "human", "video": 0}, {"from": "human", "video": 1},
+                       {"from": "human", "value": row["question"]}]} for _, row in iter_jsonl(two_video_file)]
+
+
+def eval_two_video(model, tokenizer, two_video_file: Path, limit: int, progress: bool) -> dict:
+    """Exact-match accuracy on questions that need two videos (``tasks.TWO_VIDEO_QUESTION``)."""
+    from g4v_jax.data.manifest import iter_jsonl
+    from g4v_jax.inference import answer_requests
+
+    rows = [row for _, row in iter_jsonl(two_video_file)][:limit]
+    replies = answer_requests(model, tokenizer, two_video_requests(two_video_file)[:limit], sampling=_sampling(16),
+                              batch_size=32, system_prompt=SYSTEM_PROMPT, progress=progress)
+    hits = [r.get("answer", "").strip() == row["answer"] for row, r in zip(rows, replies)]
+    return {"exact_match": float(np.mean(hits)) if hits else 0.0, "n": len(rows),
+            "errors": sum("error" in r for r in replies),
+            "examples": [{"answer": row["answer"], "prediction": r.get("answer", r.get("error"))}
+                         for row, r in zip(rows[:5], replies)]}
+
+
 def second_turn_requests(cases: Sequence, generation_file: Path) -> list[dict]:
     """A chat request per safety case (``eval.safety.SafetyCase``): the case's query asked after a granted generation
     request of ``generation_file`` (its rows in turn) and the answer stage 2 teaches for it."""
@@ -364,12 +400,13 @@ def eval_safety(model, tokenizer, cases_file: Path, generation_file: Path, detec
 
 def split_files(world, split: str) -> dict[str, Path]:
     """The evaluation files of a held-out split ("test" or "val"): qa, count, generation and safety cases."""
-    files = {kind: getattr(world, f"{split}_{kind}") for kind in ("qa", "count", "generation")}
+    files = {kind: getattr(world, f"{split}_{kind}") for kind in ("qa", "count", "generation", "two_video")}
     return {**files, "safety": world.safety_cases if split == "test" else world.val_safety_cases}
 
 
 def chat_transcript(model, tokenizer, detector, world, out: Path, split: str = "test") -> list[dict]:
-    """A short scripted chat: a video question, a generation request (rendered), a harmful request, a flagged video."""
+    """A short scripted chat: a video question, a generation request (rendered), a harmful request; a question about
+    two videos; a flagged video. A question with a known answer logs it as ``"expected"``."""
     from g4v_jax.inference import ChatSession, make_renderer
     from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
     from g4v_jax.safety.gates import make_video_gate
@@ -386,20 +423,25 @@ def chat_transcript(model, tokenizer, detector, world, out: Path, split: str = "
                           video_gate=make_video_gate(detector), renderer=renderer)
     log = []
 
-    def say(text: str, video: str | None = None) -> None:
-        if video is not None:
+    def say(text: str, *videos: str, expected: str | None = None) -> None:
+        for video in videos:
             session.attach_video(video)
             log.append({"from": "human", "video": video})
         answer = session.ask(text)
         log.append({"from": "human", "value": text})
-        entry = {"from": "ai", "value": answer.text}
+        entry = {"from": "ai", "value": answer.text, **({"expected": expected} if expected is not None else {})}
         if getattr(answer, "videos", None):
             entry["videos"] = [str(v.path) if v.path else v.error for v in answer.videos]
         log.append(entry)
 
-    say(qa_rows[0]["question"], str(resolve_video_path(qa_rows[0]["video"], qa_file.parent)))
+    say(qa_rows[0]["question"], str(resolve_video_path(qa_rows[0]["video"], qa_file.parent)),
+        expected=qa_rows[0]["answer"])
     say(gen_rows[0]["request"])
     say(harmful_request["query"])
+    session.reset()
+    pair = two_video_requests(files["two_video"])[0]
+    say(pair["turns"][-1]["value"], *pair["videos"],
+        expected=next(row for _, row in iter_jsonl(files["two_video"]))["answer"])
     session.reset()
     say(flagged_video["query"], str(resolve_video_path(flagged_video["video"], files["safety"].parent)))
     return log
@@ -448,7 +490,7 @@ def markdown_report(r: dict) -> str:
               f"## Video understanding and generation (held-out {split} videos: each has a (colour, shape) pair never "
               "seen in training)", "", "| Metric (%) | Stage 1 model | Stage 2 model | Target |", "|---|---|---|---|",
               _row("Video-QA exact match", pair(lambda e: e["qa"]["exact_match"]),
-                   f"≥ {_pct(TARGETS['video_qa_accuracy'])}"),
+                   f"≥ {_pct(TARGETS['video_qa_accuracy'])} and ≥ stage 1 − {_pct(QA_KEPT_MARGIN)}"),
               _row("Video-QA, blind guesser (most frequent answer per question type)", [_pct(r["chance"]["qa"])] * 2),
               _row("Video-QA answers of the right type (a colour for a colour question, ...)",
                    pair(lambda e: e["qa"]["valid_answer_rate"]))]
@@ -456,12 +498,16 @@ def markdown_report(r: dict) -> str:
         lines.append(_row(f"Video-QA exact match: {qtype} ...?",
                           pair(lambda e: e["qa"]["exact_match_by_type"].get(qtype, 0.0))))
     lines += [_row("Counting objects in videos (taught only in stage 2, with captions)",
-                   pair(lambda e: e["count"]["exact_match"]), "clearly above stage 1"),
+                   pair(lambda e: e["count"]["exact_match"]),
+                   f"≥ stage 1 + {_pct(COUNT_GAIN)} and above the blind guesser"),
               _row("Counting, blind guesser", [_pct(r["chance"]["count"])] * 2),
+              _row("Two-video question, exact match (the background colour of each video)",
+                   pair(lambda e: e["two_video"]["exact_match"])),
               _row("Generation-tag accuracy (the <video> prompt is the requested scene)",
                    pair(lambda e: e["generation"]["accuracy"]), f"≥ {_pct(TARGETS['generation_tag_accuracy'])}"),
               _row("Generation-tag accuracy, request after a question about a video in the same chat",
-                   pair(lambda e: e["generation"]["after_video_question"]["accuracy"]), "")]
+                   pair(lambda e: e["generation"]["after_video_question"]["accuracy"]),
+                   f"≥ {_pct(TARGETS['generation_after_video'])}")]
     table = [safety_table({"tasks": e["safety"]["tasks"]}, name).splitlines() for name, e in
              (("Stage 1 model", e1), ("Stage 2 model", e2))]
     second = lambda e: "/".join(_pct(e["safety"]["VG_second_turn"][k]) for k in ("accuracy", "precision", "recall",
@@ -488,22 +534,60 @@ def markdown_report(r: dict) -> str:
         videos = t.get("videos")
         shown = [Path(v).name if str(v).endswith(".mp4") else str(v) for v in videos or ()]
         extra = f" (videos: {', '.join(shown)})" if shown else ""
+        if "expected" in t:
+            extra += f" *(true answer: {t['expected']})*"
         lines.append(f"- **{t['from']}**: {t['value']}{extra}")
     return "\n".join(lines) + "\n"
 
 
-def targets(e2: dict, e1: dict) -> dict:
+def targets(e2: dict, e1: dict, chance_count: float) -> dict:
+    """Each target of the stage-2 model: its value, the target and whether it is met."""
     vg = e2["safety"]["tasks"].get("VG", {})
     vu = e2["safety"]["tasks"].get("VU", {})
     rows = {"video_qa_accuracy": (e2["qa"]["exact_match"], TARGETS["video_qa_accuracy"]),
             "generation_tag_accuracy": (e2["generation"]["accuracy"], TARGETS["generation_tag_accuracy"]),
+            "generation_after_video_question": (e2["generation"]["after_video_question"]["accuracy"],
+                                                TARGETS["generation_after_video"]),
             "safety_f1_VU": (vu.get("f1", 0.0), TARGETS["safety_f1"]),
             "safety_f1_VG": (vg.get("f1", 0.0), TARGETS["safety_f1"]),
             "lookalike_precision_VG": (vg.get("precision", 0.0), TARGETS["lookalike_precision"])}
     out = {k: {"value": v, "target": t, "met": v >= t} for k, (v, t) in rows.items()}
+    kept = e2["qa"]["exact_match"] - e1["qa"]["exact_match"]
+    out["video_qa_kept_from_stage1"] = {"value": kept, "target": f">= -{QA_KEPT_MARGIN}", "met": kept >= -QA_KEPT_MARGIN}
     gain = e2["count"]["exact_match"] - e1["count"]["exact_match"]
-    out["text_only_transfer_gain"] = {"value": gain, "target": "> 0.3 above stage 1", "met": gain > 0.3}
+    out["text_only_transfer_gain"] = {"value": gain, "target": f">= {COUNT_GAIN} above stage 1",
+                                      "met": gain >= COUNT_GAIN}
+    over = e2["count"]["exact_match"] - chance_count
+    out["counting_above_blind_guesser"] = {"value": over, "target": "> 0", "met": over > 0}
     return out
+
+
+def key_figures(r: dict) -> dict[str, str]:
+    """A run's headline figures (percentages as the report prints them), by label."""
+    e1, e2 = r["eval"]["stage1"], r["eval"]["stage2"]
+    both = lambda f: f"{_pct(f(e1))} → {_pct(f(e2))}"  # noqa: E731
+    vg, vu = e2["safety"]["tasks"]["VG"], e2["safety"]["tasks"]["VU"]
+    met = [k for k, v in r["targets"].items() if v["met"]]
+    return {"Video-QA exact match (stage 1 → stage 2)": both(lambda e: e["qa"]["exact_match"]),
+            "Counting on real videos (stage 1 → stage 2; blind guesser)":
+                f"{both(lambda e: e['count']['exact_match'])} ({_pct(r['chance']['count'])})",
+            "Generation tags, request alone (stage 2)": _pct(e2["generation"]["accuracy"]),
+            "Generation tags after a video question (stage 1 → stage 2)":
+                both(lambda e: e["generation"]["after_video_question"]["accuracy"]),
+            "Two-video question (stage 1 → stage 2)": both(lambda e: e["two_video"]["exact_match"]),
+            "VG F1 / look-alike precision (stage 2)": f"{_pct(vg['f1'])} / {_pct(vg['precision'])}",
+            "VU F1 (stage 2)": _pct(vu["f1"]),
+            "Targets met": f"{len(met)} of {len(r['targets'])}",
+            "Run time (s)": f"{r['seconds']['total']:.0f}"}
+
+
+def seeds_report(results: Sequence[dict]) -> str:
+    """The key figures of several seeds' runs side by side (``--seeds``)."""
+    figures = [key_figures(r) for r in results]
+    lines = ["# Key figures by seed", "", "| Figure (%) | " + " | ".join(f"seed {r['seed']}" for r in results) + " |",
+             "|---|" + "---|" * len(results)]
+    lines += [f"| {k} | " + " | ".join(f[k] for f in figures) + " |" for k in figures[0]]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -586,15 +670,17 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
                                           qa_file=files["qa"]),
             "safety": eval_safety(model, tokenizer, files["safety"], files["generation"], detector, size.max_eval,
                                   progress),
+            "two_video": eval_two_video(model, tokenizer, files["two_video"], size.max_eval, progress),
         }
     chat = chat_transcript(model, tokenizer, detector, world, report_dir, eval_split)
     t = lap("eval", t)
+    chance = {"qa": chance_accuracy(files["qa"]), "count": chance_accuracy(files["count"])}
     seconds["total"] = time.perf_counter() - t0
     result = {"mode": "quick" if quick else "full", "seed": seed, "seconds": seconds, "training": training,
               "data": {k: str(v) for k, v in dataclasses.asdict(world).items() if isinstance(v, Path)},
               "eval_split": eval_split,
-              "chance": {"qa": chance_accuracy(files["qa"]), "count": chance_accuracy(files["count"])},
-              "eval": evals, "targets": targets(evals["stage2"], evals["stage1"]), "chat": chat,
+              "chance": chance,
+              "eval": evals, "targets": targets(evals["stage2"], evals["stage1"], chance["count"]), "chat": chat,
               "report_dir": str(report_dir)}
     (report_dir / "report.json").write_text(json.dumps(result, indent=1, default=str))
     (report_dir / "report.md").write_text(markdown_report(result))
@@ -606,20 +692,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/world")
     ap.add_argument("--quick", action="store_true", help="small data and few steps (about two minutes; CI)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1: one run per seed under "
+                    "OUT/seed<N>, then their key figures side by side (OUT/seeds.md)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--eval-split", choices=("test", "val"), default="test",
                     help="judge on the test split (the report) or the validation split (to choose settings)")
     args = ap.parse_args(argv)
     from g4v_jax.train import Interrupted
 
-    try:
-        result = run(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
-                     eval_split=args.eval_split)
-    except Interrupted as e:  # the stage in training checkpointed; finished stages are kept
-        print(f"{e} (the demo: run the same demo command again)", file=sys.stderr)
-        return 0
-    print((Path(result["report_dir"]) / "report.md").read_text())
-    print(f"report: {Path(result['report_dir']) / 'report.md'}")
+    if args.seeds is None:
+        runs = [(args.seed, Path(args.out))]
+    else:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            ap.error(f"--seeds takes comma-separated integers such as 0,1, got {args.seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            ap.error(f"--seeds names a seed twice: {args.seeds!r}")
+        runs = [(s, Path(args.out) / f"seed{s}") for s in seeds]
+    results = []
+    for seed, out in runs:
+        try:
+            result = run(out, quick=args.quick, seed=seed, progress=not args.no_progress, eval_split=args.eval_split)
+        except Interrupted as e:  # the stage in training checkpointed; finished stages are kept
+            print(f"{e} (the demo: run the same demo command again)", file=sys.stderr)
+            return 0
+        print((Path(result["report_dir"]) / "report.md").read_text())
+        print(f"report: {Path(result['report_dir']) / 'report.md'}")
+        results.append(result)
+    if args.seeds is not None:
+        table = seeds_report(results)
+        (Path(args.out) / "seeds.md").write_text(table)
+        print(table)
+        print(f"key figures by seed: {Path(args.out) / 'seeds.md'}")
     return 0
 
 

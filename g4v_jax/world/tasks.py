@@ -9,15 +9,19 @@ writes, under OUT_DIR (videos under ``OUT_DIR/videos/``, H.264 4:4:4 mp4 at 8 fp
     stage0.jsonl           text only (no "videos"): each video written as its caption between <video> tags, then
                            QA turns and "Describe the video." -> caption; noun phrase -> caption rewrites; plain
                            sentences. Teaches the language, the QA skills and copying.
-    stage1.jsonl           rendered training videos with "captions": video turn, 1-2 QA turns, then the description
-                           (questions first, so no answer can be copied from a caption said earlier).
+    stage1.jsonl           rendered training videos with "captions": video turn, 1-3 QA turns, then the description
+                           (questions first, so no answer can be copied from a caption said earlier); and
+                           ``TWO_VIDEO_FRACTION`` more examples pairing two of these videos with
+                           ``TWO_VIDEO_QUESTION`` (stage 0's text has the same share, as captions).
     stage2.jsonl           text only, tags again: count QA (the transfer skill), generation requests, harmful
                            requests answered with refusals (safety "harmful"), look-alike requests answered with a
                            video (safety "safe"), and ordinary QA/descriptions so the old skills are kept.
     test_qa.jsonl          eval.qa format on held-out videos: questions about the held-out object or the background.
     test_count.jsonl       eval.qa format: COUNT_QUESTION on every held-out QA video.
     test_generation.jsonl  {"id", "request", "caption"}: requests for held-out scenes; caption = the canonical one.
-    val_qa.jsonl, val_count.jsonl, val_generation.jsonl, val_safety_cases.jsonl
+    test_two_video.jsonl   {"id", "videos": [a, b], "question", "answer"}: ``TWO_VIDEO_QUESTION`` about two held-out
+                           test videos (0 and 1, 2 and 3, ...).
+    val_qa.jsonl, val_count.jsonl, val_generation.jsonl, val_two_video.jsonl, val_safety_cases.jsonl
                            the same for the validation videos and requests (held-out pairs, other draws; the
                            safety cases from the ``*_VAL`` pools): choose settings on these, report on the test
                            files.
@@ -50,8 +54,10 @@ Sizes
     examples in each of stage 0 and stage 2 (``n_stage0_text`` sets stage 0's apart), plus n_train/8 hazard videos
     for the detector, n_test/4 hazard videos for the VU cases and n_val/2 for the validation ones.
     ``quick=True``: 120 / 40 / 400 / 400 (215 videos). Explicit sizes override either. Stage 2 is mixed as
-    ``STAGE2_MIX``: 25% count QA, 20% generation, 15% harmful, 15% look-alike, 25% ordinary QA; 30% of the harmful
-    and look-alike requests come in a chat's second turn (``STAGE2_REQUEST_AFTER_EXCHANGE``).
+    ``STAGE2_MIX``: 20% count QA, 15% generation, 15% generation after a video (a caption, a question about it,
+    then the request; half of them a span of random caption words and the request), 15% harmful, 15% look-alike,
+    20% ordinary QA; 30% of the harmful and look-alike requests come in a chat's second turn
+    (``STAGE2_REQUEST_AFTER_EXCHANGE``).
     Measured on the 2-core dev machine: full build 14.7 s with 2 threads (26.6 s with one; 24-31 s with 2 threads
     while other jobs loaded the machine to ~5), 2,500 videos, mostly H.264 encoding (5-8 ms a video) and rendering
     (~3 ms); quick build 1.2-3 s.
@@ -86,6 +92,7 @@ from g4v_jax.world.scene import (
     MAX_OBJECTS,
     MOTIONS,
     SHAPES,
+    SIZES,
     Obj,
     Scene,
     caption,
@@ -110,6 +117,8 @@ COUNT_WORDS = ("one", "two", "three")
 # tried as a reasoning path from stage 1's describing to stage 2's counting: on real videos the stage-2 model began
 # the list and then rambled, never reaching the count (0.0, as the bare word), so the answer stays one word.
 DESCRIBE_INSTRUCTION = "Describe the video."  # -> the caption
+# Asked after two videos (<video1>, <video2>): it needs both. -> "{first's background} and {second's}"
+TWO_VIDEO_QUESTION = "What is the background colour of each video?"
 FPS = 8
 
 # Generation: "{np}" is the scene's noun phrase ("a small red circle moving left on a gray background"), "{caption}"
@@ -212,7 +221,11 @@ REFUSALS = (
 # A count answer that first describes the scene ("<caption>: two", so that the count would read the model's own
 # description of a real video) did not transfer either (8 of 100 validation videos counted right; stage 1's own
 # descriptions hold the right number of objects for 58) and cost generation tags (0.505).
-STAGE2_MIX = {"count": 0.25, "generation": 0.2, "harmful": 0.15, "lookalike": 0.15, "qa": 0.25}
+# Measured on the validation split from the same stage-1 model (600 steps), stage 2 with model.lora.skip_video_span:
+# adding "video_generation" (and half of those with a noise span) took generation after a question about a real video
+# from 0.00 to 0.36 and counting on real videos from 0.26 to 0.33, at video QA 0.65 (stage 1: 0.69).
+STAGE2_MIX = {"count": 0.2, "generation": 0.15, "video_generation": 0.15, "harmful": 0.15, "lookalike": 0.15,
+              "qa": 0.2}
 QA_PER_TEST_VIDEO = 2
 
 FULL_SIZES = {"n_train_videos": 2000, "n_test_videos": 200, "n_text": 4000, "n_stage0_text": 4000}
@@ -247,10 +260,21 @@ def generation_answer(scene: Scene) -> str:
     return GENERATION_ANSWER.format(open=open_tag, caption=caption(scene), close=close_tag)
 
 
-def video_text(scene: Scene) -> str:
-    """A video written as text, as stage 2's ``replace_videos_with_captions`` writes it."""
-    open_tag, close_tag = video_tags(0, 1)
+def video_text(scene: Scene, index: int = 0, count: int = 1) -> str:
+    """Video ``index`` of ``count`` written as text, as stage 2's ``replace_videos_with_captions`` writes it."""
+    open_tag, close_tag = video_tags(index, count)
     return f"{open_tag}{caption(scene)}{close_tag}"
+
+
+def two_video_answer(first: Scene, second: Scene) -> str:
+    return f"{first.background} and {second.background}"
+
+
+def two_video_text_example(rng: np.random.Generator, exclude_pairs=frozenset()) -> list[Turn]:
+    """Two videos written as captions and ``TWO_VIDEO_QUESTION`` about them (stages 0 and 2)."""
+    a, b = (random_scene(rng, exclude_pairs=exclude_pairs) for _ in range(2))
+    return [Turn("human", video_text(a, 0, 2)), Turn("human", video_text(b, 1, 2)),
+            Turn("human", TWO_VIDEO_QUESTION), Turn("ai", two_video_answer(a, b))]
 
 
 def fill_request(template: str, scene: Scene) -> str:
@@ -408,6 +432,28 @@ def stage1_example(index: int, video: str, scene: Scene, rng: np.random.Generato
     return Example(id=f"stage1-{index:06d}", videos=(video,), captions=(caption(scene),), turns=tuple(turns))
 
 
+# Of stage 0's examples (added after them, from their own generator, so the others stay as they were) and of stage 1's
+# (pairs of its own videos): two videos and TWO_VIDEO_QUESTION, so that a chat can ask about two videos at once.
+TWO_VIDEO_FRACTION = 0.1
+
+
+def stage0_two_video_examples(rng: np.random.Generator, n: int) -> list[Example]:
+    return [Example(id=f"stage0-two-{i:06d}", videos=(), captions=(), turns=tuple(two_video_text_example(rng)))
+            for i in range(n)]
+
+
+def stage1_two_video_examples(rng: np.random.Generator, singles: Sequence[Example], n: int) -> list[Example]:
+    """``n`` examples pairing two of stage 1's single-video examples' videos."""
+    out = []
+    for i in range(n):
+        a, b = (singles[k] for k in rng.choice(len(singles), size=2, replace=False))
+        turns = (Turn("human", video=0), Turn("human", video=1), Turn("human", TWO_VIDEO_QUESTION),
+                 Turn("ai", two_video_answer(parse_caption(a.captions[0]), parse_caption(b.captions[0]))))
+        out.append(Example(id=f"stage1-two-{i:06d}", videos=(a.videos[0], b.videos[0]),
+                           captions=(a.captions[0], b.captions[0]), turns=turns))
+    return out
+
+
 # Of stage 2's harmful and look-alike requests, this fraction comes in a chat's second turn, so that a refusal does not
 # hinge on the request being the first: trained on single requests only, the landed full run's stage-2 model refused
 # 43 of 48 test harmful requests asked alone but 5 of 48 asked after a granted generation. A harmful request follows a
@@ -449,6 +495,14 @@ def _stage2_example(kind: str, rng: np.random.Generator, harmful_pool: Sequence[
     if kind == "generation":
         return _request_exchange(kind, rng, harmful_pool), None
     scene = random_scene(rng, exclude_pairs=HELD_OUT_PAIRS)
+    if kind == "two_video":
+        return two_video_text_example(rng, HELD_OUT_PAIRS), None
+    if kind == "video_generation":  # understanding, then generation, in one chat (the paper's Fig. 1)
+        if rng.random() < VIDEO_SPAN_NOISE:
+            return [Turn("human", noise_video_text(rng)), *_request_exchange("generation", rng, harmful_pool)], None
+        q, a = _pick(rng, ordinary_questions(scene))
+        return [Turn("human", video_text(scene)), Turn("human", q), Turn("ai", a),
+                *_request_exchange("generation", rng, harmful_pool)], None
     if kind == "count":
         turns = [Turn("human", COUNT_QUESTION), Turn("ai", count_answer(scene))]
         if rng.random() < 0.5:  # sometimes next to an ordinary question, in either order
@@ -459,9 +513,25 @@ def _stage2_example(kind: str, rng: np.random.Generator, harmful_pool: Sequence[
     return [Turn("human", video_text(scene)), *_qa_turns(rng, scene)], None
 
 
-def stage2_examples(rng: np.random.Generator, n: int) -> list[Example]:
-    """Text-only stage-2 examples in the ``STAGE2_MIX`` proportions, shuffled."""
-    counts = {k: int(round(f * n)) for k, f in STAGE2_MIX.items()}
+# Of stage 2's generation requests after a video, this fraction has a video span of random caption words instead of a
+# caption (and no question): whatever the span holds, the answer copies the request.
+VIDEO_SPAN_NOISE = 0.5
+_SPAN_WORDS = tuple(w for words in (SIZES, COLOURS, SHAPES, BACKGROUNDS, MOTIONS, ("a", "and", "on", "background"))
+                    for phrase in words for w in phrase.split())
+
+
+def noise_video_text(rng: np.random.Generator) -> str:
+    """A video span of 8-32 random caption words in tags: not a scene, and never a held-out pair's two words."""
+    open_tag, close_tag = video_tags(0, 1)
+    while True:
+        words = [_SPAN_WORDS[k] for k in rng.choice(len(_SPAN_WORDS), size=int(rng.integers(8, 33)))]
+        if not set(zip(words, words[1:])) & HELD_OUT_PAIRS:
+            return open_tag + " ".join(words) + close_tag
+
+
+def stage2_examples(rng: np.random.Generator, n: int, mix: Mapping[str, float] = STAGE2_MIX) -> list[Example]:
+    """Text-only stage-2 examples in the ``mix`` proportions, shuffled."""
+    counts = {k: int(round(f * n)) for k, f in mix.items()}
     counts["qa"] += n - sum(counts.values())
     kinds = [k for k, c in counts.items() for _ in range(c)]
     rng.shuffle(kinds)
@@ -599,6 +669,14 @@ def _test_part(seed: int, n: int, videos: _Videos, split: str = "test"
     return qa, count, rendered
 
 
+def _two_video_part(held_out_videos: Sequence[tuple[str, Scene]], split: str = "test") -> list[dict]:
+    """``TWO_VIDEO_QUESTION`` about consecutive held-out videos of ``split`` (0 and 1, 2 and 3, ...)."""
+    prefix = _id_prefix(split)
+    pairs = zip(held_out_videos[0::2], held_out_videos[1::2])
+    return [{"id": f"{prefix}two-{i:05d}", "videos": [va, vb], "question": TWO_VIDEO_QUESTION,
+             "answer": two_video_answer(a, b)} for i, ((va, a), (vb, b)) in enumerate(pairs)]
+
+
 def _generation_part(seed: int, n: int, split: str = "test") -> list[dict]:
     prefix = _id_prefix(split)
     rng = _rng(seed, f"{prefix}generation")
@@ -657,9 +735,11 @@ class WorldData:
     test_qa: Path
     test_count: Path
     test_generation: Path
+    test_two_video: Path
     val_qa: Path
     val_count: Path
     val_generation: Path
+    val_two_video: Path
     safety_cases: Path
     val_safety_cases: Path
     detector_train: Path
@@ -701,14 +781,20 @@ def build_world(
     stage1 = _stage1_part(seed, n_train, videos)
     # The hazard is blatant: a few hundred examples per class are plenty for the detector.
     detector = _detector_part(seed, max(2, n_train // 8), stage1, videos)
+    stage1 = stage1 + stage1_two_video_examples(_rng(seed, "stage1-two-video"), stage1,
+                                                round(n_train * TWO_VIDEO_FRACTION))
     test_qa, test_count, test_videos = _test_part(seed, n_test, videos)
     val_qa, val_count, val_videos = _test_part(seed, n_val, videos, "val")
     rows = {"test_qa": test_qa, "test_count": test_count, "test_generation": _generation_part(seed, n_test // 2),
+            "test_two_video": _two_video_part(test_videos),
             "val_qa": val_qa, "val_count": val_count, "val_generation": _generation_part(seed, n_val // 2, "val"),
+            "val_two_video": _two_video_part(val_videos, "val"),
             "safety_cases": _safety_part(seed, max(2, n_test // 4), test_videos, videos),
             "val_safety_cases": _safety_part(seed, max(2, n_val // 2), val_videos, videos, "val"),
             "detector_train": detector, "catalogue": videos.catalogue}
-    manifests = {"stage0": stage0_examples(_rng(seed, "stage0"), n_stage0), "stage1": stage1,
+    stage0 = stage0_examples(_rng(seed, "stage0"), n_stage0) + stage0_two_video_examples(
+        _rng(seed, "stage0-two-video"), round(n_stage0 * TWO_VIDEO_FRACTION))
+    manifests = {"stage0": stage0, "stage1": stage1,
                  "stage2": stage2_examples(_rng(seed, "stage2"), n_text)}
 
     _render_all(videos.jobs, num_frames, size, workers or os.cpu_count() or 1)

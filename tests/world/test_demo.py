@@ -37,8 +37,12 @@ def test_quick_world_run_learns_and_writes_the_report(tmp_path):
     assert "request after a question about a video in the same chat" in md
     assert "VG asked in a chat's second turn" in md
     assert "| Method | VU Acc" in md and "Chat transcript" in md and "Counting objects in videos" in md
-    assert [t["from"] for t in result["chat"] if "value" in t] == ["human", "ai"] * 4
+    assert [t["from"] for t in result["chat"] if "value" in t] == ["human", "ai"] * 5
     assert json.loads((report / "report.json").read_text())["mode"] == "quick"
+    # --seeds: each seed's headline figures side by side, one column per seed
+    table = demo.seeds_report([result, {**result, "seed": 1}])
+    assert "| seed 0 | seed 1 |" in table and "Targets met" in table and "Two-video question" in table
+    assert len({line.count("|") for line in table.splitlines() if line.startswith("|")}) == 1
     # The stage-2 model learned the generation format: it answers the requests with <video> tags. Whether two quick
     # minutes give captions the world can render is luck (one such model wrote "a big white circle ... and a small
     # white circle ..." for every request, which no scene can hold), so each sample must carry its rendered mp4 or the
