@@ -314,6 +314,9 @@ class DataConfig:
     on_too_long: str = "skip"  # skip | error
     vision_cache: str = ""  # stage 1: directory of precomputed vision features (g4v_jax.data.feature_cache)
     pack_sequences: bool = False  # text stages: several examples per row, attention kept within each
+    # stage 2 reads an example's real videos instead of replacing them by their captions (the paper's stage 2 is
+    # text-only: this departs from it); examples without videos are unchanged
+    stage2_keep_videos: bool = False
 
     def __post_init__(self):
         for name in ("on_bad_video", "on_too_long"):

@@ -48,9 +48,9 @@ from g4v_jax.t2v.base import T2VSettings
 SYSTEM_PROMPT = ""
 RENDER_SETTINGS = T2VSettings(num_frames=16, height=64, width=64)  # what the world's T2V backend renders
 # The text-only stages' longest example is 129 tokens; stage 1's (32 video slots + up to 3 QA turns) is 137, which
-# configs/world.yaml's seq_len (144) fits. Stages 0 and 2 pack their examples into 136-token rows
-# (data.pack_sequences: each attends only to itself, rows filled first-fit). Measured on the full world: stage 2's
-# examples (67.9 tokens on average) fill 1.75 to a row, so each step trains 75% more of them; stage 0's (80.5) 1.35.
+# configs/world.yaml's seq_len (144) fits. Stage 0 packs its examples into 136-token rows (data.pack_sequences: each
+# attends only to itself, rows filled first-fit; its examples, 80.5 tokens on average, fill 1.35 to a row). Stage 2
+# packed too (1.75 to a row) until it kept real videos (tasks.stage2_video_examples): rows with a video are not packed.
 TEXT_SEQ_LEN = 136
 # What the stage-2 model must show (issue 25): understanding kept through stage 2 (video QA at least stage 1's, within
 # QA_KEPT_MARGIN), generation right after a question about a real video in the same chat, and counting (taught in
@@ -91,9 +91,10 @@ class RunSize:
 # these steps), generation tags to 0.14 (0.68). An earlier shorter run (1200 vision steps of 16 clips, 540 stage-0,
 # 200 stage-2) lost the same way: video QA 0.37, generation tags 0.49. Stage 1 underfit at 250 steps (loss still
 # falling at 0.51; video QA 0.52 on the validation videos and the same 0.52 on its own training videos): 600 steps
-# took the loss to 0.34 and validation video QA to 0.69 (colour 0.47 -> 0.76, motion 0.35 -> 0.73).
+# took the loss to 0.34 and validation video QA to 0.69 (colour 0.47 -> 0.76, motion 0.35 -> 0.73). Stage 2 with
+# unpacked rows (it keeps real videos) at 250 steps: generation tags 0.84 and 0.78 (two stage-2 seeds); 400: 0.94.
 FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, n_stage0_text=4000, vision_clips=4000,
-               vision_steps=600, stage0_steps=600, stage1_steps=600, stage2_steps=250, detector_steps=200,
+               vision_steps=600, stage0_steps=600, stage1_steps=600, stage2_steps=400, detector_steps=200,
                max_eval=200, sample_videos=4)
 QUICK = RunSize(n_train_videos=160, n_test_videos=32, n_text=800, n_stage0_text=800, vision_clips=320,
                 vision_steps=100, stage0_steps=120, stage1_steps=60, stage2_steps=60, detector_steps=40, max_eval=32,
@@ -131,10 +132,11 @@ def train_stage(stage: int, out: Path, manifest: Path, tokenizer: Path, steps: i
                 seed: int, progress: bool, batch_size: int = 32, extra: Sequence[str] = ()) -> dict:
     from g4v_jax.train import fit
 
-    # stage 1's rows hold up to two videos (tasks.stage1_two_video_examples)
-    text = [f"data.seq_len={TEXT_SEQ_LEN}", "data.pack_sequences=true"] if stage != 1 else [
-        "data.max_videos_per_example=2"]
-    extra = [f"train.global_batch_size={batch_size}", *text, *extra]
+    # stage 0 packs its text rows; stage 1's rows hold up to two videos (tasks.stage1_two_video_examples); stage 2
+    # keeps the real video of tasks.stage2_video_examples, so its rows are not packed (packing is for text rows)
+    rows = {0: [f"data.seq_len={TEXT_SEQ_LEN}", "data.pack_sequences=true"], 1: ["data.max_videos_per_example=2"],
+            2: ["data.stage2_keep_videos=true"]}[stage]
+    extra = [f"train.global_batch_size={batch_size}", *rows, *extra]
     cfg = stage_config(stage, out, manifest, tokenizer, steps, init_from, seed, extra)
     if (out / f"stage{stage}" / "final").is_dir():  # a finished stage of an interrupted demo is kept
         print(f"stage {stage}: already trained ({out / f'stage{stage}' / 'final'})")
@@ -645,8 +647,9 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
                                    (2, world.stage2, size.stage2_steps)):
         print(f"stage {stage}: {manifest}")
         extra = []
-        if stage == 1:
+        if stage == 1:  # stage 2's videos are stage 1's (tasks.stage2_video_examples): one cache serves both
             cache = vision_feature_cache(init, manifest, out / "vision_cache", progress)
+        if stage > 0:
             extra = [f"data.vision_cache={cache}"]
         training[f"stage{stage}"] = train_stage(stage, out, manifest, tok_dir, steps, init, seed, progress,
                                                 size.batch_size, extra)

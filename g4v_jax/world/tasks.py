@@ -13,9 +13,11 @@ writes, under OUT_DIR (videos under ``OUT_DIR/videos/``, H.264 4:4:4 mp4 at 8 fp
                            (questions first, so no answer can be copied from a caption said earlier); and
                            ``TWO_VIDEO_FRACTION`` more examples pairing two of these videos with
                            ``TWO_VIDEO_QUESTION`` (stage 0's text has the same share, as captions).
-    stage2.jsonl           text only, tags again: count QA (the transfer skill), generation requests, harmful
-                           requests answered with refusals (safety "harmful"), look-alike requests answered with a
-                           video (safety "safe"), and ordinary QA/descriptions so the old skills are kept.
+    stage2.jsonl           text, tags again: count QA (the transfer skill), generation requests (also after a
+                           question about a captioned video), harmful requests answered with refusals (safety
+                           "harmful"), look-alike requests answered with a video (safety "safe"), and ordinary
+                           QA/descriptions so the old skills are kept; plus generation requests after a stage-1
+                           video (real with data.stage2_keep_videos, else its caption; never a count question).
     test_qa.jsonl          eval.qa format on held-out videos: questions about the held-out object or the background.
     test_count.jsonl       eval.qa format: COUNT_QUESTION on every held-out QA video.
     test_generation.jsonl  {"id", "request", "caption"}: requests for held-out scenes; caption = the canonical one.
@@ -54,7 +56,8 @@ Sizes
     examples in each of stage 0 and stage 2 (``n_stage0_text`` sets stage 0's apart), plus n_train/8 hazard videos
     for the detector, n_test/4 hazard videos for the VU cases and n_val/2 for the validation ones.
     ``quick=True``: 120 / 40 / 400 / 400 (215 videos). Explicit sizes override either. Stage 2 is mixed as
-    ``STAGE2_MIX``: 20% count QA, 15% generation, 15% generation after a video (a caption, a question about it,
+    ``STAGE2_MIX`` (plus ``STAGE2_VIDEO_FRACTION`` of n_text examples that keep a stage-1 video before a
+    generation request, ``stage2_video_examples``): 20% count QA, 15% generation, 15% generation after a video (a caption, a question about it,
     then the request; half of them a span of random caption words and the request), 15% harmful, 15% look-alike,
     20% ordinary QA; 30% of the harmful and look-alike requests come in a chat's second turn
     (``STAGE2_REQUEST_AFTER_EXCHANGE``).
@@ -454,6 +457,31 @@ def stage1_two_video_examples(rng: np.random.Generator, singles: Sequence[Exampl
     return out
 
 
+# Stage 2's examples with a real stage-1 video (a share of n_text, on top of it): with data.stage2_keep_videos the
+# adapters learn to answer after a real video span, not only after its caption; without it they are captions in tags.
+# Measured on the validation split from the same stage-1 model, 250 stage-2 steps, without -> with: generation tags
+# after a video question 0.36 -> 0.64 (0.66 with another stage-2 seed), counting on real videos 0.33 -> 0.57 (0.18),
+# video QA 0.65 -> 0.665 (0.625), VG F1 in a chat's second turn 0.94 -> 0.71 (0.72).
+STAGE2_VIDEO_FRACTION = 0.15
+
+
+def stage2_video_examples(rng: np.random.Generator, singles: Sequence[Example], n: int,
+                          harmful_pool: Sequence[tuple[str, str]]) -> list[Example]:
+    """``n`` stage-2 examples that keep a video of stage 1's single-video examples: half of them with one ordinary
+    question about it and its answer, then a generation request whose answer never depends on the video. No counting:
+    counting real videos stays learnt from text only."""
+    out = []
+    for i in range(n):
+        ex = singles[int(rng.integers(len(singles)))]
+        turns = [Turn("human", video=0)]
+        if rng.random() < 0.5:
+            q, a = _pick(rng, ordinary_questions(parse_caption(ex.captions[0])))
+            turns += [Turn("human", q), Turn("ai", a)]
+        out.append(Example(id=f"stage2-video-{i:06d}", videos=ex.videos, captions=ex.captions,
+                           turns=(*turns, *_request_exchange("generation", rng, harmful_pool))))
+    return out
+
+
 # Of stage 2's harmful and look-alike requests, this fraction comes in a chat's second turn, so that a refusal does not
 # hinge on the request being the first: trained on single requests only, the landed full run's stage-2 model refused
 # 43 of 48 test harmful requests asked alone but 5 of 48 asked after a granted generation. A harmful request follows a
@@ -781,6 +809,8 @@ def build_world(
     stage1 = _stage1_part(seed, n_train, videos)
     # The hazard is blatant: a few hundred examples per class are plenty for the detector.
     detector = _detector_part(seed, max(2, n_train // 8), stage1, videos)
+    stage2_videos = stage2_video_examples(_rng(seed, "stage2-video"), stage1, round(n_text * STAGE2_VIDEO_FRACTION),
+                                          harmful_training_requests())
     stage1 = stage1 + stage1_two_video_examples(_rng(seed, "stage1-two-video"), stage1,
                                                 round(n_train * TWO_VIDEO_FRACTION))
     test_qa, test_count, test_videos = _test_part(seed, n_test, videos)
@@ -795,7 +825,7 @@ def build_world(
     stage0 = stage0_examples(_rng(seed, "stage0"), n_stage0) + stage0_two_video_examples(
         _rng(seed, "stage0-two-video"), round(n_stage0 * TWO_VIDEO_FRACTION))
     manifests = {"stage0": stage0, "stage1": stage1,
-                 "stage2": stage2_examples(_rng(seed, "stage2"), n_text)}
+                 "stage2": stage2_examples(_rng(seed, "stage2"), n_text) + stage2_videos}
 
     _render_all(videos.jobs, num_frames, size, workers or os.cpu_count() or 1)
     paths = {name: root / f"{name}.jsonl" for name in [*manifests, *rows]}

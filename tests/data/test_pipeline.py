@@ -175,6 +175,16 @@ def test_stage2_text_only(tok, data_dir):
         dataset(uncaptioned, tok, data_dir, cfg, batch=1)
 
 
+@pytest.mark.parametrize("stage,keep,uses_videos", [("stage1", False, True), ("stage2", False, False),
+                                                   ("stage2", True, True), ("full", True, False)])
+def test_which_stages_read_real_videos(stage, keep, uses_videos):
+    from g4v_jax.config import load_config
+    from g4v_jax.data.pipeline import pipeline_config
+
+    cfg = load_config("tiny", [f"train.stage={stage}", f"data.stage2_keep_videos={str(keep).lower()}"])
+    assert pipeline_config(cfg).use_videos is uses_videos
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # skipped examples
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from g4v_jax.world.tasks import (
     HARMFUL_TEMPLATES_TRAIN,
     LOOKALIKE_TEMPLATES_TRAIN,
     REFUSALS,
+    STAGE2_VIDEO_FRACTION,
     TWO_VIDEO_QUESTION,
     build_world,
     detector_examples,
@@ -136,12 +137,11 @@ def test_count_question_only_in_stage2_text(world):
     stage2 = read_manifest(world.stage2)
     counted = 0
     for ex in stage2:
-        assert not ex.videos
         for q, a in qa_pairs(ex):
-            if q == COUNT_QUESTION:
-                assert a == COUNT_WORDS[len(tagged_scene(ex.turns[0].text).objects) - 1]
+            if q == COUNT_QUESTION:  # about a caption, never a real video (tasks.stage2_video_examples)
+                assert not ex.videos and a == COUNT_WORDS[len(tagged_scene(ex.turns[0].text).objects) - 1]
                 counted += 1
-    assert counted >= 0.2 * len(stage2)
+    assert counted >= 0.15 * len(stage2)
     assert {a for _, a in (pair for ex in stage2 for pair in qa_pairs(ex)) if a in COUNT_WORDS} == set(COUNT_WORDS)
 
 
@@ -218,6 +218,21 @@ def test_question_ambiguity_rules():
     assert questions["What shape is the green object?"] == "circle"
     assert questions["How does the green circle move?"] == "shrinks"
     assert questions["What is the background colour?"] == "black"
+
+
+def test_stage2_video_examples_keep_a_stage1_video_and_never_ask_to_count(world):
+    """tasks.stage2_video_examples: a stage-1 training video (its caption with it), at most a true answer about it,
+    then a generation request (whose answer test_generation_answers_hold_the_requested_scene checks)."""
+    stage1 = {ex.videos[0]: ex.captions[0] for ex in read_manifest(world.stage1) if len(ex.videos) == 1}
+    rows = [ex for ex in read_manifest(world.stage2) if ex.videos]
+    assert len(rows) == round(world.counts["stage2"] * STAGE2_VIDEO_FRACTION / (1 + STAGE2_VIDEO_FRACTION)) > 0
+    for ex in rows:
+        assert len(ex.videos) == 1 and stage1[ex.videos[0]] == ex.captions[0] and ex.turns[0].video == 0
+        truth = {**dict(ordinary_questions(parse_caption(ex.captions[0]))), DESCRIBE_INSTRUCTION: ex.captions[0]}
+        *pairs, (_, last) = qa_pairs(ex)
+        assert last.startswith("Sure, here it is: <video>") and len(pairs) <= 1
+        for q, a in pairs:
+            assert q != COUNT_QUESTION and truth[q] == a, ex.id
 
 
 def test_generation_answers_hold_the_requested_scene(world):
