@@ -91,7 +91,8 @@ class RunSize:
 # these steps), generation tags to 0.14 (0.68). An earlier shorter run (1200 vision steps of 16 clips, 540 stage-0,
 # 200 stage-2) lost the same way: video QA 0.37, generation tags 0.49. Stage 1 underfit at 250 steps (loss still
 # falling at 0.51; video QA 0.52 on the validation videos and the same 0.52 on its own training videos): 600 steps
-# took the loss to 0.34 and validation video QA to 0.69 (colour 0.47 -> 0.76, motion 0.35 -> 0.73). Stage 2 with
+# took the loss to 0.34 and validation video QA to 0.69 (colour 0.47 -> 0.76, motion 0.35 -> 0.73); 1000 steps to
+# 0.28 and 0.70 (shape stays ~0.17: the tower's patch tokens read shape at ~0.5). Stage 2 with
 # unpacked rows (it keeps real videos) at 250 steps: generation tags 0.84 and 0.78 (two stage-2 seeds); 400: 0.94.
 FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, n_stage0_text=4000, vision_clips=4000,
                vision_steps=600, stage0_steps=600, stage1_steps=600, stage2_steps=400, detector_steps=200,
