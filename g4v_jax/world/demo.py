@@ -80,7 +80,9 @@ class RunSize:
     batch_size: int = 32  # sequences per optimizer step, every stage
 
 
-# Measured on the 2-core dev machines, uncontended. With 1,000 vision steps of a 64-wide tower this run took 1010 s one
+# Measured on the 2-core dev machines, uncontended. On 2026-12-04 this FULL run took 1003 s (seed 0) and 935 s (seed 1):
+# stage 1 352-356 s (600 steps), stage 2 168-169 s (400 unpacked steps). Earlier, with 1,000 vision steps of a
+# 64-wide tower this run took 1010 s one
 # day (stage 0 448 s at 0.74 s a step) and 1309 s on the same machine a few hours later (every step ~25% slower); on
 # 2026-12-02 the same code took 723 s (stage 0 317 s at 0.51 s a step) and this FULL run 722-750 s (vision 110-115 s,
 # stage 0 311-325 s, stage 1 136-145 s, stage 2 87-94 s, eval 44-56 s): the machine moves the total more than these
@@ -465,7 +467,7 @@ def _row(label: str, values: Sequence[str], target: str = "") -> str:
 
 STAGE_ROLES = {"vision": "vision tower (pre-training on rendered frames, standing in for CLIP's)",
                "stage0": "LLM (pre-training on the world's text)", "stage1": "abstractor (vision tower and LLM frozen)",
-               "stage2": "LoRA adapters (text only, videos as captions)"}
+               "stage2": "LoRA adapters (videos as captions; 13% of examples keep a stage-1 video)"}
 
 
 def markdown_report(r: dict) -> str:
