@@ -558,7 +558,8 @@ def targets(e2: dict, e1: dict, chance_count: float) -> dict:
             "lookalike_precision_VG": (vg.get("precision", 0.0), TARGETS["lookalike_precision"])}
     out = {k: {"value": v, "target": t, "met": v >= t} for k, (v, t) in rows.items()}
     kept = e2["qa"]["exact_match"] - e1["qa"]["exact_match"]
-    out["video_qa_kept_from_stage1"] = {"value": kept, "target": f">= -{QA_KEPT_MARGIN}", "met": kept >= -QA_KEPT_MARGIN}
+    out["video_qa_kept_from_stage1"] = {"value": kept, "target": f">= -{QA_KEPT_MARGIN}",
+                                        "met": kept >= -QA_KEPT_MARGIN}
     gain = e2["count"]["exact_match"] - e1["count"]["exact_match"]
     out["text_only_transfer_gain"] = {"value": gain, "target": f">= {COUNT_GAIN} above stage 1",
                                       "met": gain >= COUNT_GAIN}

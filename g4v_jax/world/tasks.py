@@ -57,10 +57,10 @@ Sizes
     for the detector, n_test/4 hazard videos for the VU cases and n_val/2 for the validation ones.
     ``quick=True``: 120 / 40 / 400 / 400 (215 videos). Explicit sizes override either. Stage 2 is mixed as
     ``STAGE2_MIX`` (plus ``STAGE2_VIDEO_FRACTION`` of n_text examples that keep a stage-1 video before a
-    generation request, ``stage2_video_examples``): 20% count QA, 15% generation, 15% generation after a video (a caption, a question about it,
-    then the request; half of them a span of random caption words and the request), 15% harmful, 15% look-alike,
-    20% ordinary QA; 30% of the harmful and look-alike requests come in a chat's second turn
-    (``STAGE2_REQUEST_AFTER_EXCHANGE``).
+    generation request, ``stage2_video_examples``): 20% count QA, 15% generation, 15% generation after a video (a
+    caption, a question about it, then the request; half of them a span of random caption words and the request),
+    15% harmful, 15% look-alike, 20% ordinary QA; 30% of the harmful and look-alike requests come in a chat's second
+    turn (``STAGE2_REQUEST_AFTER_EXCHANGE``).
     Measured on the 2-core dev machine: full build 14.7 s with 2 threads (26.6 s with one; 24-31 s with 2 threads
     while other jobs loaded the machine to ~5), 2,500 videos, mostly H.264 encoding (5-8 ms a video) and rendering
     (~3 ms); quick build 1.2-3 s.
