@@ -324,8 +324,11 @@ def test_a_fifo_video_fails_its_request_only_and_never_hangs_the_batch(world, tm
 
 
 def test_an_interrupted_batch_keeps_every_finished_answer(world, tmp_path):
+    # Enough work (minutes) that the batch cannot finish in the moment between the first answer and the signal
+    # even when a loaded 2-core CI machine starves this test process; the run is cut short, so it costs seconds.
+    n = 400
     lines = [{"id": f"q{i}", "turns": [{"from": "human", "value": "What happens? " * (1 + i % 7)}],
-              "max_new_tokens": 24} for i in range(40)]
+              "max_new_tokens": 48} for i in range(n)]
     requests = tmp_path / "in.jsonl"
     requests.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     output = tmp_path / "out.jsonl"
@@ -338,5 +341,5 @@ def test_an_interrupted_batch_keeps_every_finished_answer(world, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr
     kept = [json.loads(line) for line in output.read_text().splitlines()]
-    assert 1 <= len(kept) < 40 and all("answer" in r for r in kept)
-    assert f"g4v_jax.chat: error: interrupted: {len(kept)} of 40 answers are in {output}" in stderr
+    assert 1 <= len(kept) < n and all("answer" in r for r in kept)
+    assert f"g4v_jax.chat: error: interrupted: {len(kept)} of {n} answers are in {output}" in stderr
