@@ -1,14 +1,16 @@
 """A CLIP vision tower + a LLaMA -> a GPT4Video model directory, ready for stage 1 (the Video-ChatGPT / LLaVA route).
 
-    python -m convert.assemble --vision CLIP_SRC --llm LLAMA_SRC DST [--abstractor paper|mplug_owl_video]
-                               [--seed 0] [key=value ...]
+    python -m convert.assemble --vision CLIP_SRC --llm LLAMA_SRC DST
+        [--abstractor paper|mplug_owl_video|qformer|st_pool] [--qformer-from BLIP2_SRC] [--seed 0] [key=value ...]
 
 ``CLIP_SRC`` is an HF ``CLIPVisionModel`` / ``CLIPModel`` directory or one of ours (``convert.hf_clip``'s output);
 ``LLAMA_SRC`` an HF ``LlamaForCausalLM`` directory or one of ours (``convert.hf_llama``'s). DST receives a
 ``kind: gpt4video`` directory: the tower's and the LLM's weights as they are, a fresh video abstractor as wide as
 the tower (``convert.hf_clip.abstractor_for_tower``) whose projection maps to the LLM's width, LoRA adapters per
 ``model.lora.*`` (B = 0, so the LLM's logits are unchanged), CLIP's frame preprocessing (``model.video``), and the
-LLaMA's tokenizer files. Train it with its own config, which the directory carries:
+LLaMA's tokenizer files. ``--abstractor`` picks one of the paper's Table 5 modules (``model.abstractor.variant``);
+with ``qformer``, ``--qformer-from`` starts the Q-Former from a BLIP-2 checkpoint's (``convert.hf_blip2``), sized as
+that one. Train it with its own config, which the directory carries:
 
     python -m g4v_jax.train --config DST/config.yaml train=train/stage1.yaml train.init_from=DST \\
         data.train_manifest=... train.output_dir=runs/stage1
@@ -23,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from convert.common import copy_tokenizer_files, print_load_hint, run_converter
-from g4v_jax.config import Config, load_config, parse_overrides
+from convert.hf_blip2 import load_hf_qformer, read_qformer_config
+from g4v_jax.config import ABSTRACTOR_VARIANTS, Config, load_config, parse_overrides
 from g4v_jax.models.gpt4video import build_model
-from g4v_jax.weights import CONFIG_FILE, assign_params, load, load_model_config, named_params, save_pretrained
+from g4v_jax.weights import (CONFIG_FILE, assign_params, load, load_model_config, named_params, param_shapes,
+                             save_pretrained)
 
 
 def _is_ours(src: Path) -> bool:
@@ -61,12 +65,17 @@ def _llm(src: Path):
 
 
 def assemble(vision: str | Path, llm: str | Path, dst: str | Path, *, abstractor: str = "paper",
-             overrides=(), seed: int = 0) -> Path:
+             overrides=(), seed: int = 0, qformer_from: str | Path | None = None) -> Path:
     """Write the GPT4Video directory ``dst`` (module docstring); returns it."""
     from convert.hf_clip import abstractor_for_tower
 
     vision, llm = Path(vision), Path(llm)
-    for flag, path in (("--vision", vision), ("--llm", llm)):
+    if qformer_from is not None and abstractor != "qformer":
+        raise ValueError(f"--qformer-from needs --abstractor qformer, not {abstractor}")
+    sources = [("--vision", vision), ("--llm", llm)]
+    if qformer_from is not None:
+        sources.append(("--qformer-from", Path(qformer_from)))
+    for flag, path in sources:
         if not path.is_dir():
             raise FileNotFoundError(f"{flag} {path}: no such directory")
     vision_cfg, video_cfg, tower = _tower(vision)
@@ -75,20 +84,26 @@ def assemble(vision: str | Path, llm: str | Path, dst: str | Path, *, abstractor
                        ["model.kind=gpt4video", f"model.abstractor.variant={abstractor}",
                         # store full precision; g4v_jax.load(dir, ["model.param_dtype=bfloat16"]) casts later
                         "model.param_dtype=float32", "model.compute_dtype=float32", *overrides])
+    abstractor_cfg = abstractor_for_tower(base.model.abstractor, vision_cfg, overrides)
+    if qformer_from is not None:
+        abstractor_cfg = read_qformer_config(qformer_from, abstractor_cfg, vision_cfg.hidden_size)
     cfg = dataclasses.replace(
-        base.model, vision=vision_cfg, llm=llm_cfg, llm_hidden_size=llm_cfg.hidden_size,
-        abstractor=abstractor_for_tower(base.model.abstractor, vision_cfg, overrides),
+        base.model, vision=vision_cfg, llm=llm_cfg, llm_hidden_size=llm_cfg.hidden_size, abstractor=abstractor_cfg,
         video=video_cfg if video_cfg is not None and "video" not in parse_overrides(overrides).get("model", {})
         else base.model.video)
     model = build_model(cfg, seed=seed)
     params = {k: np.asarray(v) for k, v in named_params(model).items()}
     params.update({f"vision_model.{k}": np.asarray(v) for k, v in tower.items()})
     params.update({f"language_model.{k}": np.asarray(v) for k, v in llm_params.items()})
+    if qformer_from is not None:
+        shapes = {k: s for k, (s, _) in param_shapes(model).items() if k.startswith("abstractor.")}
+        params.update(load_hf_qformer(qformer_from, shapes, progress=True))
     model = assign_params(model, params, f"{vision} + {llm}")
     out = save_pretrained(model, Config(model=cfg), dst)
     copied = copy_tokenizer_files(llm, out)
+    fresh = f"from {qformer_from}" if qformer_from is not None else "fresh"
     print(f"vision tower from {vision}, LLM from {llm}; abstractor ({abstractor}, width {cfg.abstractor.hidden_size} "
-          f"-> {cfg.llm_hidden_size}) and LoRA adapters fresh (seed {seed}); tokenizer: "
+          f"-> {cfg.llm_hidden_size}) {fresh}, LoRA adapters fresh (seed {seed}); tokenizer: "
           f"{', '.join(copied) if copied else 'none found beside the LLM: copy its files into ' + str(out)}")
     return out
 
@@ -99,13 +114,15 @@ def main(argv=None) -> None:
     ap.add_argument("--vision", required=True, help="HF CLIP (vision) directory, or ours from convert.hf_clip")
     ap.add_argument("--llm", required=True, help="HF LLaMA directory, or ours from convert.hf_llama")
     ap.add_argument("dst")
-    ap.add_argument("--abstractor", default="paper", choices=["paper", "mplug_owl_video"])
+    ap.add_argument("--abstractor", default="paper", choices=list(ABSTRACTOR_VARIANTS))
+    ap.add_argument("--qformer-from", default=None, help="a BLIP-2 (or Blip2QFormerModel) directory whose Q-Former "
+                    "starts ours (with --abstractor qformer)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="model config overrides, e.g. model.lora.rank=8 "
                                                  "model.abstractor.num_layers=6")
     args = ap.parse_intermixed_args(argv)
     dst = run_converter("convert.assemble", assemble, args.vision, args.llm, args.dst, abstractor=args.abstractor,
-                        overrides=args.overrides, seed=args.seed)
+                        overrides=args.overrides, seed=args.seed, qformer_from=args.qformer_from)
     print_load_hint(Path(dst))
     print(f"train it:\n\n    python -m g4v_jax.train --config {dst}/config.yaml train=train/stage1.yaml "
           f"train.init_from={dst} data.train_manifest=... train.output_dir=...\n")

@@ -1,6 +1,7 @@
 """HF CLIP vision tower -> g4v_jax.
 
-    python -m convert.hf_clip SRC DST [--abstractor paper|mplug_owl_video] [--llm-hidden-size 4096] [key=value ...]
+    python -m convert.hf_clip SRC DST [--abstractor paper|mplug_owl_video|qformer|st_pool] [--llm-hidden-size 4096]
+                                      [key=value ...]
 
 SRC is an HF ``CLIPVisionModel`` or full ``CLIPModel`` directory (``config.json`` + safetensors, sharded or not, or
 ``pytorch_model.bin``; the text tower is skipped). DST receives our model directory: the converted vision tower plus
@@ -17,7 +18,7 @@ import numpy as np
 
 from convert.common import (Rule, convert_checkpoint, layernorm, linear, module_name, open_checkpoint,
                             print_load_hint, read_hf_config, run_converter)
-from g4v_jax.config import AbstractorConfig, Config, VisionConfig, load_config
+from g4v_jax.config import ABSTRACTOR_VARIANTS, AbstractorConfig, Config, VisionConfig, load_config
 from g4v_jax.models.clip_vit import CLIPVisionTower
 from g4v_jax.models.layers import dtype_of
 from g4v_jax.models.gpt4video import build_model
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src")
     ap.add_argument("dst")
-    ap.add_argument("--abstractor", default="paper", choices=["paper", "mplug_owl_video"])
+    ap.add_argument("--abstractor", default="paper", choices=list(ABSTRACTOR_VARIANTS))
     ap.add_argument("--llm-hidden-size", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides such as model.param_dtype=bfloat16")

@@ -58,9 +58,18 @@ class VisionConfig:
         return self.num_patches + 1
 
 
+ABSTRACTOR_VARIANTS = ("mplug_owl_video", "paper", "qformer", "st_pool")
+
+
 @dataclasses.dataclass(frozen=True)
 class AbstractorConfig:
-    """Video abstractor: ``mplug_owl_video`` (the released checkpoint's module) or ``paper`` (eqs. 1-3)."""
+    """The module between the vision tower and the LLM (the paper's Table 5 compares them):
+
+    * ``mplug_owl_video``: the released checkpoint's abstractor; ``paper``: eqs. 1-3 (``models/abstractor.py``);
+      either without the temporal (enhance) stream when ``num_temporal_tokens`` is 0 (Table 5 #1);
+    * ``qformer``: BLIP-2's Q-Former, ``num_query_tokens`` queries over all T x (1 + N) tokens (#2, #3);
+    * ``st_pool``: Video-ChatGPT's spatio-temporal pooling and one linear map (#4).
+    """
 
     variant: str = "mplug_owl_video"
     hidden_size: int = 1024
@@ -68,20 +77,31 @@ class AbstractorConfig:
     num_heads: int = 16
     intermediate_size: int = 2816
     num_query_tokens: int = 64  # Ns
-    num_temporal_tokens: int = 64  # Nt (the paper's enhance tokens; mPLUG-Owl's temporal query tokens)
-    norm_eps: float = 1e-5  # norm1 / normk / norm2 (torch default in mPLUG-Owl)
+    num_temporal_tokens: int = 64  # Nt (the paper's enhance tokens; mPLUG-Owl's temporal query tokens); 0 = none
+    norm_eps: float = 1e-5  # norm1 / normk / norm2 (torch default in mPLUG-Owl); every LayerNorm of the qformer
     ffn_norm_eps: float = 1e-6  # ffn_ln
     # paper variant only: whether the Qs and Qt streams run through the same 6 layers (see abstractor.py).
     share_stream_weights: bool = True
     # learned per-frame embeddings added to the video features (0 = none). Eqs. 1-3 are blind to frame order; the
     # released model gets order from the vision tower's temporal adapter, a plain CLIP tower needs these instead.
     frame_embeddings: int = 0
+    # qformer only: a layer cross-attends to the video when its index is a multiple of this (BLIP-2: 2)
+    cross_attention_frequency: int = 2
+    # st_pool only: temporal token slots, one per frame, zeros past the video's frames (Video-ChatGPT: 100);
+    # 0 means model.num_frames
+    pool_frames: int = 0
 
     def __post_init__(self):
-        if self.variant not in ("mplug_owl_video", "paper"):
-            raise ConfigError(f"abstractor.variant must be 'mplug_owl_video' or 'paper', got {self.variant!r}")
-        if self.variant == "paper" and self.num_query_tokens != self.num_temporal_tokens:
-            raise ConfigError("the paper variant sums Fs + Ft: num_query_tokens must equal num_temporal_tokens")
+        if self.variant not in ABSTRACTOR_VARIANTS:
+            raise ConfigError(f"abstractor.variant must be one of {', '.join(ABSTRACTOR_VARIANTS)}, got "
+                              f"{self.variant!r}")
+        if self.variant == "paper" and self.num_temporal_tokens not in (0, self.num_query_tokens):
+            raise ConfigError("the paper variant sums Fs + Ft: num_temporal_tokens must equal num_query_tokens "
+                              f"({self.num_query_tokens}) or be 0 (no temporal stream), got {self.num_temporal_tokens}")
+        if self.num_query_tokens < 1 or self.num_temporal_tokens < 0:
+            raise ConfigError("abstractor.num_query_tokens must be >= 1 and num_temporal_tokens >= 0")
+        if self.cross_attention_frequency < 1 or self.pool_frames < 0:
+            raise ConfigError("abstractor.cross_attention_frequency must be >= 1 and pool_frames >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +220,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.kind not in ("gpt4video", "video_encoder", "llm"):
             raise ConfigError(f"model.kind must be gpt4video, video_encoder or llm, got {self.kind!r}")
+        if self.abstractor.variant == "st_pool" and self.pool_frames < self.num_frames:
+            raise ConfigError(f"model.abstractor.pool_frames ({self.abstractor.pool_frames}) must hold model.num_frames "
+                              f"({self.num_frames}): st_pool gives every frame its own temporal token")
         if self.kind == "gpt4video" and self.llm_hidden_size != self.llm.hidden_size:
             raise ConfigError(f"model.llm_hidden_size ({self.llm_hidden_size}) must equal model.llm.hidden_size "
                               f"({self.llm.hidden_size}): video tokens are spliced into the LLM's embeddings")
@@ -214,9 +237,17 @@ class ModelConfig:
     @property
     def num_video_tokens(self) -> int:
         """Tokens one video occupies in the LLM sequence."""
-        if self.abstractor.variant == "mplug_owl_video":
-            return self.abstractor.num_query_tokens + 1  # + vit_eos
-        return self.abstractor.num_query_tokens
+        a = self.abstractor
+        if a.variant == "mplug_owl_video":
+            return a.num_query_tokens + 1  # + vit_eos
+        if a.variant == "st_pool":
+            return self.pool_frames + self.vision.num_patches  # temporal tokens, then spatial ones
+        return a.num_query_tokens
+
+    @property
+    def pool_frames(self) -> int:
+        """st_pool's temporal token slots."""
+        return self.abstractor.pool_frames or self.num_frames
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,12 +11,18 @@ so a query attends to the video features of all T frames and to the tokens of it
 * ``mplug_owl_video`` (the checkpoint GPT4Video starts from): queries = [64 query tokens ; 64 temporal query tokens]
   (only the 64 query tokens when T == 1) run through 6 blocks together; output
   ``visual_fc(out[:64]) + temporal_visual_fc(out[64:])`` followed by a learned ``vit_eos`` token: 65 tokens.
+  With ``num_temporal_tokens: 0`` (the paper's Table 5 #1) it runs as mPLUG-Owl's code does without temporal
+  queries, the single-image path: ``visual_fc(out)`` + ``vit_eos``, no ``temporal_visual_fc``.
 * ``paper``: eqs. (1)-(3). Qs and Qt each run through the 6 blocks separately — a stream's keys/values are
   [F_v ; its own tokens] — then ``F_video = W · LN(F_s + F_t) + b``: 64 tokens.
   The paper does not say whether the two streams share layer weights. We share them by default
   (``share_stream_weights``): the streams are told apart by their own learned tokens, stage 1 trains on only ~11k
   videos so half the parameters is the safer choice, and shared layers can be initialised from mPLUG-Owl's single
   pretrained abstractor, as the release does. ``share_stream_weights: false`` gives each stream its own 6 layers.
+  With ``num_temporal_tokens: 0`` (Table 5 #1) there is no Ft: ``F_video = W · LN(F_s) + b``.
+
+The other variants of Table 5 live beside this one: ``qformer.py`` (BLIP-2's Q-Former) and ``st_pool.py``
+(Video-ChatGPT's pooling); ``gpt4video.build_abstractor`` picks one from the config.
 
 Attention over [F_v ; tokens] has no notion of frame order: order reaches the abstractor through the vision tower's
 temporal adapter (mPLUG-Owl-video) or, for a plain CLIP tower, through optional learned ``frame_embeddings``.
@@ -98,6 +104,30 @@ class AbstractorLayer(nnx.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def frame_embedding(cfg: AbstractorConfig, width: int, param_dtype, rngs: nnx.Rngs) -> nnx.Param | None:
+    """Learned per-frame embeddings (``cfg.frame_embeddings``, width of the video features), or None."""
+    if not cfg.frame_embeddings:
+        return None
+    return param(rngs, normal_init(0.02), (cfg.frame_embeddings, width), ("positions", "embed"), param_dtype)
+
+
+def add_frame_embeddings(features: jax.Array, embedding: nnx.Param | None) -> jax.Array:
+    """(B, T, 1 + N, Dv) + each frame's embedding (none when ``embedding`` is None)."""
+    if embedding is None:
+        return features
+    t, have = features.shape[1], embedding.shape[0]
+    if t > have:
+        raise ValueError(f"{t} frames but the abstractor has only {have} frame embeddings")
+    return features + embedding[:t].astype(features.dtype)[None, :, None, :]
+
+
+def flatten_frames(features: jax.Array, frame_mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """(B, T, 1 + N, Dv), (B, T) -> every token of every frame as one sequence (B, T·(1 + N), Dv) and its key mask."""
+    b, t, n, d = features.shape
+    mask = None if frame_mask is None else jnp.repeat(frame_mask.astype(bool), n, axis=1)
+    return features.reshape(b, t * n, d), mask
+
+
 def _stack(cfg: AbstractorConfig, kw) -> nnx.List:
     return nnx.List([AbstractorLayer(cfg, **kw) for _ in range(cfg.num_layers)])
 
@@ -119,21 +149,19 @@ class VideoAbstractor(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.query_tokens = param(rngs, normal_init(0.02), (cfg.num_query_tokens, d), ("queries", "embed"), param_dtype)
+        temporal = cfg.num_temporal_tokens > 0
         # the paper's enhance tokens Qt; named after mPLUG-Owl's temporal_query_tokens, which they are
         self.temporal_query_tokens = param(
             rngs, normal_init(0.02), (cfg.num_temporal_tokens, d), ("queries", "embed"), param_dtype
-        )
+        ) if temporal else None
         self.layers = _stack(cfg, kw)
-        self.frame_embedding = (
-            param(rngs, normal_init(0.02), (cfg.frame_embeddings, d), ("positions", "embed"), param_dtype)
-            if cfg.frame_embeddings else None
-        )
+        self.frame_embedding = frame_embedding(cfg, d, param_dtype, rngs)
         if cfg.variant == "mplug_owl_video":
             self.visual_fc = Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw)
-            self.temporal_visual_fc = Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw)
+            self.temporal_visual_fc = Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw) if temporal else None
             self.vit_eos = param(rngs, normal_init(0.02), (llm_hidden_size,), ("llm_embed",), param_dtype)
         else:
-            self.temporal_layers = None if cfg.share_stream_weights else _stack(cfg, kw)
+            self.temporal_layers = None if cfg.share_stream_weights or not temporal else _stack(cfg, kw)
             self.out_norm = LayerNorm(d, eps=cfg.norm_eps, param_dtype=param_dtype)
             self.proj = Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw)
 
@@ -142,25 +170,23 @@ class VideoAbstractor(nnx.Module):
         return self.cfg.num_query_tokens + (1 if self.cfg.variant == "mplug_owl_video" else 0)
 
     def __call__(self, features: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
-        b, t, n, d = features.shape
-        features = features.astype(self.dtype)
-        if self.frame_embedding is not None:
-            if t > self.cfg.frame_embeddings:
-                raise ValueError(f"{t} frames but the abstractor has only {self.cfg.frame_embeddings} frame embeddings")
-            features = features + self.frame_embedding[:t].astype(self.dtype)[None, :, None, :]
-        visual = features.reshape(b, t * n, d)
-        visual_mask = None if frame_mask is None else jnp.repeat(frame_mask.astype(bool), n, axis=1)
+        """(B, T, 1 + N, Dv) features, (B, T) frame mask -> (B, Nv, D_llm)."""
+        b = features.shape[0]
+        visual, visual_mask = flatten_frames(add_frame_embeddings(features.astype(self.dtype), self.frame_embedding),
+                                             frame_mask)
         tokens = lambda p: jnp.broadcast_to(p[...].astype(self.dtype), (b, *p.shape))
-        qs, qt = tokens(self.query_tokens), tokens(self.temporal_query_tokens)
+        qs = tokens(self.query_tokens)
+        qt = None if self.temporal_query_tokens is None else tokens(self.temporal_query_tokens)
         if self.cfg.variant == "mplug_owl_video":
             ns = qs.shape[1]
-            if t == 1:  # the reference drops the temporal queries for single images
+            if features.shape[1] == 1 or qt is None:  # the reference drops the temporal queries for single images
                 return self._mplug_output(_run(self.layers, qs, visual, visual_mask), None)
             out = _run(self.layers, jnp.concatenate([qs, qt], axis=1), visual, visual_mask)
             return self._mplug_output(out[:, :ns], out[:, ns:])
-        f_s = _run(self.layers, qs, visual, visual_mask)  # eq. (1)
-        f_t = _run(self.temporal_layers or self.layers, qt, visual, visual_mask)  # eq. (2)
-        return self.proj(self.out_norm(f_s + f_t))  # eq. (3) + linear map to the LLM width
+        f = _run(self.layers, qs, visual, visual_mask)  # eq. (1)
+        if qt is not None:
+            f = f + _run(self.temporal_layers or self.layers, qt, visual, visual_mask)  # eq. (2)
+        return self.proj(self.out_norm(f))  # eq. (3) + linear map to the LLM width
 
     def _mplug_output(self, spatial: jax.Array, temporal: jax.Array | None) -> jax.Array:
         out = self.visual_fc(spatial)

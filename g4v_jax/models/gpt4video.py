@@ -18,6 +18,8 @@ from flax import nnx
 
 from g4v_jax.config import ModelConfig
 from g4v_jax.models.abstractor import VideoAbstractor
+from g4v_jax.models.qformer import QFormerAbstractor
+from g4v_jax.models.st_pool import SpatioTemporalPool
 from g4v_jax.models.clip_vit import CLIPVisionTower
 from g4v_jax.models.layers import dtype_of
 from g4v_jax.models.llama import KVCache, LlamaForCausalLM
@@ -28,17 +30,29 @@ def _module_kwargs(cfg: ModelConfig, rngs: nnx.Rngs) -> dict:
                 attention_impl=cfg.attention_impl, rngs=rngs)
 
 
+def build_abstractor(cfg: ModelConfig, **kw) -> nnx.Module:
+    """The video abstractor ``cfg.abstractor.variant`` names (the paper's Table 5): features (B, T, 1 + N, Dv) and a
+    frame mask (B, T) -> (B, cfg.num_video_tokens, D_llm)."""
+    a, width, llm = cfg.abstractor, cfg.vision.hidden_size, cfg.llm_hidden_size
+    if a.variant == "qformer":
+        return QFormerAbstractor(a, width, llm, **kw)
+    if a.variant == "st_pool":
+        return SpatioTemporalPool(a, width, llm, cfg.pool_frames, cfg.vision.num_patches, **kw)
+    return VideoAbstractor(a, llm, **kw)
+
+
 class VideoEncoder(nnx.Module):
     """Frames (N, T, H, W, 3) uint8/float + frame mask (N, T) -> video tokens (N, K, D_llm).
 
-    K is 65 for the ``mplug_owl_video`` abstractor (64 queries + ``vit_eos``) and 64 for the ``paper`` one.
+    K is ``cfg.num_video_tokens``: 65 for the ``mplug_owl_video`` abstractor (64 queries + ``vit_eos``), 64 for the
+    ``paper`` one, the query count for ``qformer``, frame slots + patches for ``st_pool``.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         kw = _module_kwargs(cfg, rngs)
         self.cfg = cfg
         self.vision_model = CLIPVisionTower(cfg.vision, **kw)
-        self.abstractor = VideoAbstractor(cfg.abstractor, cfg.llm_hidden_size, **kw)
+        self.abstractor = build_abstractor(cfg, **kw)
 
     def encode_videos(self, frames: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
         features = self.vision_model(frames, frame_mask).last_hidden_state
