@@ -305,11 +305,15 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
 
 
 def caption_videos(model, tokenizer, items: Sequence[CaptionItem], *, instruction: str = INSTRUCTION, sampling,
-                   batch_size: int = 8, progress: bool = True) -> tuple[dict[str, str], dict[str, str]]:
-    """The model's caption of every video ({id: caption}) and {id: error} for those it could not caption."""
+                   batch_size: int = 8, progress: bool = True, system_prompt: str | None = None
+                   ) -> tuple[dict[str, str], dict[str, str]]:
+    """The model's caption of every video ({id: caption}) and {id: error} for those it could not caption.
+    ``system_prompt``: the one the model was trained with (default: the release's)."""
     # QA's runner sends exactly the turns we need (the video, then one human text turn); its answer is unused
     questions = [QAItem(it.id, it.video, instruction, "") for it in items]
-    return answer_items(model, tokenizer, questions, sampling=sampling, batch_size=batch_size, progress=progress)
+    system = {} if system_prompt is None else {"system_prompt": system_prompt}
+    return answer_items(model, tokenizer, questions, sampling=sampling, batch_size=batch_size, progress=progress,
+                        **system)
 
 
 def build_report(*, checkpoint: str, data: str | os.PathLike, items: Sequence[CaptionItem],

@@ -601,6 +601,25 @@ def seeds_report(results: Sequence[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def make_world(out: Path, size: RunSize, seed: int):
+    """The world's data under ``out/data`` and its tokenizer under ``out/tokenizer``: (WorldData, tokenizer dir)."""
+    from g4v_jax.config import load_config
+    from g4v_jax.data.tokenizer import build_bpe_tokenizer
+    from g4v_jax.world.tasks import build_world, world_text
+
+    model_cfg = load_config("world").model
+    print(f"building the world under {out / 'data'} ...")
+    # videos are rendered with the frame count and size the model reads, so decoding them wastes nothing and the
+    # model sees the whole motion (first to last frame)
+    world = build_world(out / "data", n_train_videos=size.n_train_videos, n_test_videos=size.n_test_videos,
+                        n_text=size.n_text, n_stage0_text=size.n_stage0_text, seed=seed,
+                        num_frames=model_cfg.num_frames, size=model_cfg.vision.image_size)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        build_bpe_tokenizer(world_text(seed), tok_dir, vocab_size=model_cfg.llm.vocab_size)
+    return world, tok_dir
+
+
 def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True, eval_split: str = "test"
         ) -> dict:
     """The whole run of the module docstring; ``eval_split="val"`` judges on the validation videos and requests
@@ -608,8 +627,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
     if eval_split not in ("test", "val"):
         raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
     import g4v_jax
-    from g4v_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
-    from g4v_jax.world.tasks import build_world, world_text
+    from g4v_jax.data.tokenizer import load_tokenizer
 
     size = QUICK if quick else FULL
     out = Path(out)
@@ -626,17 +644,8 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
     from g4v_jax.config import load_config
 
     world_cfg = load_config("world")
-    model_cfg = world_cfg.model
     t = t0
-    print(f"building the world under {out / 'data'} ...")
-    # videos are rendered with the frame count and size the model reads, so decoding them wastes nothing and the
-    # model sees the whole motion (first to last frame)
-    world = build_world(out / "data", n_train_videos=size.n_train_videos, n_test_videos=size.n_test_videos,
-                        n_text=size.n_text, n_stage0_text=size.n_stage0_text, seed=seed, quick=quick,
-                        num_frames=model_cfg.num_frames, size=model_cfg.vision.image_size)
-    tok_dir = out / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        build_bpe_tokenizer(world_text(seed), tok_dir, vocab_size=model_cfg.llm.vocab_size)
+    world, tok_dir = make_world(out, size, seed)
     tokenizer = load_tokenizer(tok_dir)
     t = lap("data", t)
 
