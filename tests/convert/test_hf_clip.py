@@ -121,3 +121,18 @@ def test_not_a_clip_config_is_a_clear_error(tiny_hf_clip_vision, tmp_path):
     (tmp_path / "x" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="not a CLIP \\(vision\\) config: it lacks hidden_size"):
         load_hf_clip_vision(tmp_path / "x")
+
+
+@pytest.mark.parametrize("variant", ["qformer", "st_pool"])
+def test_the_table_5_variants_convert_too(tiny_hf_clip_vision, tmp_path, variant):
+    from convert.hf_clip import convert
+
+    path, _ = tiny_hf_clip_vision
+    dst = convert(path, tmp_path / variant, abstractor=variant, llm_hidden_size=64,
+                  overrides=["model.abstractor.num_layers=2", "model.abstractor.num_query_tokens=8"])
+    model = g4v_jax.load(dst)
+    cfg = model.cfg
+    assert cfg.abstractor.variant == variant and cfg.abstractor.hidden_size == 32  # as wide as the tower
+    want = 8 if variant == "qformer" else cfg.num_frames + cfg.vision.num_patches
+    frames = np.random.default_rng(0).integers(0, 256, (1, cfg.num_frames, 56, 56, 3), dtype=np.uint8)
+    assert cfg.num_video_tokens == want and model(frames).shape == (1, want, 64)
