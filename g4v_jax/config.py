@@ -221,8 +221,8 @@ class ModelConfig:
         if self.kind not in ("gpt4video", "video_encoder", "llm"):
             raise ConfigError(f"model.kind must be gpt4video, video_encoder or llm, got {self.kind!r}")
         if self.abstractor.variant == "st_pool" and self.pool_frames < self.num_frames:
-            raise ConfigError(f"model.abstractor.pool_frames ({self.abstractor.pool_frames}) must hold model.num_frames "
-                              f"({self.num_frames}): st_pool gives every frame its own temporal token")
+            raise ConfigError(f"model.abstractor.pool_frames ({self.abstractor.pool_frames}) must hold "
+                              f"model.num_frames ({self.num_frames}): st_pool gives every frame its own temporal token")
         if self.kind == "gpt4video" and self.llm_hidden_size != self.llm.hidden_size:
             raise ConfigError(f"model.llm_hidden_size ({self.llm_hidden_size}) must equal model.llm.hidden_size "
                               f"({self.llm.hidden_size}): video tokens are spliced into the LLM's embeddings")

@@ -158,7 +158,8 @@ class VideoAbstractor(nnx.Module):
         self.frame_embedding = frame_embedding(cfg, d, param_dtype, rngs)
         if cfg.variant == "mplug_owl_video":
             self.visual_fc = Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw)
-            self.temporal_visual_fc = Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw) if temporal else None
+            self.temporal_visual_fc = (Dense(d, llm_hidden_size, ("embed", "llm_embed"), **dense_kw) if temporal
+                                       else None)
             self.vit_eos = param(rngs, normal_init(0.02), (llm_hidden_size,), ("llm_embed",), param_dtype)
         else:
             self.temporal_layers = None if cfg.share_stream_weights or not temporal else _stack(cfg, kw)

@@ -93,7 +93,8 @@ def test_a_whole_blip2_brings_its_queries_and_projection(tmp_path, rng):
     np.testing.assert_array_equal(np.asarray(ab.query_tokens[...]), hf.query_tokens[0].detach().numpy())
     video = _video(rng, b=1)
     with torch.no_grad():
-        q = hf.qformer(query_embeds=hf.query_tokens, encoder_hidden_states=torch.from_numpy(video.reshape(1, -1, VISION)))
+        features = torch.from_numpy(video.reshape(1, -1, VISION))
+        q = hf.qformer(query_embeds=hf.query_tokens, encoder_hidden_states=features)
         ref = hf.language_projection(q.last_hidden_state).numpy()
     np.testing.assert_allclose(np.asarray(ab(video)), ref, atol=1e-4)
 

@@ -1,29 +1,28 @@
 """The Table 5 ablation in its quick form (the demo's quick world, a few stage-1 steps): every variant trains stage 1
 from the same tower and stage-0 LLM and is judged; the table has the paper's rows, each with its own token count."""
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from g4v_jax.weights import load, named_params
-from g4v_jax.world import ablation, demo
-
-# the quick world with stage 0 and the tower barely trained and few items judged: the machinery, in CI's minutes
-SMALL = dataclasses.replace(demo.QUICK, vision_steps=10, stage0_steps=10, max_eval=8)
+from g4v_jax.world import ablation
 
 
-def test_every_variant_trains_from_the_same_stage0_and_is_reported(tmp_path):
-    out = tmp_path
-    rows = ablation.run_seed(out, 0, ablation.VARIANTS, size=SMALL, steps=6, eval_split="test", progress=False)
+def test_every_variant_trains_from_the_same_stage0_and_is_reported(tmp_path, capsys):
+    assert ablation.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "| 4 | Spatio-temporal pooling" in capsys.readouterr().out
+    out = tmp_path / "seed0"
+    rows = json.loads((tmp_path / "ablation.json").read_text())["seeds"]["0"]
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["video_tokens"] for r in rows] == [32, 32, 32, 64, 4 + 36]
     assert [r["seq_len"] for r in rows] == [144, 144, 144, 208, 160]
     params = [r["abstractor_params"] for r in rows]
     assert params[1] < params[0] and params[4] == 96 * 128 + 128 + 4 * 96 and params[3] - params[2] == 32 * 96
     for r in rows:
-        assert r["steps"] == 6 and r["step_seconds"] > 0 and r["captions"] > 0 and r["caption_errors"] == 0
+        assert r["steps"] == ablation.QUICK_STEPS and r["step_seconds"] > 0
+        assert r["captions"] > 0 and r["caption_errors"] == 0
         assert 0 <= r["qa"] <= 1 and 0 <= r["bleu4"] <= 1 and 0 <= r["meteor"] <= 1
         assert set(r["qa_by_type"]) <= set(ablation.QA_TYPES)
     # every variant's stage 1 started from the same stage-0 LLM and tower: its init directory holds them unchanged
@@ -32,8 +31,8 @@ def test_every_variant_trains_from_the_same_stage0_and_is_reported(tmp_path):
     for name in ("language_model.embed_tokens", "vision_model.post_layernorm.scale"):
         np.testing.assert_array_equal(np.asarray(init[name]), np.asarray(stage0[name]))
     # a finished variant is kept: a second call reads its result instead of training again
-    assert ablation.run_seed(out, 0, ablation.VARIANTS[:1], size=SMALL, steps=6, eval_split="test",
-                             progress=False)[0] == rows[0]
+    assert ablation.run_seed(out, 0, ablation.VARIANTS[:1], size=ablation.QUICK_SIZE, steps=ablation.QUICK_STEPS,
+                             eval_split="test", progress=False)[0] == rows[0]
     report = ablation.markdown_report({0: rows, 1: rows})
     assert "Mean over seeds 0, 1" in report and "| 4 | Spatio-temporal pooling" in report
     assert report.count("| 3 | Q-Former, 64 queries | 64 |") == 3  # the mean table and both seeds'
@@ -44,7 +43,8 @@ def test_the_ranking_is_compared_with_the_papers_table_5():
     rows = [{"index": i, "meteor": m, "bleu4": b, "qa": q} for i, m, b, q in
             [(0, 0.5, 0.4, 0.6), (1, 0.1, 0.1, 0.2), (2, 0.2, 0.2, 0.3), (3, 0.4, 0.35, 0.5), (4, 0.3, 0.3, 0.4)]]
     lines = ablation.ranking_lines(rows)
-    assert lines[0] == "- METEOR: the paper ranks #0 > #3 > #4 > #2 > #1; the world #0 > #3 > #4 > #2 > #1 (Spearman +1.00)"
+    assert lines[0] == ("- METEOR: the paper ranks #0 > #3 > #4 > #2 > #1; the world #0 > #3 > #4 > #2 > #1 "
+                        "(Spearman +1.00)")
     reversed_rows = [{**r, "meteor": 1 - r["meteor"]} for r in rows]
     assert "(Spearman -1.00)" in ablation.ranking_lines(reversed_rows)[0]
     assert lines[2] == "- Video QA on the world: #0 > #3 > #4 > #2 > #1"
