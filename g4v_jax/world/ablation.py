@@ -17,7 +17,7 @@ batch and step count; only ``model.abstractor`` differs (and ``data.seq_len``, b
 Each stage-1 model is judged on the held-out videos (``--eval-split``; choose settings on ``val``, report ``test``):
 video-QA exact match per question type, and "Describe the video." captions scored with the eval harness's scorer
 (BLEU-4 and METEOR of ``g4v_jax.eval.caption``, METEOR needs Java) against each video's own caption. Also reported:
-stage-1 step time (median over steps after compilation), the abstractor's parameters and its video tokens.
+stage-1 step time (median over 20 steps after compilation, every variant timed back to back), the abstractor's parameters and its video tokens.
 ``OUT/ablation.md`` holds the table per seed and the mean over seeds; ``OUT/ablation.json`` everything.
 
 ``--quick`` (CI, about two minutes) runs every variant on the demo's quick world, its tower and stage 0 barely
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ QUICK_SIZE = dataclasses.replace(QUICK, vision_steps=10, stage0_steps=10, max_ev
 QUICK_STEPS = 6
 # Stage 1 of the ablation: 400 steps (the demo's FULL run takes 600; its video QA at 400 is within 0.02 of 600's)
 STAGE1_STEPS = 400
+# the back-to-back timing runs (time_steps): compilation, then 20 timed steps
+TIMING_STEPS = 23
 # stage 1's rows hold up to two videos (demo.train_stage); the world config's seq_len fits two videos of 32 tokens
 STAGE1_VIDEOS_PER_ROW = 2
 
@@ -133,9 +136,11 @@ def evaluate(model, tokenizer, qa_file: Path, catalogue: Path, limit: int, progr
 
 
 def run_seed(out: Path, seed: int, variants: Sequence[Variant], *, size: RunSize, steps: int, eval_split: str,
-             progress: bool) -> list[dict]:
+             progress: bool, timing_steps: int = 0) -> list[dict]:
     """Every variant's stage 1 (``steps`` steps) and evaluation for one seed (module docstring), the world and its
-    stage-0 models made at ``size`` (the demo's ``FULL``, or ``QUICK_SIZE``); a finished variant is kept."""
+    stage-0 models made at ``size`` (the demo's ``FULL``, or ``QUICK_SIZE``); a finished variant is kept. Step
+    times come from back-to-back runs of ``timing_steps`` steps (``time_steps``), or with 0 from each variant's own
+    training log."""
     import g4v_jax
     from g4v_jax.config import load_config
     from g4v_jax.data.tokenizer import load_tokenizer
@@ -153,31 +158,59 @@ def run_seed(out: Path, seed: int, variants: Sequence[Variant], *, size: RunSize
     cache = vision_feature_cache(stage0, world.stage1, out / "vision_cache", progress)
     files = split_files(world, eval_split)
     base = world_cfg.model.num_video_tokens
+    extra = {}
     rows = []
     for v in variants:
         vdir = out / "ablation" / f"v{v.index}"
+        init = variant_init(stage0, v, vdir / "init", seed)
+        cfg = load_model_config(init).model
+        seq_len = stage1_seq_len(world_cfg.data.seq_len, base, cfg.num_video_tokens)
+        extra[v.index] = (init, [f"data.vision_cache={cache}", f"data.seq_len={seq_len}", *v.overrides])
         result_file = vdir / f"result_{eval_split}.json"
         if result_file.is_file():
             rows.append(json.loads(result_file.read_text()))
             continue
         print(f"#{v.index} {v.name}: stage 1, {steps} steps")
-        init = variant_init(stage0, v, vdir / "init", seed)
-        cfg = load_model_config(init).model
-        seq_len = stage1_seq_len(world_cfg.data.seq_len, base, cfg.num_video_tokens)
         t0 = time.perf_counter()
         train = train_stage(1, vdir, world.stage1, tok_dir, steps, init, seed, progress, size.batch_size,
-                            [f"data.vision_cache={cache}", f"data.seq_len={seq_len}", *v.overrides])
+                            extra[v.index][1])
         seconds = time.perf_counter() - t0
         model = g4v_jax.load(vdir / "stage1" / "final")
         params = sum(int(np.prod(s)) for k, (s, _) in param_shapes(model).items() if k.startswith("abstractor."))
         row = {"index": v.index, "name": v.name, "overrides": list(v.overrides), "seed": seed, "steps": steps,
                "video_tokens": cfg.num_video_tokens, "seq_len": seq_len, "abstractor_params": params,
-               "step_seconds": step_seconds(vdir / "stage1" / "metrics.jsonl"), "stage1_seconds": seconds,
+               "train_step_seconds": step_seconds(vdir / "stage1" / "metrics.jsonl"), "stage1_seconds": seconds,
                "first_loss": train["first_loss"], "last_loss": train["last_loss"], "eval_split": eval_split,
                **evaluate(model, tokenizer, files["qa"], world.catalogue, size.max_eval, progress)}
         result_file.write_text(json.dumps(row, indent=1))
         rows.append(row)
-    return rows
+    if not timing_steps:
+        return [{**r, "step_seconds": r["train_step_seconds"]} for r in rows]
+    timing = time_steps(out / "ablation", world.stage1, tok_dir, extra, seed, size.batch_size, timing_steps)
+    return [{**r, "step_seconds": timing[r["index"]]} for r in rows]
+
+
+def time_steps(root: Path, manifest: Path, tok_dir: Path, runs: dict, seed: int, batch_size: int, steps: int
+               ) -> dict[int, float]:
+    """Median stage-1 step seconds of every variant, measured back to back in short runs of ``steps`` steps: a
+    variant's training shares the machine with whatever else ran during its minutes, so its own log times it
+    poorly against the others'. Kept in ``root/timing.json`` (remeasured when a variant is missing)."""
+    from g4v_jax.world.demo import train_stage
+
+    timing_file = root / "timing.json"
+    timing = {int(k): v for k, v in json.loads(timing_file.read_text()).items()} if timing_file.is_file() else {}
+    if all(i in timing for i in runs):
+        return timing
+    timing = {}
+    for index, (init, extra) in runs.items():
+        tmp = root / f"v{index}" / "timing"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_stage(1, tmp, manifest, tok_dir, steps, init, seed, False, batch_size,
+                    [*extra, "train.save_every=1000000"])
+        timing[index] = step_seconds(tmp / "stage1" / "metrics.jsonl")
+        shutil.rmtree(tmp)
+    timing_file.write_text(json.dumps(timing))
+    return timing
 
 
 QA_TYPES = ("What colour", "What shape", "How does", "What is")
@@ -290,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         per_seed = {s: run_seed(out / f"seed{s}", s, [VARIANTS[i] for i in chosen],
                                 size=QUICK_SIZE if args.quick else FULL, steps=steps, eval_split=args.eval_split,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, timing_steps=0 if args.quick else TIMING_STEPS)
                     for s in seeds}
     except Interrupted as e:
         print(f"{e} (the ablation: run the same command again; finished variants are kept)", file=sys.stderr)
