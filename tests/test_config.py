@@ -45,7 +45,7 @@ def test_overrides_parse_yaml_values():
         ("model.vision.num_layer=3", "unknown config key 'model.vision.num_layer'. Did you mean 'num_layers'?"),
         ("modle.num_frames=3", "unknown config key 'modle'"),
         ("model.vision.num_layers=two", "model.vision.num_layers must be an integer"),
-        ("model.abstractor.variant=qformer", "abstractor.variant must be"),
+        ("model.abstractor.variant=perceiver", "abstractor.variant must be"),
         ("model.compute_dtype=float8", "model.compute_dtype must be"),
         ("model.vision.num_layers", "not of the form key=value"),
     ],
