@@ -281,7 +281,8 @@ def markdown_report(per_seed: dict[int, list[dict]]) -> str:
         f"Stage 1 ({any_row['steps']} steps) from one stage-0 LLM and vision tower per seed; judged on the "
         f"{any_row['eval_split']} split: video-QA exact match (%, overall and per question type) and \"Describe the "
         "video.\" captions against each video's own caption (BLEU-4 and METEOR, %). Step: median seconds per "
-        "stage-1 step on this machine. Params: the abstractor's.",
+        "stage-1 step on this machine, the variants timed back to back (--quick: during training). Params: the "
+        "abstractor's.",
         "",
     ]
     summary = mean_rows([per_seed[s] for s in seeds]) if len(seeds) > 1 else per_seed[seeds[0]]
