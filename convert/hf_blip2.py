@@ -73,7 +73,7 @@ def load_hf_qformer(src: str | Path, shapes: Mapping[str, tuple[int, ...]], *, p
     ignore = list(BLIP2_IGNORE)
     if "query_tokens" not in tensors:
         wanted.pop("abstractor.query_tokens", None)
-    proj = tensors.get("language_projection.weight") if "language_projection.weight" in tensors else None
+    proj = tensors.get("language_projection.weight")
     if proj is None or tuple(np.shape(proj))[0] != wanted.get("abstractor.proj.kernel", (0, 0))[1]:
         wanted = {k: v for k, v in wanted.items() if not k.startswith("abstractor.proj.")}
         ignore.append(r"^language_projection\.")

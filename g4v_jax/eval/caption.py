@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, write_jsonl
+from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.qa import QAItem, _find_video, answer_items, sha256_of
 
 _log = logging.getLogger(__name__)
@@ -305,15 +306,14 @@ def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequ
 
 
 def caption_videos(model, tokenizer, items: Sequence[CaptionItem], *, instruction: str = INSTRUCTION, sampling,
-                   batch_size: int = 8, progress: bool = True, system_prompt: str | None = None
+                   batch_size: int = 8, progress: bool = True, system_prompt: str = SYSTEM_PROMPT
                    ) -> tuple[dict[str, str], dict[str, str]]:
     """The model's caption of every video ({id: caption}) and {id: error} for those it could not caption.
     ``system_prompt``: the one the model was trained with (default: the release's)."""
     # QA's runner sends exactly the turns we need (the video, then one human text turn); its answer is unused
     questions = [QAItem(it.id, it.video, instruction, "") for it in items]
-    system = {} if system_prompt is None else {"system_prompt": system_prompt}
     return answer_items(model, tokenizer, questions, sampling=sampling, batch_size=batch_size, progress=progress,
-                        **system)
+                        system_prompt=system_prompt)
 
 
 def build_report(*, checkpoint: str, data: str | os.PathLike, items: Sequence[CaptionItem],

@@ -45,7 +45,6 @@ class SpatioTemporalPool(nnx.Module):
                  num_patches: int, *,
                  param_dtype=jnp.float32, dtype=jnp.float32, attention_impl="auto", rngs: nnx.Rngs):
         del attention_impl  # no attention here; the argument keeps one constructor signature for every variant
-        self.cfg = cfg
         self.dtype = dtype
         self.pool_frames = pool_frames
         self.frame_embedding = frame_embedding(cfg, vision_width, param_dtype, rngs)

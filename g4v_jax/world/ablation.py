@@ -37,7 +37,18 @@ from typing import Sequence
 
 import numpy as np
 
-from g4v_jax.world.demo import FULL, QUICK, RunSize
+import g4v_jax
+from g4v_jax.config import load_config
+from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.tokenizer import load_tokenizer
+from g4v_jax.eval.caption import CaptionItem, caption_videos, score_captions
+from g4v_jax.eval.qa import read_qa
+from g4v_jax.models.gpt4video import build_model
+from g4v_jax.train import Interrupted, read_metrics
+from g4v_jax.weights import assign_params, load, load_model_config, named_params, param_shapes, save_pretrained
+from g4v_jax.world.demo import (FULL, QUICK, SYSTEM_PROMPT, RunSize, _sampling, eval_qa, make_world, pretrain_vision,
+                                split_files, train_stage, vision_feature_cache)
+from g4v_jax.world.tasks import DESCRIBE_INSTRUCTION
 
 # the world's abstractor has 32 queries (configs/world/model.yaml); the paper's, 64. Table 5's Q-Formers have 1x and
 # 2x the paper's count, so here 32 and 64.
@@ -84,9 +95,6 @@ def stage1_seq_len(base_seq_len: int, base_tokens: int, tokens: int) -> int:
 
 def variant_init(stage0: Path, variant: Variant, dst: Path, seed: int) -> Path:
     """A model directory for ``variant``'s stage 1: the stage-0 directory's tower and LLM, a fresh abstractor."""
-    from g4v_jax.models.gpt4video import build_model
-    from g4v_jax.weights import assign_params, load, load_model_config, named_params, save_pretrained
-
     if (dst / "config.yaml").is_file():
         return dst
     cfg = load_model_config(stage0, list(variant.overrides))
@@ -100,8 +108,6 @@ def variant_init(stage0: Path, variant: Variant, dst: Path, seed: int) -> Path:
 
 def step_seconds(metrics_file: Path, skip: int = 3) -> float:
     """Median seconds per optimizer step, the first ``skip`` steps (compilation) left out."""
-    from g4v_jax.train import read_metrics
-
     rows = read_metrics(metrics_file)
     times = [r["tokens"] / r["tokens_per_s"] for r in rows[skip:] if r.get("tokens_per_s")]
     return float(np.median(times)) if times else float("nan")
@@ -109,10 +115,6 @@ def step_seconds(metrics_file: Path, skip: int = 3) -> float:
 
 def caption_items(qa_file: Path, catalogue: Path, limit: int):
     """One ``CaptionItem`` per video of ``qa_file`` (at most ``limit``), its reference its own caption."""
-    from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
-    from g4v_jax.eval.caption import CaptionItem
-    from g4v_jax.eval.qa import read_qa
-
     captions = {str(resolve_video_path(row["video"], catalogue.parent)): row["caption"]
                 for _, row in iter_jsonl(catalogue)}
     videos = list(dict.fromkeys(it.video for it in read_qa(qa_file)))[:limit]
@@ -120,10 +122,6 @@ def caption_items(qa_file: Path, catalogue: Path, limit: int):
 
 
 def evaluate(model, tokenizer, qa_file: Path, catalogue: Path, limit: int, progress: bool) -> dict:
-    from g4v_jax.eval.caption import caption_videos, score_captions
-    from g4v_jax.world.demo import SYSTEM_PROMPT, _sampling, eval_qa
-    from g4v_jax.world.tasks import DESCRIBE_INSTRUCTION
-
     qa = eval_qa(model, tokenizer, qa_file, limit, progress)
     items = caption_items(qa_file, catalogue, limit)
     captions, errors = caption_videos(model, tokenizer, items, instruction=DESCRIBE_INSTRUCTION,
@@ -141,12 +139,6 @@ def run_seed(out: Path, seed: int, variants: Sequence[Variant], *, size: RunSize
     stage-0 models made at ``size`` (the demo's ``FULL``, or ``QUICK_SIZE``); a finished variant is kept. Step
     times come from back-to-back runs of ``timing_steps`` steps (``time_steps``), or with 0 from each variant's own
     training log."""
-    import g4v_jax
-    from g4v_jax.config import load_config
-    from g4v_jax.data.tokenizer import load_tokenizer
-    from g4v_jax.weights import load_model_config, param_shapes
-    from g4v_jax.world.demo import make_world, pretrain_vision, split_files, train_stage, vision_feature_cache
-
     world_cfg = load_config("world")
     world, tok_dir = make_world(out, size, seed)
     tokenizer = load_tokenizer(tok_dir)
@@ -158,14 +150,14 @@ def run_seed(out: Path, seed: int, variants: Sequence[Variant], *, size: RunSize
     cache = vision_feature_cache(stage0, world.stage1, out / "vision_cache", progress)
     files = split_files(world, eval_split)
     base = world_cfg.model.num_video_tokens
-    extra = {}
+    runs = {}  # index -> (its init directory, its stage-1 overrides), for the timing runs too
     rows = []
     for v in variants:
         vdir = out / "ablation" / f"v{v.index}"
         init = variant_init(stage0, v, vdir / "init", seed)
         cfg = load_model_config(init).model
         seq_len = stage1_seq_len(world_cfg.data.seq_len, base, cfg.num_video_tokens)
-        extra[v.index] = (init, [f"data.vision_cache={cache}", f"data.seq_len={seq_len}", *v.overrides])
+        runs[v.index] = (init, [f"data.vision_cache={cache}", f"data.seq_len={seq_len}", *v.overrides])
         result_file = vdir / f"result_{eval_split}.json"
         if result_file.is_file():
             rows.append(json.loads(result_file.read_text()))
@@ -173,7 +165,7 @@ def run_seed(out: Path, seed: int, variants: Sequence[Variant], *, size: RunSize
         print(f"#{v.index} {v.name}: stage 1, {steps} steps")
         t0 = time.perf_counter()
         train = train_stage(1, vdir, world.stage1, tok_dir, steps, init, seed, progress, size.batch_size,
-                            extra[v.index][1])
+                            runs[v.index][1])
         seconds = time.perf_counter() - t0
         model = g4v_jax.load(vdir / "stage1" / "final")
         params = sum(int(np.prod(s)) for k, (s, _) in param_shapes(model).items() if k.startswith("abstractor."))
@@ -186,7 +178,7 @@ def run_seed(out: Path, seed: int, variants: Sequence[Variant], *, size: RunSize
         rows.append(row)
     if not timing_steps:
         return [{**r, "step_seconds": r["train_step_seconds"]} for r in rows]
-    timing = time_steps(out / "ablation", world.stage1, tok_dir, extra, seed, size.batch_size, timing_steps)
+    timing = time_steps(out / "ablation", world.stage1, tok_dir, runs, seed, size.batch_size, timing_steps)
     return [{**r, "step_seconds": timing[r["index"]]} for r in rows]
 
 
@@ -195,8 +187,6 @@ def time_steps(root: Path, manifest: Path, tok_dir: Path, runs: dict, seed: int,
     """Median stage-1 step seconds of every variant, measured back to back in short runs of ``steps`` steps: a
     variant's training shares the machine with whatever else ran during its minutes, so its own log times it
     poorly against the others'. Kept in ``root/timing.json`` (remeasured when a variant is missing)."""
-    from g4v_jax.world.demo import train_stage
-
     timing_file = root / "timing.json"
     timing = {int(k): v for k, v in json.loads(timing_file.read_text()).items()} if timing_file.is_file() else {}
     if all(i in timing for i in runs):
@@ -316,8 +306,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--variants: no row {unknown[0]} (rows are 0-{len(VARIANTS) - 1})")
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be >= 1")
-    from g4v_jax.train import Interrupted
-
     steps = args.steps or (QUICK_STEPS if args.quick else STAGE1_STEPS)
     out = Path(args.out)
     t0 = time.perf_counter()

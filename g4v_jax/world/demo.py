@@ -82,8 +82,8 @@ class RunSize:
 
 # Measured on the 2-core dev machines, uncontended. On 2026-12-04 this FULL run took 1003 s (seed 0) and 935 s (seed 1):
 # stage 1 352-356 s (600 steps), stage 2 168-169 s (400 unpacked steps). Earlier, with 1,000 vision steps of a
-# 64-wide tower this run took 1010 s one
-# day (stage 0 448 s at 0.74 s a step) and 1309 s on the same machine a few hours later (every step ~25% slower); on
+# 64-wide tower this run took 1010 s one day (stage 0 448 s at 0.74 s a step) and 1309 s on the same machine a few hours
+# later (every step ~25% slower); on
 # 2026-12-02 the same code took 723 s (stage 0 317 s at 0.51 s a step) and this FULL run 722-750 s (vision 110-115 s,
 # stage 0 311-325 s, stage 1 136-145 s, stage 2 87-94 s, eval 44-56 s): the machine moves the total more than these
 # settings do. The machine also moves the numbers: that day stage 0 ended at loss 0.214 where the same code, data and
