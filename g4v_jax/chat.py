@@ -57,6 +57,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from g4v_jax.cli import add_t2v_arguments, t2v_arguments
 from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.inference.batch import BatchOutputError, answer_batch_file
@@ -205,8 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--safety-checker", default=None,
                     help="converted SD safety checker dir (python -m convert.sd_safety_checker): input and output "
                          "video gate")
-    ap.add_argument("--t2v", default=None, help="render the <video> prompts with this backend: solid | diffusers")
-    ap.add_argument("--t2v-path", default=None, help="the diffusers pipeline directory (e.g. zeroscope_v2_576w)")
+    add_t2v_arguments(ap, default=None)
     ap.add_argument("--t2v-out", default="outputs/videos")
     ap.add_argument("--blocklist", default="", help="comma-separated words no video prompt may contain")
     ap.add_argument("overrides", nargs="*", help="model config overrides, e.g. model.compute_dtype=bfloat16")
@@ -237,12 +237,12 @@ def _safety_and_t2v(args):
         gate, check_video = make_video_gate(checker), make_output_video_check(checker)
     renderer = None
     if args.t2v:
-        options = {"path": args.t2v_path} if args.t2v == "diffusers" else {}
         blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
         try:
-            renderer = make_renderer(args.t2v, args.t2v_out, check_prompt=keyword_prompt_check(blocklist),
-                                     check_video=check_video, **options)
-        except (ImportError, ValueError, RuntimeError) as e:  # unknown backend, missing weights, no torch
+            options, settings = t2v_arguments(args)
+            renderer = make_renderer(args.t2v, args.t2v_out, settings=settings,
+                                     check_prompt=keyword_prompt_check(blocklist), check_video=check_video, **options)
+        except (ImportError, ValueError, TypeError, RuntimeError) as e:  # unknown backend/option, no weights, no torch
             raise CLIError(f"--t2v {args.t2v}: {e}") from None
     return gate, renderer
 

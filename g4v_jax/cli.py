@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 EXIT_USAGE = 2  # argparse's status for a usage error; the same for every other input error
@@ -51,3 +51,56 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("g4v_jax").setLevel(logging.INFO)
     if not verbose:
         logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
+def parse_key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """``["steps=4", "cpu_offload=true", "prompt_suffix=, cinematic"]`` -> ``{"steps": 4, "cpu_offload": True,
+    "prompt_suffix": ", cinematic"}``: ints, floats, true/false and none are read as such, anything else stays a str.
+    A malformed item is a ``ValueError`` naming ``flag``."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE with KEY a name")
+        lowered = text.strip().lower()
+        value: Any = text
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        elif lowered == "none":
+            value = None
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(text)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
+
+
+def add_t2v_arguments(ap: Any, default: str | None) -> None:
+    """The text-to-video flags ``python -m g4v_jax.chat`` and ``python -m g4v_jax.serve`` share."""
+    ap.add_argument("--t2v", default=default,
+                    help="render the <video> prompts with this backend: diffusers (any local diffusers text-to-video "
+                         "pipeline: ZeroScope, AnimateDiff, Wan, LTX-Video, CogVideoX), world, solid"
+                         + (" or none" if default == "none" else ""))
+    ap.add_argument("--t2v-path", default=None, help="the diffusers pipeline directory (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    ap.add_argument("--t2v-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a backend option, repeatable: family, dtype, device, cpu_offload (true|sequential), "
+                         "vae_tiling, vae_slicing, scheduler, prompt_prefix, prompt_suffix, max_prompt_tokens, strict")
+    ap.add_argument("--t2v-setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="a generation setting over the model family's defaults, repeatable: num_frames, height, "
+                         "width, steps, guidance_scale, seed, negative_prompt")
+
+
+def t2v_arguments(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The backend options and the settings overrides the ``add_t2v_arguments`` flags ask for."""
+    options = parse_key_values(args.t2v_option, "--t2v-option")
+    if args.t2v_path:
+        options["path"] = args.t2v_path
+    elif args.t2v == "diffusers" and "path" not in options:
+        raise ValueError("--t2v diffusers needs --t2v-path DIR (a diffusers pipeline directory)")
+    return options, parse_key_values(args.t2v_setting, "--t2v-setting")
+

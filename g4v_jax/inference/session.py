@@ -241,11 +241,21 @@ def make_renderer(backend_name: str, out_dir: str | os.PathLike, *, settings=Non
                   check_video=None, **backend_options) -> Callable[[Sequence[VideoRequest], str], list]:
     """Chat answer -> files: every request's prompt is checked (``check_prompt``), the backend renders the accepted
     ones, every video is checked (``check_video``) and written under ``out_dir``. A failure is reported per request
-    and never touches the text answer (``t2v.render_requests``)."""
+    and never touches the text answer (``t2v.render_requests``).
+
+    ``settings``: a ``T2VSettings``, a dict of its fields over the backend's defaults (``default_settings``: the
+    family's for a diffusers pipeline, e.g. 81 frames of 480x832 for Wan), or None for those defaults."""
     from g4v_jax.t2v import T2VSettings, make_backend, render_requests
 
     backend = make_backend(backend_name, **backend_options)
-    settings = settings or T2VSettings()
+    defaults = getattr(backend, "default_settings", None) or T2VSettings()
+    if isinstance(settings, dict):
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(T2VSettings)})
+        if unknown:
+            raise ValueError(f"unknown text-to-video setting(s) {unknown}; known: "
+                             f"{[f.name for f in dataclasses.fields(T2VSettings)]}")
+        settings = dataclasses.replace(defaults, **settings)
+    settings = settings or defaults
 
     def render(requests: Sequence[VideoRequest], stem: str) -> list:
         return render_requests(backend, requests, settings, out_dir, check_prompt=check_prompt,

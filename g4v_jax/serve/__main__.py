@@ -5,7 +5,8 @@
     python3 dev.py serve          # the same, for the model `python3 dev.py demo` trained
 
 Options: ``--host``/``--port``; ``--t2v NAME`` (a ``g4v_jax.t2v`` backend: world, diffusers, solid; none: the
-``<video>`` requests stay text) with ``--t2v-path DIR`` for diffusers; ``--detector DIR`` (the world's learned input
+``<video>`` requests stay text) with ``--t2v-path DIR`` for diffusers, ``--t2v-option KEY=VALUE`` (backend options,
+e.g. ``cpu_offload=true``) and ``--t2v-setting KEY=VALUE`` (over the model family's defaults); ``--detector DIR`` (the world's learned input
 detector) or ``--safety-checker DIR`` (the SD safety checker) for the input gate and the output check;
 ``--media-dir DIR`` (file:// video URLs inside it), ``--output-dir DIR``; ``--slots``, ``--max-length``,
 ``--max-queue`` (the engine), ``--max-body-mb``, ``--max-videos``, ``--max-video-mb``, ``--max-video-frames``,
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from g4v_jax.cli import fail, guard, setup_logging
+from g4v_jax.cli import add_t2v_arguments, fail, guard, setup_logging, t2v_arguments
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -31,8 +32,7 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model-name", default=None, help="the model id of /v1/models (default: the checkpoint's name)")
-    ap.add_argument("--t2v", default="none", help="text-to-video backend: world, diffusers, solid or none")
-    ap.add_argument("--t2v-path", default=None)
+    add_t2v_arguments(ap, default="none")
     ap.add_argument("--detector", default=None, help="a learned input detector directory (the world demo's)")
     ap.add_argument("--safety-checker", default=None, help="an SD safety checker directory (convert.sd_safety_checker)")
     ap.add_argument("--blocklist", default="", help="comma-separated words no video prompt may contain")
@@ -98,13 +98,13 @@ def _safety_and_t2v(args):
     if args.t2v != "none":
         from g4v_jax.inference.session import make_renderer
 
-        if args.t2v == "world":
-            import g4v_jax.world.backend  # noqa: F401  (registers the "world" backend)
-
-        options = {"path": args.t2v_path} if args.t2v_path else {}
+        options, settings = t2v_arguments(args)
         blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
-        renderer = make_renderer(args.t2v, Path(args.output_dir) / "videos",
-                                 check_prompt=keyword_prompt_check(blocklist), check_video=check_video, **options)
+        try:
+            renderer = make_renderer(args.t2v, Path(args.output_dir) / "videos", settings=settings,
+                                     check_prompt=keyword_prompt_check(blocklist), check_video=check_video, **options)
+        except (ImportError, TypeError, RuntimeError) as e:  # no torch, an unknown option, weights that fail to load
+            raise ValueError(f"--t2v {args.t2v}: {e}") from None
     return gate, renderer
 
 

@@ -26,7 +26,9 @@ Files
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -142,8 +144,14 @@ def register_backend(name: str, factory: Callable[..., T2VBackend], *, replace: 
     BACKENDS[name] = factory
 
 
+# Backends registered by importing a module outside ``t2v`` (which must not import it: the world depends on t2v).
+PROVIDERS = {"world": "g4v_jax.world.backend"}
+
+
 def make_backend(name: str, **options: Any) -> T2VBackend:
     """The backend registered as ``name``, built with ``options`` (e.g. ``make_backend("diffusers", path=...)``)."""
+    if name not in BACKENDS and name in PROVIDERS:
+        importlib.import_module(PROVIDERS[name])
     try:
         factory = BACKENDS[name]
     except KeyError:
@@ -264,6 +272,8 @@ class RenderedVideo:
     request: VideoRequest
     path: Path | None
     error: str | None
+    sent_prompt: str | None = None  # what the backend received, when it adapts prompts (``plan``)
+    notes: tuple[str, ...] = ()  # what the backend changed: frames or size rounded to its rules, a truncated prompt
 
     @property
     def ok(self) -> bool:
@@ -297,7 +307,7 @@ def render_requests(
     check_prompt: Callable[[str], str | None] | None = None,
     check_video: Callable[[np.ndarray], str | None] | None = None,
     stem: str = "video",
-    fps: int = 8,
+    fps: int | None = None,
     gif: bool = False,
     batch_size: int | None = None,
 ) -> list[RenderedVideo]:
@@ -311,7 +321,11 @@ def render_requests(
     3. ``check_video(frames uint8 (F, H, W, 3))`` -> a reason to withhold, or None. Withheld: no file is written,
        error ``"withheld: <reason>"``.
     4. Files: ``out_dir/{stem}_{i}.mp4`` with i the request's 1-based position in ``requests`` (and a ``.gif`` if
-       ``gif``); an OS error gives ``"write failed: ..."``.
+       ``gif``), at ``fps`` frames a second (None: the backend's ``fps``, e.g. 16 for Wan, else 8); an OS error gives
+       ``"write failed: ..."``.
+
+    A backend with a ``plan(prompts, settings)`` method (``DiffusersBackend``) reports what it sent: each result
+    carries the adapted prompt and the notes (frames or size moved to the model's rules, a truncated prompt).
 
     A check that raises counts as a rejection (fail closed). The checks are the caller's: ``g4v_jax.t2v`` does not
     depend on the safety module.
@@ -319,8 +333,9 @@ def render_requests(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     _check_stem(stem)
-    if fps < 1:
-        raise ValueError(f"fps must be >= 1, got {fps}")
+    fps = getattr(backend, "fps", 8) if fps is None else fps
+    if not isinstance(fps, int) or fps < 1:
+        raise ValueError(f"fps must be an int >= 1, got {fps!r}")
     requests = list(requests)
     results: list[RenderedVideo | None] = [None] * len(requests)
     accepted: list[int] = []
@@ -334,26 +349,32 @@ def render_requests(
     step = batch_size or max(len(accepted), 1)
     for start in range(0, len(accepted), step):
         batch = accepted[start : start + step]
+        prompts = [requests[i].prompt for i in batch]
+        sent, notes = [None] * len(batch), [()] * len(batch)
         try:
-            videos = check_videos(backend.generate([requests[i].prompt for i in batch], settings), len(batch))
+            if hasattr(backend, "plan"):  # a backend that adapts prompts or settings says how, per prompt
+                plan = backend.plan(prompts, settings)
+                sent, notes = list(plan.prompts), list(plan.notes)
+            videos = check_videos(backend.generate(prompts, settings), len(batch))
         except Exception as e:  # noqa: BLE001 - the text answer must survive any backend failure
             name = getattr(backend, "name", type(backend).__name__)
             logger.warning("text-to-video backend %r failed on %d prompt(s): %s", name, len(batch), _describe(e))
             for i in batch:
                 results[i] = RenderedVideo(requests[i], None, f"generation failed: {_describe(e)}")
             continue
-        for i, frames in zip(batch, videos):
+        for i, frames, sent_prompt, note in zip(batch, videos, sent, notes):
+            done = functools.partial(RenderedVideo, requests[i], sent_prompt=sent_prompt, notes=tuple(note))
             reason = _run_check(check_video, frames, "video")
             if reason is not None:
-                results[i] = RenderedVideo(requests[i], None, f"withheld: {reason}")
+                results[i] = done(None, f"withheld: {reason}")
                 continue
             try:
                 out = Path(out_dir)
                 out.mkdir(parents=True, exist_ok=True)
                 path = _write_one(frames, out / f"{stem}_{i + 1}.mp4", fps, gif)
             except (OSError, ValueError, av.error.FFmpegError) as e:
-                results[i] = RenderedVideo(requests[i], None, f"write failed: {_describe(e)}")
+                results[i] = done(None, f"write failed: {_describe(e)}")
             else:
-                results[i] = RenderedVideo(requests[i], path, None)
+                results[i] = done(path, None)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]

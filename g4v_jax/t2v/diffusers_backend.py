@@ -37,7 +37,10 @@ Seeds
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -47,8 +50,13 @@ from typing import Any
 import numpy as np
 
 from g4v_jax.t2v.base import T2VError, T2VSettings, check_videos, register_backend
+from g4v_jax.t2v.families import (
+    FAMILIES, GENERIC, PromptTemplate, family_for_pipeline, fit_settings, probe, read_rules,
+)
 
-__all__ = ["DiffusersBackend"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["DiffusersBackend", "Plan"]
 
 _INSTALL_HINT = "install the torch extra: pip install -e '.[torch]' (torch and diffusers, pinned in pyproject.toml)"
 
@@ -211,25 +219,59 @@ def _to_uint8_videos(frames: Any, n_prompts: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What ``generate`` sends the pipeline for some prompts: the adapted prompts, the fitted settings and, per
+    prompt, the notes a user should see (frames or size moved to the family's rule, a prompt truncated)."""
+
+    prompts: tuple[str, ...]
+    settings: T2VSettings
+    notes: tuple[tuple[str, ...], ...]
+
+
+def _read_class_name(path: Path) -> str:
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise T2VError(f"{str(path)!r}: cannot read model_index.json: {type(e).__name__}: {e}") from e
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(name, str):
+        raise T2VError(f"{str(path)!r}: model_index.json has no '_class_name' naming the pipeline class")
+    return name
+
+
 class DiffusersBackend:
     """A local diffusers text-to-video pipeline directory as a ``T2VBackend`` (module docstring).
 
     Args:
         path: the pipeline directory (with ``model_index.json``).
+        family: a ``t2v.families.FAMILIES`` name; None reads it from the directory's pipeline class (an unknown class
+            is ``"generic"``: no rule applied, diffusers' own checks speak).
         device: ``"cuda"`` if torch sees a GPU, else ``"cpu"``.
-        dtype: float16 on CUDA, float32 on CPU by default; ``"bfloat16"`` / ``"float16"`` / ``"float32"`` (or a
-            ``torch.dtype``).
-        cpu_offload: keep weights on the CPU and move each component to ``device`` when it runs (less GPU memory;
-            needs ``accelerate``).
+        dtype: the family's on CUDA (float16 for ZeroScope and AnimateDiff, bfloat16 for Wan, LTX-Video, CogVideoX),
+            float32 on CPU; ``"bfloat16"`` / ``"float16"`` / ``"float32"`` (or a ``torch.dtype``). Wan's VAE stays
+            float32 (its documented setting).
+        cpu_offload: ``True`` / ``"model"``: each component moves to ``device`` when it runs
+            (``enable_model_cpu_offload``); ``"sequential"``: layer by layer (least memory, slowest). Needs
+            ``accelerate``.
+        vae_tiling, vae_slicing: decode in tiles / one video at a time (the VAE's ``enable_tiling`` /
+            ``enable_slicing``): less memory for large or many videos.
         scheduler: ``None`` keeps the directory's scheduler; ``"dpm"`` (ZeroScope's), ``"ddim"``, ``"euler"``,
             ``"unipc"`` or a diffusers scheduler class name rebuilds it ``from_config`` of the saved one.
+        prompt_prefix, prompt_suffix, max_prompt_tokens: the ``PromptTemplate`` (module docstring of ``families``).
+        strict: a request that breaks the family's frame or size rule is an error instead of being rounded.
         progress: show diffusers' per-step progress bar.
+
+    ``default_settings`` and ``fps`` are the family's; ``rules`` the loaded pipeline's.
     """
 
     name = "diffusers"
 
-    def __init__(self, path: str | os.PathLike, *, device: str | None = None, dtype: Any = None,
-                 cpu_offload: bool = False, scheduler: str | None = None, progress: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, family: str | None = None, device: str | None = None,
+                 dtype: Any = None, cpu_offload: bool | str = False, vae_tiling: bool = False,
+                 vae_slicing: bool = False, scheduler: str | None = None, prompt_prefix: str = "",
+                 prompt_suffix: str = "", max_prompt_tokens: int | None = None, strict: bool = False,
+                 progress: bool = False) -> None:
         torch, diffusers = _import_torch_diffusers()
         self._torch = torch
         self.path = Path(path)
@@ -238,17 +280,38 @@ class DiffusersBackend:
         if not (self.path / "model_index.json").is_file():
             raise T2VError(f"{str(self.path)!r}: not a diffusers pipeline directory (no model_index.json); pass the "
                            "folder that save_pretrained wrote or a hub snapshot of the pipeline")
+        if family is None:
+            self.family = family_for_pipeline(_read_class_name(self.path))
+        elif family in FAMILIES or family == GENERIC.name:
+            self.family = FAMILIES.get(family, GENERIC)
+        else:
+            raise ValueError(f"unknown text-to-video family {family!r}; known: {', '.join([*FAMILIES, GENERIC.name])}")
+        if cpu_offload not in (False, True, "model", "sequential"):
+            raise ValueError(f"cpu_offload must be False, True, 'model' or 'sequential', got {cpu_offload!r}")
+        self.template = PromptTemplate(prompt_prefix, prompt_suffix, max_prompt_tokens)
+        self.strict = strict
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = _resolve_dtype(torch, dtype, self.device)
+        on_cuda = str(self.device).startswith("cuda")
+        self.dtype = _resolve_dtype(torch, dtype if dtype is not None or not on_cuda else self.family.cuda_dtype,
+                                    self.device)
+        dtypes = {"default": self.dtype, **{c: torch.float32 for c in self.family.keep_fp32}}
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(
-                os.fspath(self.path), local_files_only=True, **{_dtype_keyword(diffusers): self.dtype})
+                os.fspath(self.path), local_files_only=True,
+                **{_dtype_keyword(diffusers): dtypes if len(dtypes) > 1 else self.dtype})
         except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors errors, ...
             raise T2VError(f"{str(self.path)!r}: cannot load the diffusers pipeline: {type(e).__name__}: {e}") from e
         if scheduler is not None:
             pipe.scheduler = self._make_scheduler(diffusers, scheduler, pipe)
+        for switch, wanted in (("enable_tiling", vae_tiling), ("enable_slicing", vae_slicing)):
+            if wanted:
+                if not hasattr(getattr(pipe, "vae", None), switch):
+                    raise T2VError(f"{str(self.path)!r}: the pipeline's VAE has no {switch}()")
+                getattr(pipe.vae, switch)()
         try:
-            if cpu_offload:
+            if cpu_offload == "sequential":
+                pipe.enable_sequential_cpu_offload(device=self.device)
+            elif cpu_offload:
                 pipe.enable_model_cpu_offload(device=self.device)
             else:
                 pipe.to(self.device)
@@ -257,9 +320,17 @@ class DiffusersBackend:
             raise T2VError(f"{str(self.path)!r}: {how} {self.device!r} failed: {type(e).__name__}: {e}") from e
         pipe.set_progress_bar_config(disable=not progress)
         self.pipeline = pipe
+        self.rules = read_rules(self.family, pipe)
+        self.default_settings = self.family.settings
+        self.fps = self.family.fps
         params = inspect.signature(pipe.__call__).parameters
         self._call_params = None if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set(params)
         self._warned: set[str] = set()
+        self.text_length = self._text_length()
+        self.prompt_budget = self.template.max_tokens or self.text_length
+        if self.prompt_budget is not None and self._count_tokens(self.template.apply("")) >= self.prompt_budget:
+            raise ValueError(f"the prompt template's prefix and suffix alone take {self._count_tokens(self.template.apply(''))}"
+                             f" of the {self.prompt_budget} tokens {type(pipe).__name__} reads")
 
     def _make_scheduler(self, diffusers: Any, scheduler: str, pipe: Any) -> Any:
         cls_name = SCHEDULERS.get(scheduler.lower(), scheduler)
@@ -272,8 +343,61 @@ class DiffusersBackend:
         return cls.from_config(pipe.scheduler.config)
 
     def __repr__(self) -> str:
-        return (f"DiffusersBackend({str(self.path)!r}, pipeline={type(self.pipeline).__name__}, "
-                f"device={self.device!r}, dtype={self.dtype}, scheduler={type(self.pipeline.scheduler).__name__})")
+        return (f"DiffusersBackend({str(self.path)!r}, family={self.family.name}, "
+                f"pipeline={type(self.pipeline).__name__}, device={self.device!r}, dtype={self.dtype}, "
+                f"scheduler={type(self.pipeline.scheduler).__name__})")
+
+    # ---- prompts ---------------------------------------------------------------------------------------------------
+
+    def _text_length(self) -> int | None:
+        """Tokens the model reads: the family's ``max_sequence_length`` (T5) or the tokenizer's own (CLIP)."""
+        length = self.family.text_length
+        if isinstance(length, str):
+            length = probe(self.pipeline, length)
+        if length is None:
+            length = getattr(getattr(self.pipeline, "tokenizer", None), "model_max_length", None)
+            if not isinstance(length, int) or length > 100_000:  # transformers' "no limit" sentinel
+                length = None
+        return length
+
+    def _count_tokens(self, text: str) -> int:
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if tokenizer is None:
+            return 0
+        return len(tokenizer(text, truncation=False, verbose=False).input_ids)
+
+    def adapt_prompt(self, caption: str) -> tuple[str, tuple[str, ...]]:
+        """``caption`` through the template, whole words dropped from its end until it fits the token budget; the
+        prompt to send and the notes (a truncation is reported, never silent)."""
+        text = self.template.apply(caption)
+        budget = self.prompt_budget
+        if budget is None or self._count_tokens(text) <= budget:
+            return text, ()
+        words = caption.split()
+        lo, hi = 0, len(words)  # the longest prefix of words that fits: binary search on the count
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._count_tokens(self.template.apply(" ".join(words[:mid]))) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        kept = self.template.apply(" ".join(words[:lo]))
+        dropped = " ".join(words[lo:])
+        return kept, (f"prompt truncated to {budget} tokens of {type(self.pipeline).__name__}'s tokenizer: dropped "
+                      f"{len(words) - lo} word(s) {dropped[:80]!r}",)
+
+    def plan(self, prompts: Sequence[str], settings: T2VSettings) -> Plan:
+        """What ``generate`` would send for ``prompts`` (raises ``T2VError`` when ``strict`` and a rule is broken)."""
+        if isinstance(prompts, str):
+            raise TypeError("plan takes a sequence of prompts, not a single str")
+        try:
+            fitted, setting_notes = fit_settings(settings, self.rules, strict=self.strict)
+        except ValueError as e:
+            raise T2VError(f"{str(self.path)!r}: {e}") from None
+        adapted = [self.adapt_prompt(p) for p in prompts]
+        return Plan(tuple(a[0] for a in adapted), fitted, tuple(setting_notes + a[1] for a in adapted))
+
+    # ---- generation ------------------------------------------------------------------------------------------------
 
     def _supported(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Drop keyword arguments this pipeline's ``__call__`` does not take (warning once per name)."""
@@ -293,43 +417,63 @@ class DiffusersBackend:
                               stacklevel=3)
         return kept
 
+    def _note(self, notes: Sequence[str]) -> None:
+        for note in notes:
+            if note not in self._warned:
+                self._warned.add(note)
+                logger.warning("%s: %s", self.path, note)
+
+    def call_arguments(self, plan: Plan) -> dict[str, Any]:
+        """The keyword arguments of the pipeline call for ``plan`` (what ``generate`` passes; ``bench/t2v.py`` calls
+        the pipeline with them directly as the peer)."""
+        torch, s = self._torch, plan.settings
+        kwargs: dict[str, Any] = dict(
+            prompt=list(plan.prompts),
+            num_frames=s.num_frames,
+            height=s.height,
+            width=s.width,
+            num_inference_steps=s.steps,
+            guidance_scale=float(s.guidance_scale),
+            generator=[torch.Generator(device="cpu").manual_seed(s.seed) for _ in plan.prompts],
+            output_type="np",
+        )
+        if s.negative_prompt is not None:
+            kwargs["negative_prompt"] = [s.negative_prompt] * len(plan.prompts)
+        if self.family.text_length is not None and self.text_length is not None:
+            kwargs["max_sequence_length"] = self.text_length
+        if self.family.fps_argument:
+            kwargs[self.family.fps_argument] = self.fps
+        return self._supported(kwargs)
+
     def generate(self, prompts: Sequence[str], settings: T2VSettings) -> np.ndarray:
         if isinstance(prompts, str):
             raise TypeError("generate takes a sequence of prompts, not a single str")
-        prompts = list(prompts)
-        n = len(prompts)
+        plan = self.plan(prompts, settings)
+        n, s = len(plan.prompts), plan.settings
         if n == 0:
-            return np.zeros((0, settings.num_frames, settings.height, settings.width, 3), np.uint8)
+            return np.zeros((0, s.num_frames, s.height, s.width, 3), np.uint8)
+        self._note(sorted({note for notes in plan.notes for note in notes}))
         torch = self._torch
-        kwargs: dict[str, Any] = dict(
-            prompt=prompts,
-            num_frames=settings.num_frames,
-            height=settings.height,
-            width=settings.width,
-            num_inference_steps=settings.steps,
-            guidance_scale=float(settings.guidance_scale),
-            generator=[torch.Generator(device="cpu").manual_seed(settings.seed) for _ in prompts],
-            output_type="np",
-        )
-        if settings.negative_prompt is not None:
-            kwargs["negative_prompt"] = [settings.negative_prompt] * n
-        kwargs = self._supported(kwargs)
-        what = (f"{n} video(s) of {settings.num_frames}x{settings.height}x{settings.width}, {settings.steps} steps, "
-                f"on {self.device} ({self.dtype})")
+        what = (f"{n} video(s) of {s.num_frames}x{s.height}x{s.width}, {s.steps} steps, on {self.device} "
+                f"({self.dtype})")
         try:
-            out = self.pipeline(**kwargs)
+            out = self.pipeline(**self.call_arguments(plan))
         except Exception as e:  # noqa: BLE001 - torch OOM is a RuntimeError; shape/argument errors ValueError
             message = f"{type(e).__name__}: {e}"
             if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # let the next, smaller, request run
-                message += "; try cpu_offload=True, a smaller batch_size, fewer frames or a smaller size"
+                message += "; try cpu_offload=True, vae_tiling=True, a smaller batch_size, fewer frames or a smaller size"
             raise T2VError(f"{str(self.path)!r}: generating {what} failed: {message}") from e
         frames = out.frames if hasattr(out, "frames") else out[0]
         try:
             videos = _to_uint8_videos(frames, n)
         except ValueError as e:
             raise T2VError(f"{str(self.path)!r}: unexpected {type(self.pipeline).__name__} output: {e}") from e
+        if self.family is not GENERIC and videos.shape[1:4] != (s.num_frames, s.height, s.width):
+            raise T2VError(f"{str(self.path)!r}: {type(self.pipeline).__name__} returned videos of "
+                           f"{videos.shape[1:4]} (frames, height, width) for a request of {s.num_frames}x{s.height}x"
+                           f"{s.width}; its rules differ from the {self.family.name!r} family's ({self.rules.describe()})")
         return check_videos(videos, n)
 
 

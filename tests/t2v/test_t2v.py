@@ -313,54 +313,14 @@ def test_to_uint8_rejects(frames, n, match):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _write_tiny_clip_tokenizer(directory, max_length):
-    """A tiny CLIP BPE vocabulary (letters, their word-final '</w>' forms, a few merges) loaded with from_pretrained."""
-    from transformers import CLIPTokenizer
-
-    directory.mkdir()
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters),
-              "th", "the</w>", "an", "and</w>", "in", "ing</w>"]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    merges = ["t h", "th e</w>", "a n", "an d</w>", "i n", "in g</w>"]
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores the files in transformers 5: from_pretrained
-    return CLIPTokenizer.from_pretrained(directory, model_max_length=max_length), len(tokens)
-
-
 @pytest.fixture(scope="module")
 def tiny_t2v_dir(tmp_path_factory):
     """A tiny random TextToVideoSDPipeline (components sized as diffusers' own fast test) saved with save_pretrained."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from g4v_jax.t2v.tiny import build_tiny_pipeline
 
-    root = tmp_path_factory.mktemp("tiny_t2v")
-    tokenizer, vocab_size = _write_tiny_clip_tokenizer(root / "tokenizer_src", max_length=16)
-    assert tokenizer("the thing and").input_ids[1:4] == [tokenizer.get_vocab()[t] for t in ("the</w>", "th", "ing</w>")]
-    torch.manual_seed(0)
-    unet = UNet3DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=4, attention_head_dim=4, norm_num_groups=2,
-    )
-    # two VAE blocks (one more than diffusers' test): 32x32 frames have 16x16 latents, 4x cheaper attention
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8), in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, sample_size=32, norm_num_groups=2,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, vocab_size=vocab_size, hidden_size=4, intermediate_size=16,
-        num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=16, projection_dim=4,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
-    pipe = TextToVideoSDPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                 scheduler=scheduler)
-    path = root / "pipeline"
-    pipe.save_pretrained(path)
-    return path
+    return build_tiny_pipeline("zeroscope", tmp_path_factory.mktemp("tiny_t2v"))
 
 
 @pytest.fixture(scope="module")
@@ -435,9 +395,11 @@ def test_diffusers_backend_load_failures(tmp_path, tiny_t2v_dir):
         make_backend("diffusers", path=tiny_t2v_dir, dtype="int8")
 
 
-def test_diffusers_generation_failure_becomes_t2v_error(tiny_backend, tmp_path):
+def test_diffusers_generation_failure_becomes_t2v_error(tiny_t2v_dir, tmp_path):
+    """With no family rules ("generic") diffusers' own check speaks, as one T2VError per request."""
+    backend = make_backend("diffusers", path=tiny_t2v_dir, device="cpu", family="generic")
     bad = T2VSettings(num_frames=2, height=30, width=32, steps=1)  # the UNet needs sizes divisible by 8
     with pytest.raises(T2VError, match=r"pipeline.*generating 1 video\(s\).*divisible by 8"):
-        tiny_backend.generate(["a red panda"], bad)
-    rendered = render_requests(tiny_backend, parse_video_tags(ANSWER), bad, tmp_path)
+        backend.generate(["a red panda"], bad)
+    rendered = render_requests(backend, parse_video_tags(ANSWER), bad, tmp_path)
     assert all(r.path is None and "divisible by 8" in r.error for r in rendered)
