@@ -8,7 +8,9 @@ engine with ``--batch-size`` slots that refills a slot as soon as its answer is 
 
 Options: ``--tokenizer DIR`` (default: the checkpoint directory), ``--max-new-tokens 256 --temperature 0 --top-p 1
 --top-k 0 --seed 0``, ``--system-prompt TEXT``, and ``key=value`` overrides of the saved model config
-(``model.compute_dtype=bfloat16``).
+(``model.compute_dtype=bfloat16``). Interactive answers' ``<video>`` requests are rendered with ``--t2v NAME``
+(``--t2v diffusers --t2v-path DIR`` for any local diffusers text-to-video pipeline, ``--t2v-option KEY=VALUE`` and
+``--t2v-setting KEY=VALUE`` repeatable) into ``--t2v-out DIR``.
 
 Interactive
     Each stdin line is a question, except ``/video PATH`` (attach a video to the next question; several may be
@@ -185,11 +187,13 @@ def repl(session: ChatSession, stdin=None, stdout=None) -> None:
             if i <= len(answer.videos):
                 rendered = answer.videos[i - 1]
                 say(f"video {i}: {rendered.path}" if rendered.path else f"video {i}: {rendered.error}")
+                for note in rendered.notes:  # what the text-to-video model changed: a rounded size, a cut prompt
+                    say(f"  note: {note}")
         dt = time.perf_counter() - t0
         print(f"[{answer.num_tokens} tokens in {dt:.1f}s]", file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m g4v_jax.chat", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="model directory (g4v_jax.load)")
@@ -210,7 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--t2v-out", default="outputs/videos")
     ap.add_argument("--blocklist", default="", help="comma-separated words no video prompt may contain")
     ap.add_argument("overrides", nargs="*", help="model config overrides, e.g. model.compute_dtype=bfloat16")
-    args = ap.parse_intermixed_args(argv)
+    return ap.parse_intermixed_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         _main(args)
     except CLIError as e:

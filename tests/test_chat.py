@@ -295,6 +295,61 @@ def test_answer_to_files_through_a_backend(world, monkeypatch, tmp_path):
     assert answer.text.startswith("Here:")  # the text answer is intact
 
 
+def test_one_answer_rendered_by_two_text_to_video_models(world, monkeypatch, tmp_path):
+    """The paper's "no retraining" claim: one answer with two <video> requests, rendered by a tiny Wan and a tiny
+    ZeroScope pipeline chosen on the command line (name, path, options, settings); the LLM and its answer are the
+    same object throughout and neither backend sees anything but the prompts."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+
+    from g4v_jax.data.video import load_video
+    from g4v_jax.t2v.tiny import build_tiny_pipeline
+
+    _fake_engine(monkeypatch, world["tokenizer"],
+                 " Sure. <video>a red square</video> then <video>a red square on a gradient</video>###")
+    session = inference.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=40))
+    answer = session.ask("Make two videos")
+    assert [r.prompt for r in answer.requests] == ["a red square", "a red square on a gradient"]
+
+    flags = {"wan": ["--t2v-setting", "num_frames=6", "--t2v-setting", "height=16", "--t2v-setting", "width=32",
+                     "--t2v-setting", "steps=2", "--t2v-option", "prompt_suffix=, at night"],
+             "zeroscope": ["--t2v-setting", "num_frames=3", "--t2v-setting", "height=32", "--t2v-setting", "width=32",
+                           "--t2v-setting", "steps=2", "--t2v-option", "scheduler=dpm"]}
+    shapes = {"wan": (5, 16, 32), "zeroscope": (3, 32, 32)}  # Wan's 4k+1 rule moved 6 frames to 5
+    results = {}
+    for family, extra in flags.items():
+        path = build_tiny_pipeline(family, tmp_path / family)
+        args = chat.parse_args(["--ckpt", str(world["ckpt"]), "--t2v", "diffusers", "--t2v-path", str(path),
+                                "--t2v-out", str(tmp_path / "out" / family), "--t2v-option", "device=cpu", *extra])
+        _, renderer = chat._safety_and_t2v(args)
+        results[family] = renderer(answer.requests, "turn1")
+    for family, rendered in results.items():
+        assert [r.error for r in rendered] == [None, None], rendered
+        assert [r.request for r in rendered] == list(answer.requests)
+        assert [r.path.name for r in rendered] == ["turn1_1.mp4", "turn1_2.mp4"]
+        for r in rendered:
+            f, h, w = shapes[family]
+            clip = load_video(r.path, num_frames=f, size=max(h, w), pad="repeat_last")
+            assert clip.frame_mask.sum() == f
+    assert results["wan"][0].sent_prompt == "a red square, at night"
+    assert any("num_frames 6 -> 5" in n for n in results["wan"][0].notes)
+    assert results["zeroscope"][0].sent_prompt == "a red square" and results["zeroscope"][0].notes == ()
+    a = load_video(results["wan"][0].path, num_frames=5, size=32).frames
+    b = load_video(results["zeroscope"][0].path, num_frames=5, size=32, pad="repeat_last").frames
+    assert not np.array_equal(a, b)  # two models, two videos of one request
+
+    bad = chat.parse_args(["--ckpt", str(world["ckpt"]), "--t2v", "diffusers"])
+    with pytest.raises(chat.CLIError, match="--t2v-path"):
+        chat._safety_and_t2v(bad)
+    bad = chat.parse_args(["--ckpt", str(world["ckpt"]), "--t2v", "diffusers", "--t2v-path", str(path),
+                           "--t2v-option", "turbo=true"])
+    with pytest.raises(chat.CLIError, match="turbo"):
+        chat._safety_and_t2v(bad)
+    bad = chat.parse_args(["--ckpt", str(world["ckpt"]), "--t2v", "solid", "--t2v-setting", "frames=3"])
+    with pytest.raises(chat.CLIError, match="unknown text-to-video setting"):
+        chat._safety_and_t2v(bad)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # untrusted batches: a FIFO as a video, an interrupted run keeps what it finished
 # --------------------------------------------------------------------------------------------------------------------

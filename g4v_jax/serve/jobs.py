@@ -28,6 +28,8 @@ class VideoJob:
     error: str | None = None
     path: Path | None = None
     created: float = dataclasses.field(default_factory=time.time)
+    sent_prompt: str | None = None  # the prompt the T2V model got, when its backend adapts prompts
+    notes: tuple[str, ...] = ()  # what the backend changed: frames or size rounded to the model's rules, a cut prompt
 
     def public(self) -> dict[str, Any]:
         """The job as the API shows it (no server paths)."""
@@ -37,6 +39,10 @@ class VideoJob:
             out["error"] = {"message": self.error}
         if self.status == "succeeded":
             out["url"] = f"/v1/videos/{self.id}/content"
+        if self.sent_prompt is not None and self.sent_prompt != self.prompt:
+            out["model_prompt"] = self.sent_prompt
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
 
@@ -79,6 +85,7 @@ class VideoJobs:
         except Exception as e:  # noqa: BLE001 - a job reports its failure; the server goes on
             job.status, job.error = "failed", f"generation failed: {type(e).__name__}: {e}"
             return
+        job.sent_prompt, job.notes = getattr(result, "sent_prompt", None), tuple(getattr(result, "notes", ()))
         if result.ok:
             job.status, job.path, job.progress = "succeeded", result.path, 1.0
         else:

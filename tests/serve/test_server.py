@@ -345,6 +345,50 @@ def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(world, tmp_pat
         running.stop()
 
 
+def test_a_diffusers_model_named_on_the_command_line_renders_the_jobs(world, tmp_path, monkeypatch):
+    """``--t2v diffusers --t2v-path DIR`` with options and settings: a tiny LTX-Video pipeline renders the job, and
+    the job says what the model's rules changed (12 frames asked, 8k+1 = 9 rendered)."""
+    pytest.importorskip("diffusers")
+    import av
+
+    from g4v_jax.serve.__main__ import _safety_and_t2v, parse_args
+    from g4v_jax.t2v.tiny import build_tiny_pipeline
+
+    pipeline = build_tiny_pipeline("ltx", tmp_path / "ltx")
+    args = parse_args(["--ckpt", str(tmp_path), "--t2v", "diffusers", "--t2v-path", str(pipeline), "--output-dir",
+                       str(tmp_path / "out"), "--t2v-option", "device=cpu", "--t2v-option", "prompt_prefix=a film: ",
+                       "--t2v-setting", "num_frames=12", "--t2v-setting", "height=32", "--t2v-setting", "width=64",
+                       "--t2v-setting", "steps=2"])
+    _, renderer = _safety_and_t2v(args)
+    answer = " Here: <video>a red square on a gradient</video>###"
+    script_engine(monkeypatch, world["tokenizer"].encode(answer, add_special_tokens=False)
+                  + [world["tokenizer"].eos_token_id])
+    cfg = ServeConfig(model_name="tiny", media_dir=str(world["media"]), output_dir=str(tmp_path / "out"),
+                      max_tokens=32, engine=EngineConfig(num_slots=2, max_length=512, max_queue=8, min_bucket=64))
+    running = Running(Server(world["model"], world["tokenizer"], cfg, renderer=renderer))
+    try:
+        out = running.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Make me a video"}], max_tokens=32)
+        (job,) = out.choices[0].message.model_extra["video_generations"]
+        deadline = time.time() + 60
+        while job["status"] in ("queued", "running") and time.time() < deadline:
+            time.sleep(0.1)
+            job = _get(f"{running.url}/v1/videos/{job['id']}").json()
+        assert job["status"] == "succeeded", job
+        assert job["model_prompt"] == "a film: a red square on a gradient"
+        assert any("num_frames 12 -> 9" in n for n in job["notes"])
+        (tmp_path / "got.mp4").write_bytes(_get(running.url + job["url"]).content)
+        with av.open(str(tmp_path / "got.mp4")) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            assert container.streams.video[0].average_rate == 24  # LTX-Video's frame rate
+        assert len(frames) == 9 and frames[0].shape == (32, 64, 3)
+    finally:
+        running.stop()
+    bad = parse_args(["--ckpt", str(tmp_path), "--t2v", "diffusers", "--t2v-path", str(tmp_path / "nope")])
+    with pytest.raises(ValueError, match="--t2v diffusers: .*nope.*no such"):
+        _safety_and_t2v(bad)
+
+
 def test_the_command_line_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     import subprocess
 
