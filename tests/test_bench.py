@@ -34,3 +34,23 @@ def test_gpu_suite_runs_on_toy_sizes(tmp_path):
             assert r["max_abs_logit_diff"] < 0.1, r
     table = (tmp_path / "r.md").read_text()
     assert table.count("\n| ") == len(works) + 1 and "ours/HF" in table
+
+
+def test_t2v_bench_runs_on_tiny_pipelines(tmp_path):
+    """``bench/t2v.py --tiny``: one row per text-to-video family asked for (two here: each row is a fresh process
+    that imports torch; tests/t2v covers every family), our backend beside the bare diffusers call."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "t2v.py"), "--tiny", "--families", "ltx,wan", "--reps",
+                          "1", "--setting", "steps=2", "--json", str(tmp_path / "t.json"), "--markdown",
+                          str(tmp_path / "t.md")],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert [r["family"] for r in rows] == ["ltx", "wan"]
+    for r in rows:
+        assert r["steps"] == 2 and r["device"] == "cpu" and r["prompts"] == 2
+        assert r["ours_s_per_video"] > 0 and r["peer_s_per_video"] > 0 and r["peak_gib"]["process_rss"] > 0
+    ltx = next(r for r in rows if r["family"] == "ltx")
+    assert ltx["video"] == "17x64x64"  # the tiny sizes obey each family's rules: nothing was rounded
+    assert not any("->" in n for r in rows for n in r["notes"])
+    assert (tmp_path / "t.md").read_text().count("\n| ") == len(rows)  # a line per row after the header
+
