@@ -1,10 +1,18 @@
 """The ``diffusers`` text-to-video backend: any local diffusers text-to-video pipeline directory (torch).
 
 ZeroScope (``zeroscope_v2_576w``: a ``TextToVideoSDPipeline``, 24 frames of 576x320, 40 steps with
-``DPMSolverMultistepScheduler``) is the paper's renderer:
+``DPMSolverMultistepScheduler``) is the paper's renderer; Wan, LTX-Video, CogVideoX and AnimateDiff load the same way:
 
     backend = DiffusersBackend("ckpt/zeroscope_v2_576w", scheduler="dpm")       # or make_backend("diffusers", path=...)
     videos = backend.generate(["a red panda eating bamboo"], T2VSettings())     # uint8 (1, 24, 320, 576, 3)
+    wan = make_backend("diffusers", path="ckpt/Wan2.1-T2V-1.3B-Diffusers", prompt_suffix=", cinematic")
+    wan.generate(prompts, wan.default_settings)                                 # 81 frames of 480x832, 50 steps
+
+Families
+    The pipeline class in ``model_index.json`` picks the family (``t2v.families``): its frame and size rules (read
+    from the loaded pipeline), defaults, fps, dtype on CUDA and text length. ``plan(prompts, settings)`` says what
+    ``generate`` will send: frames and size moved to the rules (or a ``T2VError`` with ``strict=True``), prompts
+    through the ``PromptTemplate`` with any truncation reported; ``render_requests`` keeps that with each video.
 
 Why torch
     diffusers 0.42 has no Flax code at all, and it never had a Flax text-to-video pipeline (its last Flax release,
@@ -292,6 +300,9 @@ class DiffusersBackend:
         self.strict = strict
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_cuda = str(self.device).startswith("cuda")
+        if cpu_offload and not on_cuda:  # offload moves components onto the GPU as they run; sequential fails on CPU
+            raise ValueError(f"cpu_offload={cpu_offload!r} needs a CUDA device; the pipeline runs on {self.device!r}, "
+                             "where everything is in host memory already: leave cpu_offload off")
         self.dtype = _resolve_dtype(torch, dtype if dtype is not None or not on_cuda else self.family.cuda_dtype,
                                     self.device)
         dtypes = {"default": self.dtype, **{c: torch.float32 for c in self.family.keep_fp32}}

@@ -221,6 +221,8 @@ def test_wan_keeps_its_vae_in_float32_and_takes_its_options(wan_dir):
         make_backend("diffusers", path=wan_dir, family="sora")
     with pytest.raises(ValueError, match="cpu_offload"):
         make_backend("diffusers", path=wan_dir, cpu_offload="always")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        make_backend("diffusers", path=wan_dir, device="cpu", cpu_offload="sequential")
 
 
 def test_animatediff_frames_beyond_the_motion_module_are_capped(tmp_path):
