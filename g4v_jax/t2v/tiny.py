@@ -66,39 +66,42 @@ def _clip_text_encoder(vocab_size: int, hidden: int, max_positions: int):
                                         projection_dim=hidden))
 
 
+def _sd_vae():
+    """Stable Diffusion's image VAE (ZeroScope and AnimateDiff decode frame by frame with it), two blocks (one more
+    than diffusers' tests): 32x32 frames have 16x16 latents, 4x cheaper attention."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, sample_size=32, norm_num_groups=2)
+
+
 def _zeroscope(root: Path):
-    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
 
     tokenizer = _clip_tokenizer(root / "clip_tokenizer", max_length=16)
     unet = UNet3DConditionModel(
         block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
         cross_attention_dim=4, attention_head_dim=4, norm_num_groups=2)
-    # two VAE blocks (one more than diffusers' test): 32x32 frames have 16x16 latents, 4x cheaper attention
-    vae = AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, sample_size=32, norm_num_groups=2)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False)
-    return TextToVideoSDPipeline(unet=unet, vae=vae, text_encoder=_clip_text_encoder(len(tokenizer), 4, 16),
+    return TextToVideoSDPipeline(unet=unet, vae=_sd_vae(), text_encoder=_clip_text_encoder(len(tokenizer), 4, 16),
                                  tokenizer=tokenizer, scheduler=scheduler)
 
 
 def _animatediff(root: Path):
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 
     tokenizer = _clip_tokenizer(root / "clip_tokenizer", max_length=16)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=8, attention_head_dim=4, norm_num_groups=2)
-    vae = AutoencoderKL(block_out_channels=(8, 8), in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, sample_size=32, norm_num_groups=2)
     adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=2,
                             motion_num_attention_heads=2, motion_max_seq_length=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
-    return AnimateDiffPipeline(vae=vae, text_encoder=_clip_text_encoder(len(tokenizer), 8, 16), tokenizer=tokenizer,
+    return AnimateDiffPipeline(vae=_sd_vae(), text_encoder=_clip_text_encoder(len(tokenizer), 8, 16), tokenizer=tokenizer,
                                unet=unet, motion_adapter=adapter, scheduler=scheduler)
 
 
