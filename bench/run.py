@@ -208,7 +208,7 @@ def models(suite: Suite, tmp: Path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from convert.hf_llama import load_hf_llama
+    from g4v_jax.convert.hf_llama import load_hf_llama
 
     torch.manual_seed(0)
     with torch.device(suite.device):
@@ -383,7 +383,7 @@ def vit_row(suite: Suite, tmp: Path, reps: int) -> dict:
     from flax import nnx
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from convert.hf_clip import load_hf_clip_vision
+    from g4v_jax.convert.hf_clip import load_hf_clip_vision
     from g4v_jax.models.clip_vit import normalize_frames
 
     torch.manual_seed(0)
@@ -465,7 +465,7 @@ def child_lora_ours(suite: Suite, src: str, remat: str = "none") -> dict:
     """Our stage-2 trainer (``train.build_trainer``) on the converted weights: seconds per step, peak memory."""
     import jax
 
-    from convert.hf_llama import load_hf_llama
+    from g4v_jax.convert.hf_llama import load_hf_llama
     from g4v_jax.config import load_config
     from g4v_jax.train import build_trainer
 
@@ -677,7 +677,7 @@ def run_suite(suite: Suite, suite_args: list[str], reps: int, groups: tuple[str,
     import jax
     import torch
 
-    from convert.hf_llama import load_hf_llama
+    from g4v_jax.convert.hf_llama import load_hf_llama
 
     peak = probes(suite, reps)
     print(f"[{suite.name}] probes {peak}", file=sys.stderr, flush=True)

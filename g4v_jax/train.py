@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from g4v_jax.config import Config, ConfigError, TrainConfig, dump_config, load_config
 from g4v_jax.data.template import IGNORE_INDEX
+from g4v_jax.data.tokenizer import copy_tokenizer_files
 from g4v_jax.models.gpt4video import build_model, model_kind
 from g4v_jax.models.lora import LoRAParam
 from g4v_jax.sharding import batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
@@ -661,8 +662,6 @@ class CompileTimer:
 
 def save_final(model: nnx.Module, cfg: Config, out: Path, tokenizer_dir: str) -> Path:
     """Write ``out/final`` whole or not at all: into a temporary sibling first, then renamed into place."""
-    from convert.common import copy_tokenizer_files
-
     final = out / "final"
     tmp = out / f".final.tmp-{os.getpid()}"
     try:

@@ -77,7 +77,7 @@ def test_vision_cache_trains_like_decoding_frames(dataset, tmp_path):
     base = tmp_path / "base"
     cfg = _cfg(dataset, tmp_path / "frames", "train.stage=stage1", "train.learning_rate=3e-3")
     g4v_jax.save_pretrained(build_model(cfg.model, seed=0), cfg, base)
-    from convert.common import copy_tokenizer_files
+    from g4v_jax.data.tokenizer import copy_tokenizer_files
 
     copy_tokenizer_files(dataset / "tokenizer", base)
     model = g4v_jax.load(base)

@@ -15,7 +15,7 @@ VOCAB = 96
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from convert.hf_llama import load_hf_llama
+    from g4v_jax.convert.hf_llama import load_hf_llama
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

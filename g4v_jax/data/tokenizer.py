@@ -27,6 +27,7 @@ Tiny tokenizers (``build_bpe_tokenizer``)
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -38,6 +39,20 @@ SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 
 # Any one of these makes a directory loadable by AutoTokenizer (fast json, sentencepiece, GPT-2 BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+# What a tokenizer directory may hold beyond those: copied along with them.
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files in ``src`` (or beside it, when it is a file) into ``dst``, so that
+    ``load_tokenizer(dst)`` works; returns the names copied (none: there was no tokenizer there)."""
+    src = Path(src) if Path(src).is_dir() else Path(src).parent
+    copied = []
+    for name in (*TOKENIZER_FILES, *TOKENIZER_SIDE_FILES):
+        if (src / name).is_file():
+            shutil.copy2(src / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:

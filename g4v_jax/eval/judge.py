@@ -6,7 +6,7 @@ how well. Accuracy is the fraction of ``yes``; the score is averaged. The prompt
 instructions in our own words.
 
 - ``OpenAIJudge``: any OpenAI-compatible ``/v1/chat/completions`` endpoint (temperature 0) through the shared
-  ``g4v_jax.data.build.endpoint.ChatEndpoint``: HTTP 408/409/429/5xx, timeouts and connection errors are retried
+  ``g4v_jax.endpoint.ChatEndpoint``: HTTP 408/409/429/5xx, timeouts and connection errors are retried
   with exponential backoff (honouring ``Retry-After``); a reply that does not parse is asked again; after
   ``max_retries`` retries the call raises ``JudgeError``, as does a non-retryable 4xx at once. Every parsed verdict
   is cached on disk under ``sha256(model, system prompt, user prompt)``, so a rerun makes no calls.
@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-from g4v_jax.data.build.endpoint import ChatEndpoint, EndpointRejected, EndpointUnavailable
+from g4v_jax.endpoint import ChatEndpoint, EndpointRejected, EndpointUnavailable
 
 SYSTEM_PROMPT = (
     "You evaluate answers to questions about videos. You are given a question, the correct answer and a predicted "

@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from g4v_jax.eval.inception import load_inception
 
             inception = load_inception(args.inception, args.inception_device)
-        from convert.hf_clip_text import load_hf_clip
+        from g4v_jax.convert.hf_clip_text import load_hf_clip
         from g4v_jax.data.tokenizer import load_tokenizer
 
         clip_model = load_hf_clip(args.clip)

@@ -41,8 +41,8 @@ def test_clip_plus_llama_to_a_trained_gpt4video_and_back_to_peft(tiny_hf_clip_vi
     import peft
     from transformers import LlamaForCausalLM
 
-    from convert.assemble import main
-    from convert.export_hf import main as export_main
+    from g4v_jax.convert.assemble import main
+    from g4v_jax.convert.export_hf import main as export_main
 
     clip_dir, _ = tiny_hf_clip_vision
     dst = tmp_path / "g4v"

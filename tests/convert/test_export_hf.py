@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import g4v_jax
-from convert.export_hf import export_merged_hf, export_peft_adapter, hf_llama_config, load_peft_adapter, main
-from convert.hf_llama import llama_config_from_hf, load_hf_llama
+from g4v_jax.convert.export_hf import export_merged_hf, export_peft_adapter, hf_llama_config, load_peft_adapter, main
+from g4v_jax.convert.hf_llama import llama_config_from_hf, load_hf_llama
 from g4v_jax.config import LlamaConfig as OurLlamaConfig
 from g4v_jax.config import RopeScaling, load_config
 from g4v_jax.models.gpt4video import build_model

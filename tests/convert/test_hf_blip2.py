@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import g4v_jax
-from convert.hf_blip2 import load_hf_qformer, qformer_config, read_qformer_config
+from g4v_jax.convert.hf_blip2 import load_hf_qformer, qformer_config, read_qformer_config
 from g4v_jax.config import AbstractorConfig, ConfigError
 from g4v_jax.models.qformer import QFormerAbstractor
 from g4v_jax.weights import CheckpointMismatchError, assign_params, named_params, param_shapes
@@ -116,7 +116,7 @@ def test_assemble_starts_the_qformer_from_blip2(tiny_hf_clip_vision, hf_qformer,
     """convert.assemble --abstractor qformer --qformer-from: the directory loads and its Q-Former is BLIP-2's."""
     from transformers import Blip2QFormerConfig, Blip2QFormerModel, LlamaConfig, LlamaForCausalLM
 
-    from convert.assemble import main
+    from g4v_jax.convert.assemble import main
 
     clip_dir, _ = tiny_hf_clip_vision  # 32 wide: the Q-Former must read 32-wide features
     torch.manual_seed(2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import g4v_jax
-from convert.hf_clip import load_hf_clip_vision
+from g4v_jax.convert.hf_clip import load_hf_clip_vision
 from g4v_jax.weights import CheckpointMismatchError, named_params
 
 torch = pytest.importorskip("torch")
@@ -125,7 +125,7 @@ def test_not_a_clip_config_is_a_clear_error(tiny_hf_clip_vision, tmp_path):
 
 @pytest.mark.parametrize("variant", ["qformer", "st_pool"])
 def test_the_table_5_variants_convert_too(tiny_hf_clip_vision, tmp_path, variant):
-    from convert.hf_clip import convert
+    from g4v_jax.convert.hf_clip import convert
 
     path, _ = tiny_hf_clip_vision
     dst = convert(path, tmp_path / variant, abstractor=variant, llm_hidden_size=64,

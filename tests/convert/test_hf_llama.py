@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import g4v_jax
-from convert.hf_llama import load_hf_llama
+from g4v_jax.convert.hf_llama import load_hf_llama
 from g4v_jax.models.llama import LlamaForCausalLM
 from g4v_jax.weights import named_params
 

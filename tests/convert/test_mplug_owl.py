@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert.mplug_owl import abstractor_mlp_width, export_mplug_owl, load_mplug_owl, model_config_from_mplug
+from g4v_jax.convert.mplug_owl import abstractor_mlp_width, export_mplug_owl, load_mplug_owl, model_config_from_mplug
 from g4v_jax.weights import CheckpointMismatchError, write_safetensors
 
 TOL = 1e-4
@@ -492,7 +492,7 @@ def test_wrong_layouts_are_reported_in_checkpoint_terms(tmp_path, key, bad_shape
 
 
 def test_the_converted_checkpoint_carries_mplug_owls_preprocessing():
-    from convert.mplug_owl import model_config_from_mplug
+    from g4v_jax.convert.mplug_owl import model_config_from_mplug
 
     hf = {"vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                             "num_attention_heads": 4},

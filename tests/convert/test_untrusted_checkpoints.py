@@ -11,7 +11,7 @@ from g4v_jax.weights import SafetensorsError, read_safetensors, write_safetensor
 
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     torch = pytest.importorskip("torch")
-    from convert.common import TorchBinTensors
+    from g4v_jax.convert.common import TorchBinTensors
 
     marker = tmp_path / "pwned"
 
@@ -29,7 +29,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
 
 def test_a_plain_bin_still_loads(tmp_path):
     torch = pytest.importorskip("torch")
-    from convert.common import TorchBinTensors
+    from g4v_jax.convert.common import TorchBinTensors
 
     torch.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, tmp_path / "pytorch_model.bin")
     np.testing.assert_array_equal(TorchBinTensors(tmp_path / "pytorch_model.bin")["w"], np.arange(6.0).reshape(2, 3))
@@ -55,7 +55,7 @@ def test_a_safetensors_header_that_lies_names_the_tensor(tmp_path, mutate, messa
 def test_hf_clip_sizes_the_fresh_abstractor_to_the_tower(tiny_hf_clip_vision, tmp_path):
     """A 2-layer, 32-wide tower used to get ViT-L's 1024-wide abstractor (a 326 MB directory)."""
     import g4v_jax
-    from convert.hf_clip import convert
+    from g4v_jax.convert.hf_clip import convert
 
     src, _ = tiny_hf_clip_vision
     dst = convert(src, tmp_path / "enc", llm_hidden_size=64, overrides=["model.abstractor.num_layers=2"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from g4v_jax import endpoint as C
 from g4v_jax.data.build import endpoint as E
 from g4v_jax.data.build import instruct as I
 from g4v_jax.data.manifest import read_manifest
@@ -173,14 +174,14 @@ def test_rate_limiter_with_a_fake_clock():
         slept.append(s)
         now[0] += s
 
-    limiter = E.RateLimiter(60, clock=lambda: now[0], sleep=sleep)  # one per second
+    limiter = C.RateLimiter(60, clock=lambda: now[0], sleep=sleep)  # one per second
     assert [limiter.acquire() for _ in range(3)] == [0.0, 1.0, 1.0]
     assert slept == [1.0, 1.0] and now[0] == 102.0
     now[0] += 10  # idle: the next request goes at once, no burst credit saved up
     assert limiter.acquire() == 0.0 and limiter.reserve() == 1.0
 
     # threads: every reservation gets its own slot (no two requests in the same slot)
-    frozen = E.RateLimiter(120, clock=lambda: 0.0, sleep=lambda s: None)
+    frozen = C.RateLimiter(120, clock=lambda: 0.0, sleep=lambda s: None)
     waits, lock = [], threading.Lock()
 
     def grab():
@@ -196,19 +197,19 @@ def test_rate_limiter_with_a_fake_clock():
         t.join()
     assert sorted(waits) == [0.5 * i for i in range(200)]
     with pytest.raises(ValueError, match="requests_per_minute"):
-        E.RateLimiter(0)
+        C.RateLimiter(0)
 
 
 def test_endpoint_url_key_and_rate_limit(monkeypatch):
-    assert E.chat_completions_url("http://h:1/") == "http://h:1/v1/chat/completions"
-    assert E.chat_completions_url("http://h:1/v1") == "http://h:1/v1/chat/completions"
-    assert E.chat_completions_url("https://h/x/chat/completions") == "https://h/x/chat/completions"
+    assert C.chat_completions_url("http://h:1/") == "http://h:1/v1/chat/completions"
+    assert C.chat_completions_url("http://h:1/v1") == "http://h:1/v1/chat/completions"
+    assert C.chat_completions_url("https://h/x/chat/completions") == "https://h/x/chat/completions"
     with pytest.raises(ValueError, match="http"):
-        E.chat_completions_url("h:1")
+        C.chat_completions_url("h:1")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
     slept, now = [], [0.0]
     with FakeOpenAI(lambda req: "ok") as srv:
-        ep = E.ChatEndpoint(srv.url + "/v1", "m", requests_per_minute=30, clock=lambda: now[0],
+        ep = C.ChatEndpoint(srv.url + "/v1", "m", requests_per_minute=30, clock=lambda: now[0],
                             sleep=slept.append)
         assert [ep.complete([{"role": "user", "content": "hi"}], temperature=0.3) for _ in range(3)] == ["ok"] * 3
     req = srv.requests[0]
@@ -241,7 +242,7 @@ def test_endpoint_retries_and_rejections():
 
     slept = []
     with FakeOpenAI(handler) as srv:
-        ep = E.ChatEndpoint(srv.url, "m", "sk", max_retries=3, backoff=1.0, sleep=slept.append)
+        ep = C.ChatEndpoint(srv.url, "m", "sk", max_retries=3, backoff=1.0, sleep=slept.append)
 
         def ask(kind):
             script["n"] = 0
@@ -252,14 +253,14 @@ def test_endpoint_retries_and_rejections():
         assert ask("rate") == "reply to rate" and slept == [7.0]  # Retry-After honoured
         assert ask("rate-ms") == "reply to rate-ms" and slept == [0.25]
         assert ask("badbody") == "reply to badbody" and slept == [1.0, 2.0]  # not JSON; null content
-        with pytest.raises(E.EndpointUnavailable, match="after 4 attempt") as e:
+        with pytest.raises(C.EndpointUnavailable, match="after 4 attempt") as e:
             ask("always500")
         assert slept == [1.0, 2.0, 4.0] and e.value.attempts == 4 and "HTTP 502" in e.value.last
         calls = ep.calls
-        with pytest.raises(E.EndpointRejected, match="HTTP 400.*that prompt is not allowed") as e:
+        with pytest.raises(C.EndpointRejected, match="HTTP 400.*that prompt is not allowed") as e:
             ask("bad")
         assert ep.calls == calls + 1 and slept == [] and e.value.status == 400 and not e.value.fatal
-        with pytest.raises(E.EndpointRejected, match="invalid api key") as e:
+        with pytest.raises(C.EndpointRejected, match="invalid api key") as e:
             ask("key")
         assert e.value.fatal
         # a check that rejects the reply makes it retried like a malformed response
@@ -273,17 +274,17 @@ def test_endpoint_retries_and_rejections():
             return len(reply)
 
         assert ep.complete_checked([{"role": "user", "content": "x"}], check) == ("reply to x", 10)
-    dead = E.ChatEndpoint(srv.url, "m", max_retries=1, backoff=0.0, timeout=2)
-    with pytest.raises(E.EndpointUnavailable, match="URLError|Connection"):
+    dead = C.ChatEndpoint(srv.url, "m", max_retries=1, backoff=0.0, timeout=2)
+    with pytest.raises(C.EndpointUnavailable, match="URLError|Connection"):
         dead.complete([{"role": "user", "content": "x"}])
 
 
 def test_retry_after_forms():
-    assert E.retry_after_seconds({"Retry-After": "3"}) == 3.0
-    assert E.retry_after_seconds({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=1445412470.0) == 10.0
-    assert E.retry_after_seconds({"Retry-After": "soon"}) is None and E.retry_after_seconds({}) is None
-    assert E.retry_after_seconds({"Retry-After": "99999"}) == E.MAX_RETRY_AFTER
-    assert E.retry_after_seconds({"Retry-After": "-5"}) == 0.0
+    assert C.retry_after_seconds({"Retry-After": "3"}) == 3.0
+    assert C.retry_after_seconds({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=1445412470.0) == 10.0
+    assert C.retry_after_seconds({"Retry-After": "soon"}) is None and C.retry_after_seconds({}) is None
+    assert C.retry_after_seconds({"Retry-After": "99999"}) == C.MAX_RETRY_AFTER
+    assert C.retry_after_seconds({"Retry-After": "-5"}) == 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -444,13 +445,13 @@ def test_resume_after_the_server_dies(tmp_path):
     out = tmp_path / "run" / "out.jsonl"
     jobs = I.instruct_jobs(I.sample_captions(csv_path, 100)[0], I.read_groups(groups_path))
     with FakeOpenAI(builder_handler, die_after=2) as srv:  # answers two requests, then hangs up on everything
-        ep = E.ChatEndpoint(srv.url, "gpt-test", max_retries=1, backoff=0.0, timeout=5)
+        ep = C.ChatEndpoint(srv.url, "gpt-test", max_retries=1, backoff=0.0, timeout=5)
         summary = E.run_requests(jobs, ep, out, workers=1, progress=False, max_consecutive_failures=3)
     assert summary.finished == 2 and summary.failed == 3 and summary.not_started == 3
     assert "endpoint seems down" in summary.stopped and summary.calls == 2 + 3 * 2
     answered = {r.user for r in srv.requests[:2]}
     with FakeOpenAI(builder_handler) as srv2:
-        ep2 = E.ChatEndpoint(srv2.url, "gpt-test", max_retries=1, backoff=0.0, timeout=5)
+        ep2 = C.ChatEndpoint(srv2.url, "gpt-test", max_retries=1, backoff=0.0, timeout=5)
         summary2 = E.run_requests(jobs, ep2, out, workers=1, progress=False)
     assert summary2.finished_before == 2 and summary2.finished == 6 and summary2.calls == 6
     assert not answered & {r.user for r in srv2.requests}  # nothing answered before is asked again
@@ -470,7 +471,7 @@ def test_resume_repairs_a_crash_mid_write(tmp_path):
     progress.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20], encoding="utf-8")
     out.write_text(complete + '{"id": "single-99-0", "conv', encoding="utf-8")
     with FakeOpenAI(builder_handler) as srv:
-        ep = E.ChatEndpoint(srv.url, "gpt-test", backoff=0.0)
+        ep = C.ChatEndpoint(srv.url, "gpt-test", backoff=0.0)
         jobs = I.instruct_jobs(I.sample_captions(csv_path, 100)[0], I.read_groups(groups_path))
         summary = E.run_requests(jobs, ep, out, workers=1, progress=False)
     assert summary.calls == 1 and summary.finished == 1 and summary.finished_before == 7
@@ -507,7 +508,7 @@ def test_run_requests_validates_examples_and_ids(tmp_path):
     jobs = [E.Job("x", [{"role": "user", "content": "hi"}], parse_bad),
             E.Job("y", [{"role": "user", "content": "hi"}], lambda reply: 1 / 0)]
     with FakeOpenAI(lambda req: "fine") as srv:
-        ep = E.ChatEndpoint(srv.url, "m", backoff=0.0)
+        ep = C.ChatEndpoint(srv.url, "m", backoff=0.0)
         summary = E.run_requests(jobs, ep, tmp_path / "o.jsonl", progress=False)
         with pytest.raises(ValueError, match="unique"):
             E.run_requests(jobs + jobs[:1], ep, tmp_path / "o2.jsonl", progress=False)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from g4v_jax.data.build.endpoint import ChatEndpoint, EndpointRejected
+from g4v_jax.endpoint import ChatEndpoint, EndpointRejected
 
 
 class _Server:

@@ -51,7 +51,7 @@ EOS = 49  # an EOS id that is not the largest id, so that the two pooling rules 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from convert.hf_clip_text import load_hf_clip
+    from g4v_jax.convert.hf_clip_text import load_hf_clip
 
     path, hf = _tiny_clip(tmp_path_factory, EOS)
     return hf, load_hf_clip(path)
@@ -177,7 +177,7 @@ def test_text_tower_alone_from_clip_text_model(tiny_clip, tmp_path, rng):
     """transformers 5 saves a CLIPTextModel without the ``text_model.`` prefix; the converter reads both layouts."""
     from safetensors import safe_open
 
-    from convert.hf_clip_text import load_hf_clip_text
+    from g4v_jax.convert.hf_clip_text import load_hf_clip_text
 
     hf, ours = tiny_clip
     hf.text_model.save_pretrained(tmp_path)
@@ -196,7 +196,7 @@ def test_text_tower_alone_from_clip_text_model(tiny_clip, tmp_path, rng):
 def test_mismatch_is_reported_in_checkpoint_names(tiny_clip, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from convert.hf_clip_text import load_hf_clip
+    from g4v_jax.convert.hf_clip_text import load_hf_clip
     from g4v_jax.weights import CheckpointMismatchError
 
     hf, _ = tiny_clip

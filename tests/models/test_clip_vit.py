@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert.hf_clip import load_hf_clip_vision
+from g4v_jax.convert.hf_clip import load_hf_clip_vision
 from g4v_jax.config import load_config
 from g4v_jax.models.clip_vit import CLIP_MEAN, CLIP_STD, CLIPVisionTower
 

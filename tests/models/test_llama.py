@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert.hf_llama import load_hf_llama, permute_meta_qk
+from g4v_jax.convert.hf_llama import load_hf_llama, permute_meta_qk
 from g4v_jax.models.llama import init_cache
 from g4v_jax.weights import CheckpointMismatchError
 

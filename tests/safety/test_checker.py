@@ -87,7 +87,7 @@ def setup(tmp_path_factory):
         model.concept_embeds_weights.copy_(torch.from_numpy(cw.astype(np.float32)))
     root = tmp_path_factory.mktemp("sd_safety")
     model.save_pretrained(root / "hf")
-    from convert.sd_safety_checker import main
+    from g4v_jax.convert.sd_safety_checker import main
 
     main([str(root / "hf"), str(root / "ours")])
     return dict(model=model, images=images, a=a, b=b, root=root, checker=load_safety_checker(root / "ours"))
@@ -184,7 +184,7 @@ def test_corrupt_frames_are_rejected(setup):
 
 def test_legacy_nested_bin_layout_converts_identically(setup, tmp_path):
     """Released checkpoints (transformers 4) name the tower vision_model.vision_model.* and may ship .bin only."""
-    from convert.sd_safety_checker import load_sd_safety_checker
+    from g4v_jax.convert.sd_safety_checker import load_sd_safety_checker
 
     src = setup["root"] / "hf"
     sd = {(f"vision_model.{k}" if k.startswith("vision_model.") else k): torch.from_numpy(np.array(v))
@@ -199,7 +199,7 @@ def test_legacy_nested_bin_layout_converts_identically(setup, tmp_path):
 
 
 def test_mismatched_checkpoint_names_the_key(setup, tmp_path):
-    from convert.sd_safety_checker import load_sd_safety_checker
+    from g4v_jax.convert.sd_safety_checker import load_sd_safety_checker
 
     src = setup["root"] / "hf"
     tensors = dict(read_safetensors(src / "model.safetensors"))
