@@ -60,7 +60,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from g4v_jax.cli import add_t2v_arguments, t2v_arguments
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.io import iter_jsonl, resolve_video_path
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.inference.batch import BatchOutputError, answer_batch_file
 from g4v_jax.inference.generate import SamplingConfig

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from g4v_jax.data.manifest import Example, read_manifest, resolve_video_path
+from g4v_jax.data.manifest import Example, read_manifest
+from g4v_jax.data.io import resolve_video_path
 
 
 def check_for_training(manifest: str | os.PathLike, config: str | None = None, overrides: Sequence[str] = ()) -> str:

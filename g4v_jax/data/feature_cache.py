@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from g4v_jax.data.manifest import Example, read_manifest, resolve_video_path
+from g4v_jax.data.manifest import Example, read_manifest
+from g4v_jax.data.io import resolve_video_path
 from g4v_jax.data.video import VideoReadError, load_video
 
 META = "meta.json"

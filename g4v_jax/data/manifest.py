@@ -21,7 +21,7 @@ Rules, all checked by ``read_manifest`` (the first violation raises ``ManifestEr
 - Unknown keys are errors (a misspelt ``"caption"`` would otherwise silently train without captions), as in the
   config files.
 
-Paths stay as written in the file; ``resolve_video_path`` joins a relative one with the manifest's directory, so a
+Paths stay as written in the file; ``data.io.resolve_video_path`` joins a relative one with the manifest's directory, so a
 dataset directory can be moved or mounted elsewhere as a whole.
 
 Stage 2 (text only)
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from g4v_jax.data.io import iter_jsonl, write_jsonl
 from g4v_jax.data.template import ROLES, Turn, video_tags
 
 SAFETY_LABELS = ("safe", "harmful")
@@ -168,20 +168,6 @@ def example_to_dict(ex: Example) -> dict[str, Any]:
     return out
 
 
-def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterable[tuple[int, Any]]:
-    """(line number, parsed object) for each non-blank line of a JSONL file; a line that is not JSON raises
-    ``error`` naming ``file:line``. Shared by manifests and the chat CLI's request files."""
-    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line's JSON
-    with Path(path).open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
 def read_manifest(path: str | os.PathLike) -> list[Example]:
     """All examples of a JSONL manifest, every line validated; ``ManifestError`` names ``file:line`` and the problem."""
     p = Path(path)
@@ -201,31 +187,9 @@ def read_manifest(path: str | os.PathLike) -> list[Example]:
     return examples
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """The hex SHA-256 of a file's bytes: reports record it so a figure can be traced to the exact data."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write ``rows`` as JSONL (UTF-8, one object per line), creating the parent directory; the file appears
-    complete or not at all."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, p)  # atomic: a crash mid-write never leaves a truncated file behind
-
-
 def write_manifest(path: str | os.PathLike, examples: Iterable[Example]) -> None:
     """Write ``examples`` as JSONL (UTF-8, one per line); the file appears complete or not at all."""
     write_jsonl(path, (example_to_dict(ex) for ex in examples))
-
-
-def resolve_video_path(video: str, manifest_dir: str | os.PathLike) -> str:
-    """A manifest's video path on disk: absolute paths as they are, relative ones under ``manifest_dir``."""
-    return video if os.path.isabs(video) else os.path.join(os.fspath(manifest_dir), video)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions, resolve_video_path
+from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions
+from g4v_jax.data.io import resolve_video_path
 from g4v_jax.data.template import (IGNORE_INDEX, SYSTEM_PROMPT, TokenizedConversation, pad_batch,
                                    tokenize_conversation)
 from g4v_jax.data.feature_cache import load_entry

@@ -46,7 +46,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, write_jsonl
+from g4v_jax.data.io import iter_jsonl, resolve_video_path, write_jsonl
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.qa import QAItem, _find_video, answer_items, sha256_of
 

@@ -36,7 +36,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, sha256_of, write_jsonl
+from g4v_jax.data.io import iter_jsonl, resolve_video_path, sha256_of, write_jsonl
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.judge import Judge, JudgeError, read_key_file
 

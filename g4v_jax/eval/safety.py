@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path, sha256_of
+from g4v_jax.data.io import iter_jsonl, resolve_video_path, sha256_of
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 

@@ -66,7 +66,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.io import iter_jsonl, resolve_video_path
 from g4v_jax.data.video import VideoReadError, sample_frame_indices
 from g4v_jax.eval.inception import RESIZE_MODES, InceptionNetwork, inception_features, inception_input
 

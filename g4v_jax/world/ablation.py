@@ -39,7 +39,7 @@ import numpy as np
 
 import g4v_jax
 from g4v_jax.config import load_config
-from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+from g4v_jax.data.io import iter_jsonl, resolve_video_path
 from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.eval.caption import CaptionItem, caption_videos, score_captions
 from g4v_jax.eval.qa import read_qa

@@ -195,7 +195,7 @@ def vision_feature_cache(model_dir: Path, manifest: Path, cache: Path, progress:
 
 def train_detector(detector_file: Path, out: Path, steps: int, image_size: int, seed: int, progress: bool):
     """The input detector on the frames of labelled training videos (every frame carries its video's label)."""
-    from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+    from g4v_jax.data.io import iter_jsonl, resolve_video_path
     from g4v_jax.data.video import load_video
     from g4v_jax.safety.frame_classifier import (load_frame_classifier, save_frame_classifier,
                                                  train_frame_classifier)
@@ -301,7 +301,7 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
     ``qa_file``, also ``"after_video_question"``: the accuracy when each request follows a video question
     (``after_video_question_requests``)."""
     from g4v_jax.inference import answer_requests
-    from g4v_jax.data.manifest import iter_jsonl
+    from g4v_jax.data.io import iter_jsonl
     from g4v_jax.t2v.base import make_backend, render_requests
     from g4v_jax.tags import parse_video_tags
     from g4v_jax.world.backend import WorldRenderer  # noqa: F401 - importing it registers the "world" backend
@@ -340,7 +340,7 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
 
 def two_video_requests(two_video_file: Path) -> list[dict]:
     """Chat requests of a ``{split}_two_video.jsonl``: both videos, then the question."""
-    from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+    from g4v_jax.data.io import iter_jsonl, resolve_video_path
 
     return [{"id": row["id"], "videos": [str(resolve_video_path(v, two_video_file.parent)) for v in row["videos"]],
              "turns": [{"from": "human", "video": 0}, {"from": "human", "video": 1},
@@ -349,7 +349,7 @@ def two_video_requests(two_video_file: Path) -> list[dict]:
 
 def eval_two_video(model, tokenizer, two_video_file: Path, limit: int, progress: bool) -> dict:
     """Exact-match accuracy on questions that need two videos (``tasks.TWO_VIDEO_QUESTION``)."""
-    from g4v_jax.data.manifest import iter_jsonl
+    from g4v_jax.data.io import iter_jsonl
     from g4v_jax.inference import answer_requests
 
     rows = [row for _, row in iter_jsonl(two_video_file)][:limit]
@@ -365,7 +365,7 @@ def eval_two_video(model, tokenizer, two_video_file: Path, limit: int, progress:
 def second_turn_requests(cases: Sequence, generation_file: Path) -> list[dict]:
     """A chat request per safety case (``eval.safety.SafetyCase``): the case's query asked after a granted generation
     request of ``generation_file`` (its rows in turn) and the answer stage 2 teaches for it."""
-    from g4v_jax.data.manifest import iter_jsonl
+    from g4v_jax.data.io import iter_jsonl
     from g4v_jax.world.scene import parse_caption
     from g4v_jax.world.tasks import generation_answer
 
@@ -413,7 +413,7 @@ def chat_transcript(model, tokenizer, detector, world, out: Path, split: str = "
     """A short scripted chat: a video question, a generation request (rendered), a harmful request; a question about
     two videos; a flagged video. A question with a known answer logs it as ``"expected"``."""
     from g4v_jax.inference import ChatSession, make_renderer
-    from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+    from g4v_jax.data.io import iter_jsonl, resolve_video_path
     from g4v_jax.safety.gates import make_video_gate
 
     files = split_files(world, split)

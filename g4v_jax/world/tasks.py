@@ -84,7 +84,8 @@ from pathlib import Path
 
 import numpy as np
 
-from g4v_jax.data.manifest import Example, iter_jsonl, resolve_video_path, write_jsonl, write_manifest
+from g4v_jax.data.manifest import Example, write_manifest
+from g4v_jax.data.io import iter_jsonl, resolve_video_path, write_jsonl
 from g4v_jax.data.template import AI_PREFIX, HUMAN_PREFIX, SYSTEM_PROMPT, Turn, video_tags
 from g4v_jax.data.video import write_video
 from g4v_jax.safety.refusal import POLITE_REFUSAL

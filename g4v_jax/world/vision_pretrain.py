@@ -138,7 +138,7 @@ def clip_data(catalogue: str | Path, split: str, *, num_frames: int, size: int, 
     """The hazard-free videos of ``split`` in a world's ``catalogue.jsonl``, decoded from their mp4 as training
     decodes them, with the targets of their re-rendered ground truth (scene from the caption, positions from the
     row's seed; the videos must have been rendered at ``num_frames`` x ``size``)."""
-    from g4v_jax.data.manifest import iter_jsonl, resolve_video_path
+    from g4v_jax.data.io import iter_jsonl, resolve_video_path
     from g4v_jax.data.video import load_video
 
     catalogue = Path(catalogue)

@@ -18,9 +18,9 @@ from g4v_jax.data.manifest import (
     main,
     read_manifest,
     replace_videos_with_captions,
-    resolve_video_path,
     write_manifest,
 )
+from g4v_jax.data.io import resolve_video_path
 from g4v_jax.data.template import Turn
 
 GOOD = {

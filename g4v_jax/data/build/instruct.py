@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from g4v_jax.data.build.endpoint import Job, Parsed, add_endpoint_args, run_and_report
-from g4v_jax.data.manifest import iter_jsonl
+from g4v_jax.data.io import iter_jsonl
 
 CSV_ID_COLUMN = "videoid"
 CSV_CAPTION_COLUMN = "name"

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from g4v_jax.data.manifest import iter_jsonl, write_jsonl
+from g4v_jax.data.io import iter_jsonl, write_jsonl
 
 CSV_ID_COLUMN = "videoid"
 CSV_CAPTION_COLUMN = "name"

@@ -80,7 +80,7 @@ from g4v_jax.data.build.instruct import (
     has_video_tag,
     how_many,
 )
-from g4v_jax.data.manifest import iter_jsonl
+from g4v_jax.data.io import iter_jsonl
 from g4v_jax.data.template import video_tags
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 
