@@ -331,32 +331,55 @@ class TrainConfig:
                               f"train.grad_accum_steps ({self.grad_accum_steps})")
 
 
+def derived(default: Any, source: str) -> Any:
+    """A field a run's YAML does not set: ``source`` fills it (``data.pipeline_config``), and it is not saved."""
+    return dataclasses.field(default=default, metadata={"derived_from": source})
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """The training data pipeline (``g4v_jax.data.pipeline``)."""
+    """The training data pipeline (``g4v_jax.data.pipeline``): the run's ``data:`` section, and the inputs the
+    pipeline takes from the model and the stage (``derived`` fields, filled by ``pipeline.pipeline_config``)."""
 
     train_manifest: str = ""
     seq_len: int = 512
-    max_videos_per_example: int = 1
-    system_prompt: str | None = None  # None: the GPT4Video release's system prompt
-    worker_count: int = 0  # grain worker processes
+    max_videos_per_example: int = 1  # V: videos per row in a batch (rows with fewer are padded)
+    system_prompt: str | None = None  # None: the GPT4Video release's system prompt; "": none
+    worker_count: int = 0  # grain worker processes (0: decode in threads of the main process)
     shuffle: bool = True
     on_bad_video: str = "skip"  # skip (counted, logged) | error
-    on_too_long: str = "skip"  # skip | error
+    on_too_long: str = "skip"  # skip | error: longer than seq_len, or more than max_videos_per_example videos
     vision_cache: str = ""  # stage 1: directory of precomputed vision features (g4v_jax.data.feature_cache)
     pack_sequences: bool = False  # text stages: several examples per row, attention kept within each
     # stage 2 reads an example's real videos instead of replacing them by their captions (the paper's stage 2 is
     # text-only: this departs from it); examples without videos are unchanged
     stage2_keep_videos: bool = False
 
+    num_frames: int = derived(4, "model.num_frames")
+    image_size: int = derived(224, "model.vision.image_size")
+    video_sampling: str = derived("uniform_mid", "model.video.sampling")
+    video_resize: str = derived("short_side_crop", "model.video.resize")
+    num_video_tokens: int = derived(65, "model.num_video_tokens")
+    # False (stage 2): videos replaced by their captions, no decoding at all
+    use_videos: bool = derived(True, "train.stage and data.stage2_keep_videos")
+    seed: int = derived(0, "train.seed")
+    # the LoRA adapters skip each example's video span: batches carry "adapter_mask"
+    adapter_mask: bool = derived(False, "model.lora.skip_video_span")
+    # stage 1 from a vision cache: batches carry "video_features" (B, V, T, 1 + N, Dv) of this shape and dtype
+    feature_shape: tuple[int, ...] = derived((), "the vision cache's meta.json")
+    feature_dtype: str = derived("float32", "the vision cache's meta.json")
+
     def __post_init__(self):
         for name in ("on_bad_video", "on_too_long"):
             if getattr(self, name) not in ("skip", "error"):
                 raise ConfigError(f"data.{name} must be skip or error, got {getattr(self, name)!r}")
-        for name, low in (("seq_len", 2), ("max_videos_per_example", 1), ("worker_count", 0)):
+        for name, low in (("seq_len", 2), ("max_videos_per_example", 1), ("worker_count", 0), ("num_frames", 1),
+                          ("image_size", 1), ("num_video_tokens", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ConfigError(f"data.system_prompt must be a string or null, got {self.system_prompt!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,10 +467,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 def from_dict(cls, data: Mapping[str, Any], where: str = ""):
     """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
     types_ = _field_types(cls)
+    sources = {f.name: f.metadata["derived_from"] for f in dataclasses.fields(cls) if "derived_from" in f.metadata}
     kwargs = {}
     for key, value in data.items():
+        if key in sources:
+            raise ConfigError(f"config key {where + key!r} is not set in a config: it comes from {sources[key]}")
         if key not in types_:
-            raise _unknown_key_error(where, key, list(types_))
+            raise _unknown_key_error(where, key, [k for k in types_ if k not in sources])
         kwargs[key] = _coerce(value, types_[key], f"{where}{key}")
     try:
         return cls(**kwargs)
@@ -458,16 +484,19 @@ def from_dict(cls, data: Mapping[str, Any], where: str = ""):
 
 
 def to_dict(cfg) -> dict[str, Any]:
-    """A plain, YAML-serialisable dict of a config (tuples become lists)."""
+    """A plain, YAML-serialisable dict of a config (tuples become lists; ``derived`` fields left out)."""
 
     def plain(v):
-        if isinstance(v, tuple):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)
+                    if "derived_from" not in f.metadata}
+        if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 def _resolve(ref: str, including_dir: Path) -> Path:

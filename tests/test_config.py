@@ -72,3 +72,19 @@ def test_a_section_override_can_name_a_file():
     cfg = load_config("gpt4video_7b", ["train=train/stage2.yaml", "mesh=mesh/dp8.yaml", "train.epochs=1"])
     assert cfg.train.stage == "stage2" and cfg.train.learning_rate == pytest.approx(2e-5)
     assert cfg.train.epochs == 1 and cfg.mesh.data == 8 and cfg.mesh.fsdp == 1
+
+
+def test_the_data_pipelines_model_inputs_are_not_config_keys(tmp_path):
+    """One DataConfig: its fields that the model and the stage decide (num_frames, use_videos, ...) are filled by
+    ``pipeline_config``, refused in a config (naming where they come from) and never saved."""
+    from g4v_jax.config import Config, ConfigError, DataConfig, dump_config, from_dict, load_config
+    from g4v_jax.data.pipeline import pipeline_config
+
+    with pytest.raises(ConfigError, match="'data.num_frames' is not set in a config: it comes from model.num_frames"):
+        from_dict(Config, {"data": {"num_frames": 8}})
+    cfg = load_config("tiny")
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert "num_frames" not in (tmp_path / "c.yaml").read_text().split("data:")[1].split("\nmodel:")[0]
+    resolved = pipeline_config(cfg)
+    assert isinstance(resolved, DataConfig) and resolved.num_frames == cfg.model.num_frames
+    assert resolved.num_video_tokens == cfg.model.num_video_tokens and resolved.seq_len == cfg.data.seq_len

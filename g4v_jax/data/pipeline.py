@@ -97,83 +97,27 @@ from typing import Any
 import grain
 import numpy as np
 
-from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions
+from g4v_jax.config import DataConfig
 from g4v_jax.data.io import resolve_video_path
+from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions
 from g4v_jax.data.template import (IGNORE_INDEX, SYSTEM_PROMPT, TokenizedConversation, pad_batch,
                                    tokenize_conversation)
 from g4v_jax.data.feature_cache import load_entry
 from g4v_jax.data.video import VideoReadError, load_video
 
 SKIP_REASONS = ("unreadable_video", "too_long", "too_many_videos")
-ON_PROBLEM = ("skip", "error")
 STATE_VERSION = 1
 
 _log = logging.getLogger(__name__)
 _TOKENIZER_LOCK = threading.Lock()  # per process (module state is not pickled into workers)
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The pipeline's settings. Functions here also accept any object with these fields (``as_data_config``), so a
-    trainer config can embed its own copy of this dataclass."""
-
-    train_manifest: str = ""
-    seq_len: int = 512
-    num_frames: int = 4
-    image_size: int = 224
-    video_sampling: str = "uniform_mid"  # the model's preprocessing (model.video)
-    video_resize: str = "short_side_crop"
-    max_videos_per_example: int = 1  # V: videos per row in a batch (rows with fewer are padded)
-    use_videos: bool = True  # False (stage 2): videos replaced by their captions, no decoding at all
-    num_video_tokens: int = 65  # slots per video (model.cfg.num_video_tokens)
-    system_prompt: str | None = None  # None -> template.SYSTEM_PROMPT; "" -> no system prompt
-    worker_count: int = 0  # grain worker processes (0: decode in threads of the main process)
-    shuffle: bool = True
-    seed: int = 0
-    on_bad_video: str = "skip"  # "skip" (count and log) or "error"
-    on_too_long: str = "skip"  # "skip" or "error": longer than seq_len, or more than max_videos_per_example videos
-    # stage 1 with precomputed vision features (g4v_jax.data.feature_cache): batches carry "video_features"
-    # (B, V, T, 1 + N, Dv) instead of frames; shape and dtype come from the cache's meta.json
-    vision_cache: str = ""
-    feature_shape: tuple[int, ...] = ()
-    feature_dtype: str = "float32"
-    # text rows only (stages 0 and 2): consecutive examples share a row, each attending only to itself
-    pack_sequences: bool = False
-    # batches carry "adapter_mask" (model.lora.skip_video_span): the LoRA adapters skip each example's video span
-    adapter_mask: bool = False
-
-    def __post_init__(self) -> None:
-        check_data_config(self)
-
-
-def check_data_config(cfg: Any) -> None:
-    """``ValueError`` naming the field unless ``cfg`` (a ``DataConfig`` or any object with its fields) is usable."""
-    positive = ("seq_len", "num_frames", "image_size", "max_videos_per_example", "num_video_tokens")
-    for name in positive:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"data.{name} must be an integer >= 1, got {value!r}")
-    if isinstance(cfg.worker_count, bool) or not isinstance(cfg.worker_count, int) or cfg.worker_count < 0:
-        raise ValueError(f"data.worker_count must be an integer >= 0, got {cfg.worker_count!r}")
-    for name in ("on_bad_video", "on_too_long"):
-        if getattr(cfg, name) not in ON_PROBLEM:
-            raise ValueError(f"data.{name} must be one of {list(ON_PROBLEM)}, got {getattr(cfg, name)!r}")
-    if cfg.system_prompt is not None and not isinstance(cfg.system_prompt, str):
-        raise ValueError(f"data.system_prompt must be a string or null, got {cfg.system_prompt!r}")
+def check_resolved(cfg: DataConfig) -> DataConfig:
+    """``cfg`` once its model and stage inputs are filled in (``pipeline_config``): what only then can be wrong."""
     if cfg.pack_sequences and cfg.use_videos:
         raise ValueError("data.pack_sequences packs text rows (stage 2, or a text-only LLM stage); rows that carry "
                          "videos (stage 1) are not packed")
-
-
-def as_data_config(cfg: Any) -> DataConfig:
-    """``cfg`` as a (validated) ``DataConfig``: the trainer's config may embed its own dataclass with these fields."""
-    if isinstance(cfg, DataConfig):
-        return cfg
-    names = [f.name for f in dataclasses.fields(DataConfig)]
-    missing = [n for n in names if not hasattr(cfg, n)]
-    if missing:
-        raise ValueError(f"{type(cfg).__name__} is not a data config: it lacks {missing}")
-    return DataConfig(**{n: getattr(cfg, n) for n in names})
+    return cfg
 
 
 class ExampleError(ValueError):
@@ -182,7 +126,7 @@ class ExampleError(ValueError):
 
 def batch_spec(cfg: DataConfig, per_host_batch: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (shape, dtype) of every array of a batch; the same for every batch of a run."""
-    cfg = as_data_config(cfg)
+    cfg = check_resolved(cfg)
     b, l = per_host_batch, cfg.seq_len
     spec = {
         "input_ids": ((b, l), np.dtype(np.int32)),
@@ -638,7 +582,7 @@ def make_dataset(
     across epoch borders, the last partial batch being dropped. Relative video paths are resolved against
     ``manifest_dir``. Iterate with ``batch_iterator``.
     """
-    cfg = as_data_config(cfg)
+    cfg = check_resolved(cfg)
     if isinstance(per_host_batch, bool) or not isinstance(per_host_batch, int) or per_host_batch < 1:
         raise ValueError(f"per_host_batch must be an integer >= 1, got {per_host_batch!r}")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
@@ -669,18 +613,16 @@ def batch_iterator(dataset: BatchDataset) -> BatchIterator:
 
 
 def pipeline_config(cfg) -> DataConfig:
-    """The data pipeline's settings, derived from a run's ``g4v_jax.config.Config`` (stage 2 replaces videos by
-    captions); training and ``g4v_jax.data.check`` use the same."""
-    return DataConfig(
-        train_manifest=cfg.data.train_manifest, seq_len=cfg.data.seq_len, num_frames=cfg.model.num_frames,
-        image_size=cfg.model.vision.image_size, video_sampling=cfg.model.video.sampling,
-        video_resize=cfg.model.video.resize, max_videos_per_example=cfg.data.max_videos_per_example,
-        use_videos=cfg.train.stage == "stage1" or (cfg.train.stage == "stage2" and cfg.data.stage2_keep_videos),
-        num_video_tokens=cfg.model.num_video_tokens,
-        system_prompt=cfg.data.system_prompt, worker_count=cfg.data.worker_count, shuffle=cfg.data.shuffle,
-        seed=cfg.train.seed, on_bad_video=cfg.data.on_bad_video, on_too_long=cfg.data.on_too_long,
-        vision_cache=cfg.data.vision_cache, pack_sequences=cfg.data.pack_sequences,
-        adapter_mask=cfg.model.lora.enabled and cfg.model.lora.skip_video_span)
+    """The data pipeline's settings for a run's ``g4v_jax.config.Config``: its ``data`` section with the inputs the
+    model and the stage decide (stage 2 replaces videos by captions unless ``data.stage2_keep_videos``); training and
+    ``g4v_jax.data.check`` use the same."""
+    stage = cfg.train.stage
+    return check_resolved(dataclasses.replace(
+        cfg.data, num_frames=cfg.model.num_frames, image_size=cfg.model.vision.image_size,
+        video_sampling=cfg.model.video.sampling, video_resize=cfg.model.video.resize,
+        num_video_tokens=cfg.model.num_video_tokens, seed=cfg.train.seed,
+        use_videos=stage == "stage1" or (stage == "stage2" and cfg.data.stage2_keep_videos),
+        adapter_mask=cfg.model.lora.enabled and cfg.model.lora.skip_video_span))
 
 
 def count_problems(
@@ -699,7 +641,7 @@ def count_problems(
     example]}``. Videos are decoded exactly as in
     training (``check_videos=False`` checks only lengths and video counts, in seconds), in ``num_threads`` threads.
     """
-    scan_cfg = dataclasses.replace(as_data_config(cfg), on_bad_video="skip", on_too_long="skip")
+    scan_cfg = dataclasses.replace(check_resolved(cfg), on_bad_video="skip", on_too_long="skip")
     _check_examples(examples, scan_cfg)
     directory = os.fspath(manifest_dir)
 
@@ -740,11 +682,10 @@ __all__ = [
     "BatchIterator",
     "DataConfig",
     "ExampleError",
-    "as_data_config",
     "SKIP_REASONS",
     "batch_iterator",
     "batch_spec",
-    "check_data_config",
+    "check_resolved",
     "collate",
     "count_problems",
     "describe_problems",

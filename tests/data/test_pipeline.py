@@ -239,9 +239,9 @@ def test_too_long_and_too_many_videos(tok, data_dir):
 
 
 def test_whole_run_errors(tok, data_dir):
-    with pytest.raises(ValueError, match="data.on_bad_video must be one of"):
+    with pytest.raises(ValueError, match="data.on_bad_video must be skip or error"):
         DataConfig(on_bad_video="ignore")
-    with pytest.raises(ValueError, match="data.seq_len must be an integer >= 1"):
+    with pytest.raises(ValueError, match="data.seq_len must be an integer >= 2"):
         DataConfig(seq_len=0)
     no_answer = Example("q", (), (), (Turn("human", "Only a question."),), "harmful")
     with pytest.raises(ValueError, match=r"1 example\(s\) have no AI turn.*'q'"):
@@ -416,7 +416,7 @@ def test_packing_is_for_text_rows_and_counts_rows_like_the_iterator(tok, data_di
     from g4v_jax.data.pipeline import packed_row_count
 
     with pytest.raises(ValueError, match="pack_sequences packs text rows"):
-        dataclasses.replace(PACKED, use_videos=True)
+        batch_spec(dataclasses.replace(PACKED, use_videos=True), 1)
     assert packed_row_count([50, 40, 10, 90, 96, 1], 96, rows_per_batch=1) == 5  # [50 40] [10] [90] [96] [1]
     # 2 rows a batch: [50 40] [10] | [90 1] [96] (90 fits neither row of the full first batch; 1 fills [90]'s gap)
     assert packed_row_count([50, 40, 10, 90, 96, 1], 96, rows_per_batch=2) == 4
