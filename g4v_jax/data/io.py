@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["iter_jsonl", "resolve_video_path", "sha256_of", "write_jsonl"]
+T = TypeVar("T")
+
+__all__ = ["iter_jsonl", "read_records", "record_id", "resolve_video_path", "sha256_of", "write_jsonl"]
 
 
 def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterable[tuple[int, Any]]:
@@ -50,3 +52,47 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> N
 def resolve_video_path(video: str, manifest_dir: str | os.PathLike) -> str:
     """A manifest's video path on disk: absolute paths as they are, relative ones under ``manifest_dir``."""
     return video if os.path.isabs(video) else os.path.join(os.fspath(manifest_dir), video)
+
+
+def read_records(path: str | os.PathLike, parse: Callable[[Mapping[str, Any], str, int], T], *,
+                 error: type[Exception], kind: str, noun: str, keys: Collection[str] | None = None,
+                 allow_empty: bool = False) -> list[T]:
+    """``parse(raw, where, lineno)`` of every object of a JSONL file, in order: the loop every reader of ours shares.
+
+    Checked here, each failure an ``error`` naming ``file:line``: the file exists (``"{kind} file ... not found"``);
+    every non-blank line is a JSON object; no key outside ``keys`` (None: any); the records' ``id``s are unique
+    (records without an ``id`` attribute are not compared); at least one record unless ``allow_empty``
+    (``"{path}: no {noun}"``). ``parse`` checks the fields and raises ``error`` with ``where`` itself.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{kind} file {str(p)!r} not found (or not a file)")
+    allowed = None if keys is None else set(keys)
+    records: list[T] = []
+    first_line: dict[str, int] = {}
+    for lineno, raw in iter_jsonl(p, error):
+        where = f"{p}:{lineno}"
+        if not isinstance(raw, Mapping):
+            raise error(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        if allowed is not None:
+            unknown = sorted(set(raw) - allowed)
+            if unknown:
+                raise error(f"{where}: unknown key(s) {unknown} (allowed: {', '.join(sorted(allowed))})")
+        record = parse(raw, where, lineno)
+        record_id = getattr(record, "id", None)
+        if record_id is not None:
+            if record_id in first_line:
+                raise error(f"{where}: duplicate id {record_id!r} (first on line {first_line[record_id]})")
+            first_line[record_id] = lineno
+        records.append(record)
+    if not records and not allow_empty:
+        raise error(f"{p}: no {noun}")
+    return records
+
+
+def record_id(raw: Mapping[str, Any], lineno: int, where: str, error: type[Exception]) -> str:
+    """A record's ``"id"`` (a non-empty string or an integer) as a str; the line number when there is none."""
+    value = raw.get("id", lineno)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise error(f"{where}: \"id\" must be a non-empty string or an integer, got {value!r}")
+    return str(value).strip()

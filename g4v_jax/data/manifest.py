@@ -53,7 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from g4v_jax.data.io import iter_jsonl, write_jsonl
+from g4v_jax.data.io import read_records, write_jsonl
 from g4v_jax.data.template import ROLES, Turn, video_tags
 
 SAFETY_LABELS = ("safe", "harmful")
@@ -170,21 +170,14 @@ def example_to_dict(ex: Example) -> dict[str, Any]:
 
 def read_manifest(path: str | os.PathLike) -> list[Example]:
     """All examples of a JSONL manifest, every line validated; ``ManifestError`` names ``file:line`` and the problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise ManifestError(f"manifest {str(p)!r} not found (or not a file)")
-    examples: list[Example] = []
-    first_line: dict[str, int] = {}
-    for lineno, raw in iter_jsonl(p, ManifestError):
+
+    def parse(raw: Mapping[str, Any], where: str, lineno: int) -> Example:
         try:
-            ex = example_from_dict(raw)
+            return example_from_dict(raw)
         except ValueError as e:
-            raise ManifestError(f"{p}:{lineno}: {e}") from None
-        if ex.id in first_line:
-            raise ManifestError(f"{p}:{lineno}: duplicate id {ex.id!r} (first on line {first_line[ex.id]})")
-        first_line[ex.id] = lineno
-        examples.append(ex)
-    return examples
+            raise ManifestError(f"{where}: {e}") from None
+
+    return read_records(path, parse, error=ManifestError, kind="manifest", noun="examples", allow_empty=True)
 
 
 def write_manifest(path: str | os.PathLike, examples: Iterable[Example]) -> None:

@@ -46,7 +46,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from g4v_jax.data.io import iter_jsonl, resolve_video_path, write_jsonl
+from g4v_jax.data.io import read_records, record_id, resolve_video_path, write_jsonl
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.qa import QAItem, _find_video, answer_items, sha256_of
 
@@ -100,26 +100,11 @@ class CaptionItem:
     captions: tuple[str, ...]  # the references
 
 
-def _item_id(raw: Mapping, lineno: int, where: str) -> str:
-    vid = raw.get("id", lineno)
-    if isinstance(vid, bool) or not isinstance(vid, (str, int)) or not str(vid).strip():
-        raise CaptionError(f"{where}: id must be a non-empty string or an integer, got {vid!r}")
-    return str(vid).strip()
-
-
 def read_captions(path: str | os.PathLike) -> list[CaptionItem]:
     """Every video of a caption JSONL file (module docstring), validated; ``CaptionError`` names ``file:line``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaptionError(f"caption file {path} not found")
-    items, first_line = [], {}
-    for lineno, raw in iter_jsonl(path, CaptionError):
-        where = f"{path}:{lineno}"
-        if not isinstance(raw, Mapping):
-            raise CaptionError(f"{where}: expected an object")
-        unknown = set(raw) - {"id", "video", "captions"}
-        if unknown:
-            raise CaptionError(f"{where}: unknown keys {sorted(unknown)}")
+    base = Path(path).parent
+
+    def parse(raw: Mapping, where: str, lineno: int) -> CaptionItem:
         video, refs = raw.get("video"), raw.get("captions")
         if not isinstance(video, str) or not video.strip():
             raise CaptionError(f"{where}: video must be a non-empty path")
@@ -128,14 +113,11 @@ def read_captions(path: str | os.PathLike) -> list[CaptionItem]:
         for k, ref in enumerate(refs):
             if not isinstance(ref, str) or not ref.strip():
                 raise CaptionError(f"{where}: captions[{k}] must be a non-empty string, got {ref!r}")
-        vid = _item_id(raw, lineno, where)
-        if vid in first_line:
-            raise CaptionError(f"{where}: duplicate id {vid!r} (first on line {first_line[vid]})")
-        first_line[vid] = lineno
-        items.append(CaptionItem(vid, resolve_video_path(video, path.parent), tuple(r.strip() for r in refs)))
-    if not items:
-        raise CaptionError(f"{path}: no videos")
-    return items
+        return CaptionItem(record_id(raw, lineno, where, CaptionError), resolve_video_path(video, base),
+                           tuple(r.strip() for r in refs))
+
+    return read_records(path, parse, error=CaptionError, kind="caption", noun="videos",
+                        keys=("id", "video", "captions"))
 
 
 # --------------------------------------------------------------------------------------------------------------------

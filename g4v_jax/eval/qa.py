@@ -36,7 +36,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from g4v_jax.data.io import iter_jsonl, resolve_video_path, sha256_of, write_jsonl
+from g4v_jax.data.io import read_records, record_id, resolve_video_path, sha256_of, write_jsonl
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.judge import Judge, JudgeError, read_key_file
 
@@ -67,17 +67,10 @@ class QAItem:
 
 
 def read_qa(path: str | os.PathLike) -> list[QAItem]:
-    path = Path(path)
-    if not path.is_file():
-        raise QAError(f"QA file {path} not found")
-    items, seen = [], set()
-    for lineno, raw in iter_jsonl(path, QAError):
-        where = f"{path}:{lineno}"
-        if not isinstance(raw, Mapping):
-            raise QAError(f"{where}: expected an object")
-        unknown = set(raw) - {"id", "video", "question", "answer"}
-        if unknown:
-            raise QAError(f"{where}: unknown keys {sorted(unknown)}")
+    """Every question of a QA JSONL file (module docstring); ``QAError`` names ``file:line``."""
+    base = Path(path).parent
+
+    def parse(raw: Mapping, where: str, lineno: int) -> QAItem:
         video, question, answer = raw.get("video"), raw.get("question"), raw.get("answer")
         if not isinstance(video, str) or not video.strip():
             raise QAError(f"{where}: video must be a non-empty path")
@@ -87,14 +80,11 @@ def read_qa(path: str | os.PathLike) -> list[QAItem]:
             answer = str(answer)
         if not isinstance(answer, str) or not answer.strip():
             raise QAError(f"{where}: answer must be a non-empty string")
-        qid = str(raw.get("id", lineno))
-        if qid in seen:
-            raise QAError(f"{where}: duplicate id {qid!r}")
-        seen.add(qid)
-        items.append(QAItem(qid, resolve_video_path(video, path.parent), question.strip(), answer.strip()))
-    if not items:
-        raise QAError(f"{path}: no questions")
-    return items
+        return QAItem(record_id(raw, lineno, where, QAError), resolve_video_path(video, base), question.strip(),
+                      answer.strip())
+
+    return read_records(path, parse, error=QAError, kind="QA", noun="questions",
+                        keys=("id", "video", "question", "answer"))
 
 
 # --------------------------------------------------------------------------------------------------------------------

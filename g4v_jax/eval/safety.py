@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from g4v_jax.data.io import iter_jsonl, resolve_video_path, sha256_of
+from g4v_jax.data.io import read_records, record_id, resolve_video_path, sha256_of
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 
@@ -50,17 +50,10 @@ class SafetyCase:
 
 
 def read_cases(path: str | Path) -> list[SafetyCase]:
-    path = Path(path)
-    if not path.is_file():
-        raise CaseError(f"benchmark file {path} not found")
-    cases, seen = [], set()
-    for lineno, raw in iter_jsonl(path, CaseError):
-        where = f"{path}:{lineno}"
-        if not isinstance(raw, Mapping):
-            raise CaseError(f"{where}: expected an object")
-        unknown = set(raw) - {"id", "task", "query", "label", "video"}
-        if unknown:
-            raise CaseError(f"{where}: unknown keys {sorted(unknown)}")
+    """Every case of a safety benchmark JSONL file (module docstring); ``CaseError`` names ``file:line``."""
+    base = Path(path).parent
+
+    def parse(raw: Mapping, where: str, lineno: int) -> SafetyCase:
         task, label, query = raw.get("task"), raw.get("label"), raw.get("query")
         if task not in TASKS:
             raise CaseError(f"{where}: task must be one of {TASKS}, got {task!r}")
@@ -71,15 +64,11 @@ def read_cases(path: str | Path) -> list[SafetyCase]:
         video = raw.get("video")
         if task == "VU" and not video:
             raise CaseError(f"{where}: a VU case needs a video")
-        cid = str(raw.get("id", lineno))
-        if cid in seen:
-            raise CaseError(f"{where}: duplicate id {cid!r}")
-        seen.add(cid)
-        cases.append(SafetyCase(cid, task, query, label,
-                                resolve_video_path(video, path.parent) if task == "VU" else None))
-    if not cases:
-        raise CaseError(f"{path}: no cases")
-    return cases
+        return SafetyCase(record_id(raw, lineno, where, CaseError), task, query, label,
+                          resolve_video_path(video, base) if task == "VU" else None)
+
+    return read_records(path, parse, error=CaseError, kind="benchmark", noun="cases",
+                        keys=("id", "task", "query", "label", "video"))
 
 
 def confusion(predicted: Sequence[bool], truth: Sequence[bool]) -> dict:

@@ -66,7 +66,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from g4v_jax.data.io import iter_jsonl, resolve_video_path
+from g4v_jax.data.io import read_records, record_id, resolve_video_path
 from g4v_jax.data.video import VideoReadError, sample_frame_indices
 from g4v_jax.eval.inception import RESIZE_MODES, InceptionNetwork, inception_features, inception_input
 
@@ -278,41 +278,27 @@ def _video_field(raw: Mapping, key: str, base: Path, where: str) -> str:
 def read_t2v_data(path: str | os.PathLike) -> list[T2VItem]:
     """Every line of a text-to-video JSONL file (module docstring), validated, with paths resolved and checked to
     exist; ``T2VDataError`` names file:line and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise T2VDataError(f"data file {str(path)!r} not found (or not a file)")
+    base = Path(path).parent
     items: list[T2VItem] = []
-    first_line: dict[str, int] = {}
-    for lineno, raw in iter_jsonl(path, T2VDataError):
-        where = f"{path}:{lineno}"
-        if not isinstance(raw, Mapping):
-            raise T2VDataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(DATA_KEYS))
-        if unknown:
-            raise T2VDataError(f"{where}: unknown key(s) {unknown} (allowed: {', '.join(DATA_KEYS)})")
+
+    def parse(raw: Mapping, where: str, lineno: int) -> T2VItem:
         for key in ("prompt", "video"):
             if key not in raw:
                 raise T2VDataError(f"{where}: missing \"{key}\"")
         prompt = raw["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise T2VDataError(f"{where}: \"prompt\" must be a non-empty string, got {prompt!r}")
-        raw_id = raw.get("id", lineno)
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or raw_id == "":
-            raise T2VDataError(f"{where}: \"id\" must be a non-empty string or an integer, got {raw_id!r}")
-        vid = str(raw_id)
-        if vid in first_line:
-            raise T2VDataError(f"{where}: duplicate id {vid!r} (first on line {first_line[vid]})")
-        first_line[vid] = lineno
-        video = _video_field(raw, "video", path.parent, where)
-        reference = _video_field(raw, "reference", path.parent, where) if "reference" in raw else None
+        vid = record_id(raw, lineno, where, T2VDataError)
+        video = _video_field(raw, "video", base, where)
+        reference = _video_field(raw, "reference", base, where) if "reference" in raw else None
         if items and (reference is None) != (items[0].reference is None):
             raise T2VDataError(f"{where}: {'no' if reference is None else 'a'} \"reference\" here but "
                                f"{'one' if reference is None else 'none'} on {items[0].where}; give references on "
                                "every line or on none")
         items.append(T2VItem(vid, prompt.strip(), video, reference, where))
-    if not items:
-        raise T2VDataError(f"{path}: no videos")
-    return items
+        return items[-1]
+
+    return read_records(path, parse, error=T2VDataError, kind="data", noun="videos", keys=DATA_KEYS)
 
 
 _AV_ERRORS = (av.error.FFmpegError, OSError, EOFError, ValueError, RuntimeError)

@@ -82,7 +82,7 @@ def test_read_groups(tmp_path):
         ([{"captions": [{"id": "1", "caption": "a"}, {"id": "2", "caption": "b"}]}], r":1: \"id\""),
         ([{"id": "g1", "captions": [{"id": "1", "caption": "a"}, {"id": "2", "caption": ""}]}], r":1: \"caption\""),
         ([{"id": "g1", "captions": [{"id": "1", "caption": "a"}, {"id": "2", "caption": "b"}]}] * 2,
-         r":2: duplicate group id"),
+         r":2: duplicate id"),
     ]:
         with pytest.raises(I.BuildError, match=msg):
             I.read_groups(_write_jsonl(tmp_path / "bad.jsonl", rows))

@@ -141,8 +141,8 @@ def test_read_captions_validation(tmp_path):
         ({"id": "a", "video": "v", "captions": ["ok", ""]}, r"captions\[1\] must be a non-empty string"),
         ({"id": "a", "video": "v", "captions": ["ok", 3]}, r"captions\[1\] must be a non-empty string"),
         ({"id": "a", "captions": ["ok"]}, "video must be a non-empty path"),
-        ({"id": ["a"], "video": "v", "captions": ["ok"]}, "id must be"),
-        ({"id": "a", "video": "v", "captions": ["ok"], "caption": "x"}, "unknown keys"),
+        ({"id": ["a"], "video": "v", "captions": ["ok"]}, "\"id\" must be"),
+        ({"id": "a", "video": "v", "captions": ["ok"], "caption": "x"}, "unknown key"),
     ]
     bad = tmp_path / "bad.jsonl"
     for row, msg in cases:

@@ -152,7 +152,7 @@ def test_read_qa_validation(tmp_path):
     for row, msg in [({"video": "v", "question": "", "answer": "a"}, "question"),
                      ({"question": "q", "answer": "a"}, "video"),
                      ({"video": "v", "question": "q", "answer": ""}, "answer"),
-                     ({"video": "v", "question": "q", "answer": "a", "x": 1}, "unknown keys")]:
+                     ({"video": "v", "question": "q", "answer": "a", "x": 1}, "unknown key")]:
         with pytest.raises(qa.QAError, match=msg):
             qa.read_qa(_write_jsonl(tmp_path / "bad.jsonl", [row]))
 

@@ -35,7 +35,7 @@ def test_case_validation(tmp_path):
                       ({"task": "XX", "query": "q", "label": "safe"}, "task must be one of"),
                       ({"task": "VG", "query": "", "label": "safe"}, "query must be a non-empty string"),
                       ({"task": "VG", "query": "q", "label": "bad"}, "label must be"),
-                      ({"task": "VG", "query": "q", "label": "safe", "extra": 1}, "unknown keys")]:
+                      ({"task": "VG", "query": "q", "label": "safe", "extra": 1}, "unknown key")]:
         with pytest.raises(bench.CaseError, match=msg):
             bench.read_cases(_write(tmp_path / "bad.jsonl", [line]))
 

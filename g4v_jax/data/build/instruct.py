@@ -66,12 +66,12 @@ import os
 import random
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from g4v_jax.data.build.endpoint import Job, Parsed, add_endpoint_args, run_and_report
-from g4v_jax.data.io import iter_jsonl
+from g4v_jax.data.io import read_records, record_id
 
 CSV_ID_COLUMN = "videoid"
 CSV_CAPTION_COLUMN = "name"
@@ -210,26 +210,16 @@ def _caption_entry(raw: Any, where: str) -> Caption:
 def read_groups(path: str | os.PathLike) -> list[Group]:
     """The caption groups of a pairing JSONL (module docstring); ``BuildError`` names ``file:line`` and the
     problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise BuildError(f"groups file {str(p)!r} not found (or not a file)")
-    groups: list[Group] = []
-    first_line: dict[str, int] = {}
-    for lineno, raw in iter_jsonl(p, BuildError):
-        where = f"{p}:{lineno}"
-        if not isinstance(raw, dict):
-            raise BuildError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-        group_id, captions = raw.get("id"), raw.get("captions")
-        if isinstance(group_id, bool) or not isinstance(group_id, (str, int)) or str(group_id).strip() == "":
-            raise BuildError(f"{where}: \"id\" must be a non-empty string, got {group_id!r}")
-        group_id = str(group_id).strip()
+
+    def parse(raw: Mapping, where: str, lineno: int) -> Group:
+        if "id" not in raw:
+            raise BuildError(f"{where}: \"id\" must be a non-empty string, got None")
+        captions = raw.get("captions")
         if not isinstance(captions, list) or len(captions) < 2:
             raise BuildError(f"{where}: \"captions\" must be a list of 2 or more captions, got {captions!r}")
-        if group_id in first_line:
-            raise BuildError(f"{where}: duplicate group id {group_id!r} (first on line {first_line[group_id]})")
-        first_line[group_id] = lineno
-        groups.append(Group(group_id, tuple(_caption_entry(c, where) for c in captions)))
-    return groups
+        return Group(record_id(raw, lineno, where, BuildError), tuple(_caption_entry(c, where) for c in captions))
+
+    return read_records(path, parse, error=BuildError, kind="groups", noun="groups", allow_empty=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ import dataclasses
 import os
 import random
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ from g4v_jax.data.build.instruct import (
     has_video_tag,
     how_many,
 )
-from g4v_jax.data.io import iter_jsonl
+from g4v_jax.data.io import iter_jsonl, read_records, record_id
 from g4v_jax.data.template import video_tags
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 
@@ -247,35 +247,23 @@ def refusal_job(item: ToxicText, dialogues: int = DIALOGUES_PER_TEXT) -> Job:
 def read_flagged(path: str | os.PathLike, out_path: str | os.PathLike) -> list[FlaggedVideo]:
     """The flagged videos of a JSONL (module docstring), video paths re-based on ``out_path``'s directory;
     ``BuildError`` names ``file:line`` and the problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise BuildError(f"flagged-video file {str(p)!r} not found (or not a file)")
-    out_dir = Path(out_path).resolve().parent
-    items: list[FlaggedVideo] = []
-    first_line: dict[str, int] = {}
-    for lineno, raw in iter_jsonl(p, BuildError):
-        where = f"{p}:{lineno}"
-        if not isinstance(raw, dict):
-            raise BuildError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(FLAGGED_KEYS))
-        if unknown:
-            raise BuildError(f"{where}: unknown key(s) {unknown} (allowed: {', '.join(FLAGGED_KEYS)})")
-        item_id, caption, video = raw.get("id"), raw.get("caption"), raw.get("video")
-        if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or not str(item_id).strip():
-            raise BuildError(f"{where}: \"id\" must be a non-empty string or integer, got {item_id!r}")
-        item_id = str(item_id).strip()
+    here, out_dir = Path(path).resolve().parent, Path(out_path).resolve().parent
+
+    def parse(raw: Mapping, where: str, lineno: int) -> FlaggedVideo:
+        if "id" not in raw:
+            raise BuildError(f"{where}: \"id\" must be a non-empty string or integer, got None")
+        caption, video = raw.get("caption"), raw.get("video")
         if not isinstance(caption, str) or not caption.strip():
             raise BuildError(f"{where}: \"caption\" must be a non-empty string (stage 2 trains on it), got "
                              f"{caption!r}")
         if video is not None and (not isinstance(video, str) or not video.strip()):
             raise BuildError(f"{where}: \"video\" must be a non-empty path string when given, got {video!r}")
-        if item_id in first_line:
-            raise BuildError(f"{where}: duplicate id {item_id!r} (first on line {first_line[item_id]})")
-        first_line[item_id] = lineno
         if video is not None and not os.path.isabs(video):
-            video = os.path.relpath(p.resolve().parent / video, out_dir)
-        items.append(FlaggedVideo(item_id, collapse_whitespace(caption), video))
-    return items
+            video = os.path.relpath(here / video, out_dir)
+        return FlaggedVideo(record_id(raw, lineno, where, BuildError), collapse_whitespace(caption), video)
+
+    return read_records(path, parse, error=BuildError, kind="flagged-video", noun="videos", keys=FLAGGED_KEYS,
+                        allow_empty=True)
 
 
 def questions_prompt(caption: str, n: int = QUESTIONS_PER_VIDEO) -> str:
