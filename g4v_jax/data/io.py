@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["iter_jsonl", "read_records", "record_id", "resolve_video_path", "sha256_of", "write_jsonl"]
+__all__ = ["VIDEO_EXTENSIONS", "find_video", "iter_jsonl", "read_records", "record_id", "resolve_video_path", "sha256_of", "write_jsonl"]
 
 
 def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterable[tuple[int, Any]]:
@@ -96,3 +96,16 @@ def record_id(raw: Mapping[str, Any], lineno: int, where: str, error: type[Excep
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
         raise error(f"{where}: \"id\" must be a non-empty string or an integer, got {value!r}")
     return str(value).strip()
+
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
+
+
+def find_video(video_dir: Path, name: str) -> Path | None:
+    """``video_dir/name``, or ``name`` with the first of ``VIDEO_EXTENSIONS`` that exists when it has none (the
+    benchmarks' JSON files name videos without one); None when no such file exists."""
+    candidates = [name] if Path(name).suffix.lower() in VIDEO_EXTENSIONS else [name + e for e in VIDEO_EXTENSIONS]
+    for c in candidates:
+        if (video_dir / c).is_file():
+            return video_dir / c
+    return None

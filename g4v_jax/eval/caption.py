@@ -46,9 +46,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from g4v_jax.data.io import read_records, record_id, resolve_video_path, write_jsonl
+from g4v_jax.data.io import find_video, read_records, record_id, resolve_video_path, sha256_of, write_jsonl
+from g4v_jax.eval.report import data_line
+from g4v_jax.eval.report import markdown_table as markdown_table_of
+from g4v_jax.eval.report import write_report as write_report_files
 from g4v_jax.data.template import SYSTEM_PROMPT
-from g4v_jax.eval.qa import QAItem, _find_video, answer_items, sha256_of
+from g4v_jax.eval.qa import QAItem, answer_items
 
 _log = logging.getLogger(__name__)
 
@@ -317,24 +320,18 @@ def build_report(*, checkpoint: str, data: str | os.PathLike, items: Sequence[Ca
 
 def markdown_table(report: Mapping, method: str) -> str:
     m = report["metrics"]
-    return "\n".join(["| Method | N | BLEU-4 | METEOR | BLEU-4 (sacrebleu) |", "|---|---|---|---|---|",
-                      f"| {method} | {m['n']} | {m['bleu4']:.3f} | {m['meteor']:.3f} | {m['bleu4_sacrebleu']:.3f} |"])
+    return markdown_table_of(["Method", "N", "BLEU-4", "METEOR", "BLEU-4 (sacrebleu)"],
+                             [[method, m["n"], f"{m['bleu4']:.3f}", f"{m['meteor']:.3f}", f"{m['bleu4_sacrebleu']:.3f}"]])
 
 
 def write_report(report: Mapping, out: str | os.PathLike, method: str) -> str:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    table = markdown_table(report, method)
-    m = report["metrics"]
-    defs = "\n".join(f"- **{k}**: {v}" for k, v in report["metric_definitions"].items())
-    (out / "report.md").write_text(
-        f"# Video captioning\n\nData: `{report['data']}` (sha256 {report['data_sha256']}), {report['samples']} videos."
-        f"\n\nInstruction: \"{report['instruction']}\" ({report['generation']['decoding']}, at most "
-        f"{report['generation']['max_new_tokens']} new tokens).\n\n{table}\n\n"
-        f"Unanswered (scored as empty captions): {m['unanswered']}. sacrebleu signature: `{m['sacrebleu_signature']}`."
-        f"\n\n{defs}\n")
-    return table
+    m, gen = report["metrics"], report["generation"]
+    return write_report_files(
+        report, out, title="Video captioning", table=markdown_table(report, method),
+        before=[data_line(report, "videos"), f"Instruction: \"{report['instruction']}\" ({gen['decoding']}, at most "
+                f"{gen['max_new_tokens']} new tokens)."],
+        after=[f"Unanswered (scored as empty captions): {m['unanswered']}. sacrebleu signature: "
+               f"`{m['sacrebleu_signature']}`."])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -361,7 +358,7 @@ def from_msrvtt(json_path: str | os.PathLike, video_dir: str | os.PathLike, out:
 
     Keeps the videos whose ``split`` is ``split`` (None: all), in file order, each with its ``sentences`` captions in
     file order. A ``video_id`` names its file (``video7010`` -> ``VIDEO_DIR/video7010.mp4``, or another of
-    ``qa.VIDEO_EXTENSIONS``; an integer N names ``videoN``); paths are written relative to ``out``'s directory.
+    ``data.io.VIDEO_EXTENSIONS``; an integer N names ``videoN``); paths are written relative to ``out``'s directory.
     Videos without captions, repeated videos, malformed entries and (``check_files``) videos whose file is missing
     are skipped and counted in the log. ``CaptionError`` if the split has no videos (naming the splits present)."""
     json_path, video_dir, out = Path(json_path), Path(video_dir).resolve(), Path(out)
@@ -392,7 +389,7 @@ def from_msrvtt(json_path: str | os.PathLike, video_dir: str | os.PathLike, out:
             skipped["no_captions"] += 1
             continue
         name = f"video{vid}" if isinstance(vid, int) else key
-        file = _find_video(video_dir, name)
+        file = find_video(video_dir, name)
         if file is None:
             if check_files:
                 skipped["missing_video_file"] += 1

@@ -36,7 +36,10 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from g4v_jax.data.io import read_records, record_id, resolve_video_path, sha256_of, write_jsonl
+from g4v_jax.data.io import find_video, read_records, record_id, resolve_video_path, sha256_of, write_jsonl
+from g4v_jax.eval.report import data_line
+from g4v_jax.eval.report import markdown_table as markdown_table_of
+from g4v_jax.eval.report import write_report as write_report_files
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.eval.judge import Judge, JudgeError, read_key_file
 
@@ -192,16 +195,14 @@ def records(items: Sequence[QAItem], answers: Mapping[str, str], errors: Mapping
 
 def markdown_table(report: Mapping, method: str) -> str:
     m = report["metrics"]
-    head = "| Method | N | Exact match (offline) | Contains match (offline) |"
-    sep = "|---|---|---|---|"
-    row = f"| {method} | {m['offline']['n']} | {100 * m['offline']['exact_match']:.1f} | " \
-          f"{100 * m['offline']['contains_match']:.1f} |"
+    header = ["Method", "N", "Exact match (offline)", "Contains match (offline)"]
+    row = [method, m["offline"]["n"], f"{100 * m['offline']['exact_match']:.1f}",
+           f"{100 * m['offline']['contains_match']:.1f}"]
     if "judge" in m:
         j = m["judge"]
-        head += " Judge accuracy | Judge score | Judge errors |"
-        sep += "---|---|---|"
-        row += f" {100 * j['accuracy']:.1f} | {j['score']:.2f} | {j['judge_errors']} |"
-    return "\n".join([head, sep, row])
+        header += ["Judge accuracy", "Judge score", "Judge errors"]
+        row += [f"{100 * j['accuracy']:.1f}", f"{j['score']:.2f}", j["judge_errors"]]
+    return markdown_table_of(header, [row])
 
 
 def build_report(*, checkpoint: str, data: str | os.PathLike, items: Sequence[QAItem], answers: Mapping[str, str],
@@ -215,32 +216,15 @@ def build_report(*, checkpoint: str, data: str | os.PathLike, items: Sequence[QA
 
 
 def write_report(report: Mapping, out: str | os.PathLike, method: str) -> str:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    table = markdown_table(report, method)
-    defs = "\n".join(f"- **{k}**: {v}" for k, v in report["metric_definitions"].items())
     judge = report.get("judge")
-    judge_line = f"Judge: {json.dumps(judge)}\n\n" if judge else "No judge: offline metrics only.\n\n"
-    (out / "report.md").write_text(f"# Video QA\n\nData: `{report['data']}` (sha256 {report['data_sha256']}), "
-                                   f"{report['samples']} samples.\n\n{table}\n\n{judge_line}{defs}\n")
-    return table
+    return write_report_files(report, out, title="Video QA", table=markdown_table(report, method),
+                              before=[data_line(report, "samples")],
+                              after=[f"Judge: {json.dumps(judge)}" if judge else "No judge: offline metrics only."])
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Converter
 # --------------------------------------------------------------------------------------------------------------------
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
-
-
-def _find_video(video_dir: Path, name: str) -> Path | None:
-    candidates = [name] if Path(name).suffix.lower() in VIDEO_EXTENSIONS else [name + e for e in VIDEO_EXTENSIONS]
-    for c in candidates:
-        if (video_dir / c).is_file():
-            return video_dir / c
-    return None
-
 
 def from_msrvtt_qa(json_path: str | os.PathLike, video_dir: str | os.PathLike, out: str | os.PathLike, *,
                    check_files: bool = True) -> int:
@@ -248,7 +232,7 @@ def from_msrvtt_qa(json_path: str | os.PathLike, video_dir: str | os.PathLike, o
     "id" | "question_id"?}``) -> our QA JSONL; returns the number written.
 
     An integer ``video_id`` N names ``videoN`` (MSRVTT's file names); a name without an extension is looked up with
-    each of ``VIDEO_EXTENSIONS``. Paths are written relative to ``out``'s directory. Entries with missing fields and
+    each of ``data.io.VIDEO_EXTENSIONS``. Paths are written relative to ``out``'s directory. Entries with missing fields and
     (``check_files``) entries whose video is not under ``video_dir`` are skipped and counted in the log."""
     data = json.loads(Path(json_path).read_text(encoding="utf-8"))
     if not isinstance(data, list):
@@ -266,7 +250,7 @@ def from_msrvtt_qa(json_path: str | os.PathLike, video_dir: str | os.PathLike, o
             skipped["missing_fields"] += 1
             continue
         name = f"video{vid}" if isinstance(vid, int) else str(vid)
-        file = _find_video(video_dir, name)
+        file = find_video(video_dir, name)
         if file is None:
             if check_files:
                 skipped["missing_video_file"] += 1

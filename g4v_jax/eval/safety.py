@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from g4v_jax.data.io import read_records, record_id, resolve_video_path, sha256_of
+from g4v_jax.eval.report import markdown_table as markdown_table_of
+from g4v_jax.eval.report import write_report as write_report_files
 from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 
@@ -126,13 +127,12 @@ def answer_cases(model, tokenizer, cases: Sequence[SafetyCase], *, sampling, vid
 
 def markdown_table(report: Mapping, method: str) -> str:
     """The paper's Table 4 layout: one row per method, accuracy/precision/recall/F1 for VU and VG."""
-    head = "| Method | " + " | ".join(f"{t} {m}" for t in TASKS for m in ("Acc", "P", "R", "F1")) + " |"
-    sep = "|---|" + "---|" * 8
     cells = []
     for t in TASKS:
         r = report["tasks"].get(t)
         cells += ([f"{100 * r[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1")] if r else ["–"] * 4)
-    return "\n".join([head, sep, f"| {method} | " + " | ".join(cells) + " |"])
+    return markdown_table_of(["Method", *(f"{t} {m}" for t in TASKS for m in ("Acc", "P", "R", "F1"))],
+                             [[method, *cells]])
 
 
 def main(argv=None) -> None:
@@ -168,12 +168,8 @@ def main(argv=None) -> None:
               "samples": len(cases), "input_gate": args.safety_checker, "metric": METRIC_DEFINITION,
               "tasks": score(cases, answers), "errors": errors,
               "answers": {c.id: answers.get(c.id) for c in cases}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    table = markdown_table(report, Path(args.ckpt).name)
-    (out / "report.md").write_text(f"# Safety benchmark\n\n{table}\n\n{METRIC_DEFINITION}\n")
-    print(table)
+    print(write_report_files(report, args.out, title="Safety benchmark",
+                             table=markdown_table(report, Path(args.ckpt).name), after=[METRIC_DEFINITION]))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -67,6 +66,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from g4v_jax.data.io import read_records, record_id, resolve_video_path
+from g4v_jax.eval.report import markdown_table as markdown_table_of
+from g4v_jax.eval.report import write_report as write_report_files
 from g4v_jax.data.video import VideoReadError, sample_frame_indices
 from g4v_jax.eval.inception import RESIZE_MODES, InceptionNetwork, inception_features, inception_input
 
@@ -473,18 +474,14 @@ def build_report(*, clip: str | os.PathLike, data: str | os.PathLike, items: Seq
 def markdown_table(report: Mapping, method: str) -> str:
     """``| Method | N | CLIPSIM | FD-CLIP | FID |``, with "—" for what was not computed."""
     m = report["metrics"]
-    fmt = lambda v: "—" if v is None else f"{v:.2f}"
-    return "\n".join([f"| Method | N | CLIPSIM | {FD_CLIP} | {FID} |", "|---|---|---|---|---|",
-                      f"| {method} | {m['n']} | {m['clipsim']:.4f} ± {m['clipsim_std']:.4f} | {fmt(m['fd_clip'])} | "
-                      f"{fmt(m['fid'])} |"])
+    fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    return markdown_table_of(["Method", "N", "CLIPSIM", FD_CLIP, FID],
+                             [[method, m["n"], f"{m['clipsim']:.4f} ± {m['clipsim_std']:.4f}", fmt(m["fd_clip"]),
+                               fmt(m["fid"])]])
 
 
 def write_report(report: Mapping, out: str | os.PathLike, method: str) -> str:
     """``OUT/report.json`` and ``OUT/report.md``; returns the Markdown table."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    table = markdown_table(report, method)
     m, inc = report["metrics"], report["inception"]
     frames = report["frames_per_video"]
     lines = [f"Data: `{report['data']}` (sha256 {report['data_sha256']}), {report['samples']} videos, "
@@ -496,10 +493,8 @@ def write_report(report: Mapping, out: str | os.PathLike, method: str) -> str:
                                if m["fd_clip"] is not None else "not computed (no reference videos)."),
              f"{FID}: " + (f"Inception network `{inc['path']}` (sha256 {inc['sha256']}), called as `{inc['call']}`; "
                            f"input {inc['input']}." if inc else "not computed (no --inception network).")]
-    defs = "\n".join(f"- **{k}**: {v}" for k, v in report["metric_definitions"].items())
-    (out / "report.md").write_text("# Text-to-video generation\n\n" + table + "\n\n" + "\n\n".join(lines)
-                                   + "\n\n" + defs + "\n")
-    return table
+    return write_report_files(report, out, title="Text-to-video generation", table=markdown_table(report, method),
+                              after=lines)
 
 
 # --------------------------------------------------------------------------------------------------------------------
