@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -142,22 +142,22 @@ def named_params(model: nnx.Module) -> dict[str, jax.Array]:
             for name, var, layer in named_variables(state)}
 
 
+def mismatch_message(source: str, *, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
+                     bad_shapes: Sequence[str] = (), uncovered: Sequence[str] = ()) -> str | None:
+    """The one message for a checkpoint that does not fit a model (loading and every converter): each kind of
+    difference on a line, every name listed; None when there is none."""
+    parts = [("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+             ("shape mismatches", bad_shapes, "; "), ("model parameters no rule maps", uncovered, ", ")]
+    lines = [f"  {what} ({len(names)}): " + sep.join(names) for what, names, sep in parts if names]
+    return "\n".join([f"checkpoint {source} does not match the model:", *lines]) if lines else None
+
+
 def mismatch_report(expected: Mapping[str, tuple], got: Mapping[str, tuple], source: str) -> str | None:
     """A readable list of missing keys, unexpected keys and shape mismatches, or None when all match."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    bad_shapes = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
-    if not (missing or unexpected or bad_shapes):
-        return None
-    lines = [f"checkpoint {source} does not match the model:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    if bad_shapes:
-        lines.append(f"  shape mismatches ({len(bad_shapes)}): "
-                     + ", ".join(f"{k} model {tuple(expected[k])} vs checkpoint {tuple(got[k])}" for k in bad_shapes))
-    return "\n".join(lines)
+    return mismatch_message(
+        source, missing=sorted(set(expected) - set(got)), unexpected=sorted(set(got) - set(expected)),
+        bad_shapes=[f"{k} model {tuple(expected[k])} vs checkpoint {tuple(got[k])}"
+                    for k in sorted(set(expected) & set(got)) if tuple(expected[k]) != tuple(got[k])])
 
 
 def assign_params(model: nnx.Module, arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -> nnx.Module:

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from g4v_jax.data.tokenizer import copy_tokenizer_files
-from g4v_jax.weights import CheckpointMismatchError, read_safetensors
+from g4v_jax.weights import CheckpointMismatchError, mismatch_message, read_safetensors
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -222,17 +222,10 @@ def convert_checkpoint(
     uncovered = sorted(set(model_shapes) - set(out) - {o.format(**i) for r, i in jobs for o in r.ours})
     ignored = [re.compile(p) for p in ignore]
     unexpected = sorted(k for k in tensors if k not in used and not any(p.search(k) for p in ignored))
-    if missing or unexpected or bad_shapes or uncovered:
-        lines = [f"checkpoint {source} does not match the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-        if bad_shapes:
-            lines.append(f"  shape mismatches ({len(bad_shapes)}): " + "; ".join(bad_shapes))
-        if uncovered:
-            lines.append(f"  model parameters no rule maps ({len(uncovered)}): " + ", ".join(uncovered))
-        raise CheckpointMismatchError("\n".join(lines))
+    message = mismatch_message(str(source), missing=missing, unexpected=unexpected, bad_shapes=bad_shapes,
+                               uncovered=uncovered)
+    if message:
+        raise CheckpointMismatchError(message)
     return out
 
 
