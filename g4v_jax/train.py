@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -47,15 +45,15 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from g4v_jax.checkpoint import Checkpointer, CheckpointSaveError, reason, save_final
 from g4v_jax.config import Config, ConfigError, TrainConfig, dump_config, load_config
 from g4v_jax.data.template import IGNORE_INDEX
-from g4v_jax.data.tokenizer import copy_tokenizer_files
+from g4v_jax.metrics import MetricsWriter, plot_loss_curve
 from g4v_jax.models.gpt4video import build_model, model_kind
 from g4v_jax.models.lora import LoRAParam
 from g4v_jax.sharding import batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
 from g4v_jax.weights import load_model_config
-from g4v_jax.weights import save_pretrained
 
 log = logging.getLogger("g4v_jax.train")
 
@@ -240,7 +238,7 @@ class Trainer:
     rest: nnx.State
     tx: optax.GradientTransformation
     total_steps: int
-    step_fn: Callable = None
+    step_fn: Callable  # jitted (state, frozen, rest, batch) -> (state, metrics); the state is donated
 
     @property
     def step(self) -> int:
@@ -342,11 +340,10 @@ def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None
     # the counter starts on the mesh like the step's output, so the first call and every later one share one
     # compiled step (an unplaced counter compiled the step twice: ~7 s a stage on CPU)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
-    trainer = Trainer(cfg, mesh, graphdef, state, frozen, rest, tx, total_steps)
     shardings = TrainState(replicated, state_shardings(params, mesh), _opt_shardings(opt_state, mesh))
-    trainer.step_fn = jax.jit(make_train_step(graphdef, tx, cfg.train.seed, cfg.train.max_update_ratio),
-                              donate_argnums=(0,), out_shardings=(shardings, None))
-    return trainer
+    step_fn = jax.jit(make_train_step(graphdef, tx, cfg.train.seed, cfg.train.max_update_ratio),
+                      donate_argnums=(0,), out_shardings=(shardings, None))
+    return Trainer(cfg, mesh, graphdef, state, frozen, rest, tx, total_steps, step_fn)
 
 
 def _opt_shardings(opt_state, mesh):
@@ -356,214 +353,6 @@ def _opt_shardings(opt_state, mesh):
             return state_shardings(nnx.State({"v": x}), mesh)["v"]
         return NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(one, opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# checkpoints, metrics
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _flat(tree) -> dict[str, jax.Array]:
-    # orbax stores a plain dict of arrays; the tree structure comes back from the live template on restore
-    return {f"{i:06d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
-
-
-def _unflat(template, flat: Mapping[str, jax.Array]):
-    leaves = [flat[f"{i:06d}"] for i in range(len(flat))]
-    return jax.tree.unflatten(jax.tree.structure(template), leaves)
-
-
-class CheckpointSaveError(TrainingError):
-    """A checkpoint could not be written (full disk, lost permissions); earlier checkpoints are intact."""
-
-
-class Checkpointer:
-    """Orbax ``CheckpointManager``: async saves, keep-last-K, atomic (written to a temporary directory and renamed, so
-    a crash mid-save leaves the previous checkpoint intact). Holds the train state and the data iterator's state.
-
-    A failed save (asynchronous or not) is raised as ``CheckpointSaveError`` by ``save``, ``poll`` or ``close``:
-    one message naming the directory and the last complete checkpoint. Half-written temporary directories are
-    removed when the manager opens, so a rerun starts from the last complete checkpoint.
-    """
-
-    def __init__(self, directory: str | Path, cfg: TrainConfig):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, cleanup_tmp_directories=True,
-                                               enable_async_checkpointing=cfg.async_checkpointing)
-        try:
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
-        except OSError as e:
-            raise CheckpointSaveError(f"cannot open the checkpoint directory {self.directory}: {_reason(e)}") from None
-        self._pending: int | None = None  # a save started and not yet known to be complete
-        self.last_good = self.manager.latest_step()
-        self._failed_once = False
-        self._unraisablehook = sys.unraisablehook
-        sys.unraisablehook = self._quiet_aborted_writes
-
-    def _quiet_aborted_writes(self, unraisable) -> None:
-        # After a failed asynchronous save, tensorstore still completes the aborted writes and calls back into the
-        # asyncio loop that orbax has already closed; each RuntimeError lands here and would print a traceback. The
-        # failure itself reaches the user once, as CheckpointSaveError.
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            log.debug("late callback of an aborted checkpoint write: %s", unraisable.exc_value)
-            return
-        self._unraisablehook(unraisable)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def _failed(self, step: int, error: BaseException) -> CheckpointSaveError:
-        self._pending, self._failed_once = None, True
-        if jax.process_index() == 0:  # nothing half-written stays behind (orbax writes into <step>.orbax-...-tmp*)
-            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
-        kept = (f"the last complete checkpoint is step {self.last_good} in {self.directory}" if self.last_good
-                is not None else f"no complete checkpoint exists in {self.directory}")
-        return CheckpointSaveError(f"saving the checkpoint of step {step} to {self.directory} failed "
-                                   f"({_reason(error)}); training stopped, {kept}. Free space (or fix the "
-                                   f"directory) and run the same command again to resume.")
-
-    def _complete(self, step: int) -> None:
-        if not (self.directory / str(step)).is_dir() or step not in self.manager.all_steps():
-            raise self._failed(step, RuntimeError("the checkpoint was not finalized"))
-        self._pending, self.last_good = None, step
-
-    def poll(self) -> None:
-        """Raise if the pending asynchronous save has failed; note its step as complete when it has finished."""
-        if self._pending is None or self.manager.is_saving_in_progress():
-            return
-        self.wait()
-
-    def wait(self) -> None:
-        step = self._pending
-        try:
-            self.manager.wait_until_finished()
-            self.manager.check_for_errors()
-        except Exception as e:  # orbax raises whatever the storage layer raised (ValueError, OSError, ...)
-            if step is None:
-                raise
-            raise self._failed(step, e) from None
-        if step is not None:
-            self._complete(step)
-
-    def save(self, step: int, state: TrainState, data_state: Mapping | None) -> None:
-        ocp = self._ocp
-        self.poll()
-        if self._pending is not None:
-            self.wait()  # one save in flight at a time, so a failure is always attributed to its own step
-        args = {"state": ocp.args.StandardSave(_flat(state)), "data": ocp.args.JsonSave(dict(data_state or {}))}
-        self._pending = step
-        try:
-            self.manager.save(step, args=ocp.args.Composite(**args), force=True)
-        except Exception as e:
-            raise self._failed(step, e) from None
-        if not self.manager.is_saving_in_progress():
-            self.wait()
-
-    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict | None]:
-        """The checkpoint at ``step`` (default: latest) placed like ``template`` (same shardings)."""
-        ocp = self._ocp
-        step = self.latest_step() if step is None else step
-        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in _flat(template).items()}
-        args = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return _unflat(template, restored["state"]), (restored["data"] or None)
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            try:
-                self.manager.close()
-            except Exception:  # closing after a failed save may fail again; the failure was already raised
-                log.debug("closing the checkpoint manager failed", exc_info=True)
-            if not self._failed_once:  # after a failure, aborted writes may still call back until the process ends
-                sys.unraisablehook = self._unraisablehook
-
-
-def _reason(error: BaseException) -> str:
-    """The storage error in a few words: ``No space left on device``, not a 400-character tensorstore message."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    text = str(error)
-    for marker in ("No space left on device", "File too large", "Permission denied", "Read-only file system",
-                   "Disk quota exceeded"):
-        if marker.lower() in text.lower():
-            return marker
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
-class MetricsWriter:
-    """Per-step metrics as JSONL (``metrics.jsonl``, one object per step) and TensorBoard event files.
-
-    ``resume_step``: a resumed run first drops the rows after the step it resumes from (steps it will train again),
-    so the file keeps one row per step and a plot of it does not zigzag.
-    """
-
-    def __init__(self, directory: Path, tensorboard: bool, resume_step: int | None = None):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "metrics.jsonl"
-        if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            _write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a")
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            # purge_step: TensorBoard drops the earlier files' events from the steps this run will train again
-            purge = resume_step + 1 if resume_step is not None else None
-            self._tb = SummaryWriter(str(directory / "tensorboard"), purge_step=purge)
-
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(f"train/{k}", v, step)
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl; if steps repeat (files written before resumes dropped them), the last row wins."""
-    rows = {}
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
-    return [rows[k] for k in sorted(rows)]
-
-
-def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -634,7 +423,7 @@ def check_output_dir(out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise TrainingError(f"train.output_dir {out} is not writable ({_reason(e)}); choose another directory or "
+        raise TrainingError(f"train.output_dir {out} is not writable ({reason(e)}); choose another directory or "
                             "fix its permissions") from None
 
 
@@ -658,25 +447,6 @@ class CompileTimer:
 
     def __exit__(self, *exc) -> None:
         jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
-def save_final(model: nnx.Module, cfg: Config, out: Path, tokenizer_dir: str) -> Path:
-    """Write ``out/final`` whole or not at all: into a temporary sibling first, then renamed into place."""
-    final = out / "final"
-    tmp = out / f".final.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, cfg, tmp)
-        copy_tokenizer_files(tokenizer_dir, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointSaveError(f"writing the final model to {final} failed ({_reason(e)}); the last checkpoint "
-                                  f"in {out / 'checkpoints'} is intact: free space and run the same command again "
-                                  "to write it") from None
-    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -872,7 +642,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted before the first step; nothing to save", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
-    except (TrainingError, ValueError, OSError) as e:
+    except (TrainingError, CheckpointSaveError, ValueError, OSError) as e:
         # user-facing problems (bad config, missing manifest, diverging loss, a failed save): a message, no traceback
         fail("g4v_jax.train", str(e))
 

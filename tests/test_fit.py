@@ -8,7 +8,8 @@ import pytest
 
 import g4v_jax
 from g4v_jax.config import load_config
-from g4v_jax.train import fit, main, read_metrics
+from g4v_jax.metrics import read_metrics
+from g4v_jax.train import fit, main
 
 
 @pytest.fixture(scope="module")

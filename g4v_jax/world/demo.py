@@ -124,7 +124,7 @@ def stage_config(stage: int, out: Path, manifest: str | Path, tokenizer: str | P
 
 def loss_summary(metrics_file: Path) -> dict:
     """First/last losses of a run (means over the first and last tenth of its steps; a resumed step counts once)."""
-    from g4v_jax.train import read_metrics
+    from g4v_jax.metrics import read_metrics
 
     losses = [row["loss"] for row in read_metrics(metrics_file)]
     k = max(1, len(losses) // 10)
@@ -157,7 +157,7 @@ def pretrain_vision(world, cfg, out: Path, steps: int, n_clips: int, seed: int, 
     validation videos, decoded from their mp4 (``{"test": {...}, "val": {...}}``), so a later run judged on either
     split reuses the tower. ``cfg``: the world's config."""
     from g4v_jax.models.gpt4video import build_model
-    from g4v_jax.train import plot_loss_curve
+    from g4v_jax.metrics import plot_loss_curve
     from g4v_jax.weights import save_pretrained
     from g4v_jax.world.vision_pretrain import (clip_data, patch_accuracy, pretrain_vision_tower,
                                                rendered_clip_data)

@@ -253,11 +253,11 @@ def pretrain_vision_tower(tower: nnx.Module, data: ClipData, *, steps: int, batc
                           seed: int = 0, progress: bool = True,
                           metrics_dir: str | Path | None = None) -> tuple[PretrainHeads, list[dict]]:
     """Train ``tower`` (a ``CLIPVisionTower``) in place on ``data``; returns the trained read-out heads and the
-    per-step losses (also appended to ``metrics_dir/metrics.jsonl`` by ``train.MetricsWriter`` when given). AdamW,
+    per-step losses (also appended to ``metrics_dir/metrics.jsonl`` by ``metrics.MetricsWriter`` when given). AdamW,
     warmup then cosine decay, batches drawn with replacement."""
     from tqdm.auto import tqdm
 
-    from g4v_jax.train import MetricsWriter
+    from g4v_jax.metrics import MetricsWriter
 
     heads = PretrainHeads(tower.cfg.hidden_size, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split((tower, heads), nnx.Param)
