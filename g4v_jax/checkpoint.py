@@ -18,7 +18,7 @@ from g4v_jax.config import Config, TrainConfig
 from g4v_jax.data.tokenizer import copy_tokenizer_files
 from g4v_jax.weights import save_pretrained
 
-log = logging.getLogger("g4v_jax.train")
+log = logging.getLogger(__name__)
 
 
 def _flat(tree) -> dict[str, jax.Array]:

@@ -26,36 +26,40 @@ random init). At the end the whole model is written as a g4v_jax model directory
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
 from g4v_jax.checkpoint import Checkpointer, CheckpointSaveError, reason, save_final
-from g4v_jax.config import Config, ConfigError, TrainConfig, dump_config, load_config
-from g4v_jax.data.template import IGNORE_INDEX
+from g4v_jax.cli import fail, setup_logging
+from g4v_jax.config import Config, ConfigError, DataConfig, dump_config, load_config
+from g4v_jax.data import pipeline
+from g4v_jax.data.feature_cache import check_cache
+from g4v_jax.data.manifest import read_manifest
+from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.metrics import MetricsWriter, plot_loss_curve
+from g4v_jax.run_guards import CompileTimer, LossSpikeGuard, StopOnSignal
 from g4v_jax.models.gpt4video import build_model, model_kind
-from g4v_jax.models.lora import LoRAParam
+from g4v_jax.step import (MODEL_INPUTS, TrainState, learning_rate_schedule, make_optimizer, make_train_step,
+                          split_micro_batches, trainable_filter)
 from g4v_jax.sharding import batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
 from g4v_jax.weights import load_model_config
 
-log = logging.getLogger("g4v_jax.train")
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -65,160 +69,6 @@ class TrainingError(RuntimeError):
 
 class Interrupted(Exception):
     """The run stopped on SIGINT/SIGTERM after checkpointing its last finished step; the message says how to resume."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# what trains
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def trainable_filter(stage: str, kind: str, train_vision_tower: bool = False) -> Callable[[tuple, Any], bool]:
-    """NNX filter (path, variable) -> bool selecting the parameters a stage trains."""
-    if stage == "stage2":
-        return lambda path, x: isinstance(x, LoRAParam)
-    if stage == "stage1":
-        if kind != "gpt4video":
-            raise ValueError(f"stage1 trains the abstractor of a gpt4video model, not a {kind!r} model")
-        modules = ("abstractor", "vision_model") if train_vision_tower else ("abstractor",)
-        return lambda path, x: isinstance(x, nnx.Param) and path[0] in modules
-    prefix = "language_model" if kind == "gpt4video" else None  # full: the LLM's own weights
-    return lambda path, x: (isinstance(x, nnx.Param) and not isinstance(x, LoRAParam)
-                            and (prefix is None or path[0] == prefix))
-
-
-def _is_decayed(path: tuple) -> bool:
-    # weight decay on matrices that mix features only; never norms, biases, embeddings or learned tokens
-    return str(path[-1]) in ("kernel", "lora_a", "lora_b")
-
-
-def decay_mask(params: nnx.State) -> Any:
-    return nnx.from_flat_state([(p, v.replace(_is_decayed(p))) for p, v in nnx.to_flat_state(params)])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# optimizer and loss
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def learning_rate_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup then cosine decay to ``learning_rate * min_learning_rate_ratio``."""
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_learning_rate_ratio)
-
-
-def make_optimizer(cfg: TrainConfig, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
-                        eps=cfg.adam_eps, weight_decay=cfg.weight_decay, mask=decay_mask(params))
-    if cfg.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
-    return adamw
-
-
-def answer_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sum of next-token negative log-likelihoods over labelled positions, and their count.
-
-    logits (B, L, V) predict token t+1 at position t; labels (B, L) are -100 outside AI answers.
-    """
-    # the labels move left, not the logits: slicing (B, L, V) logits would copy them, and log-softmax would keep a
-    # second (B, L, V) array alive for the backward pass; logsumexp minus the target's logit needs neither
-    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    valid = targets != IGNORE_INDEX
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    return (nll * valid).sum(), valid.sum()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the step
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # () int32
-    params: nnx.State  # the trainable subset
-    opt_state: Any
-
-
-def split_micro_batches(batch: Mapping[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
-    """(B, ...) -> (accum, B / accum, ...) for every array (videos travel with their rows)."""
-    return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
-
-
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "positions", "segment_ids", "adapter_mask", "videos",
-                "frame_mask", "video_features")
-
-
-def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
-    """``rest`` with every dropout stream keyed by ``key`` (folded with the stream's index) and its counter at 0.
-
-    A pure replacement of values: ``nnx.reseed`` would mutate Variables that belong to an outer trace.
-    """
-    leaves = []
-    for i, (path, var) in enumerate(nnx.to_flat_state(rest)):
-        if isinstance(var, nnx.RngKey):  # a layer-stacked stream (scan_layers) gets one key per layer
-            k = jax.random.fold_in(key, i)
-            shape = var.get_value().shape
-            var = var.replace(jax.random.split(k, shape) if shape else k)
-        elif isinstance(var, nnx.RngCount):
-            var = var.replace(jnp.zeros_like(var.get_value()))
-        leaves.append((path, var))
-    return nnx.from_flat_state(leaves)
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_update_ratio: float = 0.0) -> Callable:
-    """``step(state, frozen, rest, batch) -> (state, metrics)``; batch arrays are (accum, micro_B, ...).
-
-    An update is applied only when the loss and gradients are finite and (``max_update_ratio`` > 0) the update's
-    global norm is at most ``max_update_ratio`` times the trainable weights' norm; ``metrics["applied"]`` says which.
-    """
-    base_key = jax.random.key(seed)
-
-    def micro_loss(params, frozen, rest, mb, key):
-        model = nnx.merge(graphdef, params, frozen, with_dropout_key(rest, key))
-        model.train()
-        inputs = dict(attention_mask=mb["attention_mask"], positions=mb.get("positions"),
-                      segment_ids=mb.get("segment_ids"), adapter_mask=mb.get("adapter_mask"))
-        if model_kind(model) == "gpt4video":  # a plain LLM (LoRA-tuning LLaMA alone) takes no video inputs
-            inputs.update(videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
-                          video_features=mb.get("video_features"))
-        logits, _ = model(mb["input_ids"], **inputs)
-        return answer_nll(logits, mb["labels"])
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def step(state: TrainState, frozen, rest, batch):
-        step_key = jax.random.fold_in(base_key, state.step)
-
-        def accumulate(carry, xs):
-            grads, nll, count = carry
-            i, mb = xs
-            (mb_nll, mb_count), mb_grads = grad_fn(state.params, frozen, rest, mb, jax.random.fold_in(step_key, i))
-            return (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, count + mb_count), None
-
-        accum = batch["input_ids"].shape[0]
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, nll, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0), (jnp.arange(accum), batch))
-        denom = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        loss = nll / denom
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        weights_norm = optax.global_norm(state.params)
-        update_ratio = jnp.where(weights_norm > 0, optax.global_norm(updates) / weights_norm, 0.0)
-        applied = finite & ((max_update_ratio <= 0) | (update_ratio <= max_update_ratio))
-        # a rejected step changes nothing, so the state the host stops with is the last good one
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
-        new_state = TrainState(state.step + jnp.where(applied, 1, 0), keep(new_params, state.params),
-                               keep(opt_state, state.opt_state))
-        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads), "update_ratio": update_ratio,
-                   "finite": finite, "applied": applied}
-        return new_state, metrics
-
-    return step
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -356,64 +206,8 @@ def _opt_shardings(opt_state, mesh):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# guards: signals, divergence, storage
+# storage
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-class StopOnSignal:
-    """The first SIGINT or SIGTERM (Ctrl-C, a cluster's preemption) asks the loop to stop after the current step,
-    which then checkpoints and exits cleanly; the second gets the signal's default action and ends the process at
-    once. Installed only in the main thread (Python delivers signals there)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._first) for s in self.SIGNALS}
-        return self
-
-    def _first(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        for s in self.SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
-        print(f"\n{self.received}: finishing this step, then saving a checkpoint (send it again to abort at once)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def requested(self) -> bool:
-        """Whether any process got a signal: every host stops at the same step."""
-        flag = self.received is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-        return flag
-
-
-class LossSpikeGuard:
-    """A loss far above its recent mean without being NaN: more than ``factor`` x the mean of the last ``window``
-    steps and at least 1 nat above it (so that noise around a small loss is not a spike). Needs 3 steps of history."""
-
-    def __init__(self, factor: float, window: int) -> None:
-        self.factor = factor
-        self.recent: collections.deque[float] = collections.deque(maxlen=window)
-
-    def check(self, loss: float) -> str | None:
-        """None when ``loss`` is in range (it joins the history), else a description of the spike."""
-        if self.factor > 0 and len(self.recent) >= 3:
-            mean = sum(self.recent) / len(self.recent)
-            if loss > self.factor * mean and loss > mean + 1.0:
-                return (f"loss {loss:.4g} is {loss / mean:.1f} times its mean {mean:.4g} over the last "
-                        f"{len(self.recent)} steps (train.loss_spike_factor={self.factor})")
-        self.recent.append(loss)
-        return None
 
 
 def check_output_dir(out: Path) -> None:
@@ -425,28 +219,6 @@ def check_output_dir(out: Path) -> None:
     except OSError as e:
         raise TrainingError(f"train.output_dir {out} is not writable ({reason(e)}); choose another directory or "
                             "fix its permissions") from None
-
-
-class CompileTimer:
-    """Seconds XLA spent tracing, lowering and compiling while open (JAX's monitoring events), so the first step's
-    throughput can be reported without its compilation."""
-
-    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def _listen(self, event: str, duration: float, **_) -> None:
-        if event in self.EVENTS:
-            self.seconds += duration
-
-    def __enter__(self) -> "CompileTimer":
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -481,25 +253,24 @@ def check_run_fits(cfg: Config, mesh: jax.sharding.Mesh, hosts: int | None = Non
                                        f"{t.grad_accum_steps}")
 
 
-def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train per ``cfg``; resumes from ``output_dir/checkpoints`` when a checkpoint is there. Returns a summary.
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a run reads before it builds anything: the tokenizer, the examples, the pipeline's settings, and the
+    step count (the same on every host)."""
 
-    ``stop_after`` ends this invocation after that many steps (with a checkpoint), as a preempted job would: running
-    ``fit`` again continues the same run, schedule and data order included. A SIGINT/SIGTERM does the same after the
-    current step and raises ``Interrupted``. A failed save raises ``CheckpointSaveError``; a non-finite or diverging
-    step raises ``TrainingError`` without saving it.
-    """
-    from tqdm.auto import tqdm
+    tokenizer: Any
+    tokenizer_dir: str
+    examples: list
+    data: DataConfig
+    manifest_dir: Path
+    per_host_batch: int
+    total_steps: int
 
-    from g4v_jax.data import pipeline
-    from g4v_jax.data.manifest import read_manifest
-    from g4v_jax.data.tokenizer import load_tokenizer
 
-    maybe_initialize_distributed()
+def plan_run(cfg: Config) -> RunPlan:
+    """The tokenizer and data of ``cfg``, checked, and how many steps the run takes; ``TrainingError`` names what is
+    missing or too small."""
     t = cfg.train
-    out = Path(t.output_dir)
-    check_output_dir(out)
-    check_run_fits(cfg, make_mesh(cfg.mesh))
     if t.init_from and not Path(t.init_from).is_dir():
         raise TrainingError(f"train.init_from {t.init_from}: no such directory")
     tok_dir = t.tokenizer or t.init_from
@@ -529,22 +300,38 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
     if steps_per_epoch == 0:
         raise TrainingError(f"{usable} usable examples are fewer than one global batch of {t.global_batch_size}")
     total = t.epochs * steps_per_epoch if t.max_steps <= 0 else min(t.max_steps, t.epochs * steps_per_epoch)
+    return RunPlan(tokenizer, tok_dir, examples, data_cfg, manifest_dir, per_host, total)
+
+
+def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train per ``cfg``; resumes from ``output_dir/checkpoints`` when a checkpoint is there. Returns a summary.
+
+    ``stop_after`` ends this invocation after that many steps (with a checkpoint), as a preempted job would: running
+    ``fit`` again continues the same run, schedule and data order included. A SIGINT/SIGTERM does the same after the
+    current step and raises ``Interrupted``. A failed save raises ``CheckpointSaveError``; a non-finite or diverging
+    step raises ``TrainingError`` without saving it.
+    """
+    maybe_initialize_distributed()
+    t = cfg.train
+    out = Path(t.output_dir)
+    check_output_dir(out)
+    check_run_fits(cfg, make_mesh(cfg.mesh))
+    plan = plan_run(cfg)
+    data_cfg, total, tok_dir = plan.data, plan.total_steps, plan.tokenizer_dir
 
     trainer = build_trainer(cfg, total)
     if cfg.data.vision_cache and cfg.train.train_vision_tower:
         raise TrainingError("data.vision_cache holds features of a frozen vision tower; it cannot be used with "
                             "train.train_vision_tower=true")
     if cfg.data.vision_cache and data_cfg.use_videos:
-        from g4v_jax.data.feature_cache import check_cache
-
         meta = check_cache(cfg.data.vision_cache, trainer.model().vision_model, num_frames=cfg.model.num_frames,
                            image_size=cfg.model.vision.image_size)
         data_cfg = dataclasses.replace(data_cfg, feature_shape=tuple(meta["feature_shape"]),
                                        feature_dtype=meta["dtype"])
     # epochs=None: the step count decides the end, so a host with more skipped examples never runs dry first
-    dataset = pipeline.make_dataset(examples, tokenizer, data_cfg, per_host_batch=per_host, epochs=None,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    manifest_dir=manifest_dir)
+    dataset = pipeline.make_dataset(plan.examples, plan.tokenizer, data_cfg, per_host_batch=plan.per_host_batch,
+                                    epochs=None, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), manifest_dir=plan.manifest_dir)
     batches = pipeline.batch_iterator(dataset)
     ckpt = Checkpointer(out / "checkpoints", t)
     resumed = ckpt.latest_step() is not None
@@ -626,8 +413,6 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
 
 
 def main(argv=None) -> None:
-    from g4v_jax.cli import fail, setup_logging
-
     ap = argparse.ArgumentParser(prog="python -m g4v_jax.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a config file or a name under configs/")

@@ -19,7 +19,8 @@ import pytest
 
 from g4v_jax.config import ConfigError, load_config
 from g4v_jax.metrics import read_metrics
-from g4v_jax.train import LossSpikeGuard, TrainingError, check_run_fits, fit
+from g4v_jax.run_guards import LossSpikeGuard
+from g4v_jax.train import TrainingError, check_run_fits, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 examples, 2 per step: 4 steps an epoch. Stage 2 is text only, so a step takes milliseconds after compiling.
