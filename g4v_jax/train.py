@@ -49,6 +49,7 @@ from g4v_jax.config import Config, ConfigError, DataConfig, dump_config, load_co
 from g4v_jax.data import pipeline
 from g4v_jax.data.feature_cache import check_cache
 from g4v_jax.data.manifest import read_manifest
+from g4v_jax.data.packing import packed_row_count
 from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.metrics import MetricsWriter, plot_loss_curve
 from g4v_jax.run_guards import CompileTimer, LossSpikeGuard, StopOnSignal
@@ -294,7 +295,7 @@ def plan_run(cfg: Config) -> RunPlan:
         print(f"{cfg.data.train_manifest}: {pipeline.describe_problems(problems)}")
     # a packed row holds several examples, so an epoch is as many rows as the iterator's packing makes of them
     per_host = t.global_batch_size // jax.process_count()
-    rows = (pipeline.packed_row_count(problems["lengths"], data_cfg.seq_len, per_host)
+    rows = (packed_row_count(problems["lengths"], data_cfg.seq_len, per_host)
             if data_cfg.pack_sequences else usable)
     steps_per_epoch = rows // t.global_batch_size
     if steps_per_epoch == 0:

@@ -1,5 +1,8 @@
 """Training input pipeline: manifest examples -> fixed-shape NumPy batches for a jitted train step, on grain.
 
+(One file of ~650 lines on purpose: the batch layout, the per-example preparation, the grain iterator and the pre-scan
+that counts what training will skip share one row type and its private checks; packing is ``packing.py``.)
+
 Batches
     A dict of NumPy arrays whose shapes never change (``batch_spec`` gives them without reading any data), so the
     train step compiles once:
@@ -100,7 +103,8 @@ import numpy as np
 from g4v_jax.config import DataConfig
 from g4v_jax.data.io import resolve_video_path
 from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions
-from g4v_jax.data.template import (IGNORE_INDEX, SYSTEM_PROMPT, TokenizedConversation, pad_batch,
+from g4v_jax.data.packing import collate_packed, first_row_with_room, token_arrays
+from g4v_jax.data.template import (SYSTEM_PROMPT, TokenizedConversation, pad_batch,
                                    tokenize_conversation)
 from g4v_jax.data.feature_cache import load_entry
 from g4v_jax.data.video import VideoReadError, load_video
@@ -289,14 +293,9 @@ class _Prepare:
         )
 
 
-def _token_arrays(cfg: DataConfig) -> tuple[str, ...]:
-    """The per-token (L,) arrays a ``_Row`` brings to a batch."""
-    return ("input_ids", "labels", "attention_mask", "positions") + (("adapter_mask",) if cfg.adapter_mask else ())
-
-
 def collate(rows: Sequence[_Row], cfg: DataConfig) -> dict[str, np.ndarray]:
     """Stack rows into a batch; row b's videos at ``videos[b, :n_b]``, zero videos with a False mask after them."""
-    batch = {name: np.stack([getattr(r, name) for r in rows]) for name in _token_arrays(cfg)}
+    batch = {name: np.stack([getattr(r, name) for r in rows]) for name in token_arrays(cfg)}
     if cfg.use_videos:
         spec = batch_spec(cfg, len(rows))
         name = "video_features" if cfg.vision_cache else "videos"
@@ -307,49 +306,6 @@ def collate(rows: Sequence[_Row], cfg: DataConfig) -> dict[str, np.ndarray]:
             videos[b, :n], frame_mask[b, :n] = r.videos, r.frame_mask
         batch[name], batch["frame_mask"] = videos, frame_mask
     return batch
-
-
-def collate_packed(bins: Sequence[Sequence[_Row]], cfg: DataConfig, pad_id: int) -> dict[str, np.ndarray]:
-    """One row per bin, its examples side by side: ``segment_ids`` 1, 2, ... (0 at pads), ``positions`` restarting
-    at 0 in each segment, and no label on a segment's first token (so no position learns to predict across a
-    border; an unpacked row's first label is never a target either)."""
-    b, l = len(bins), cfg.seq_len
-    batch = {"input_ids": np.full((b, l), pad_id, np.int32), "labels": np.full((b, l), IGNORE_INDEX, np.int32),
-             "attention_mask": np.zeros((b, l), np.bool_), "positions": np.zeros((b, l), np.int32),
-             "segment_ids": np.zeros((b, l), np.int32)}
-    if cfg.adapter_mask:
-        batch["adapter_mask"] = np.zeros((b, l), np.bool_)
-    for i, rows in enumerate(bins):
-        start = 0
-        for k, r in enumerate(rows):
-            n = int(r.attention_mask.sum())
-            span = slice(start, start + n)
-            for name in _token_arrays(cfg):
-                batch[name][i, span] = getattr(r, name)[:n]
-            batch["labels"][i, start] = IGNORE_INDEX
-            batch["segment_ids"][i, span] = k + 1
-            start += n
-    return batch
-
-
-def first_row_with_room(used: Sequence[int], n: int, seq_len: int) -> int | None:
-    """Index of the first row (``used``: tokens in each) that an ``n``-token example still fits, else None."""
-    return next((k for k, u in enumerate(used) if u + n <= seq_len), None)
-
-
-def packed_row_count(lengths: Sequence[int], seq_len: int, rows_per_batch: int) -> int:
-    """Rows that the iterator's packing (first-fit within batches of ``rows_per_batch`` rows, module docstring)
-    makes of examples of these token ``lengths``, taken in order."""
-    rows, used = 0, []
-    for n in lengths:
-        room = first_row_with_room(used, n, seq_len)
-        if room is not None:
-            used[room] += n
-            continue
-        if len(used) == rows_per_batch:
-            rows, used = rows + len(used), []
-        used.append(n)
-    return rows + len(used)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -413,7 +413,7 @@ def test_packed_resume_gives_the_same_batches(tok, data_dir):
 
 
 def test_packing_is_for_text_rows_and_counts_rows_like_the_iterator(tok, data_dir):
-    from g4v_jax.data.pipeline import packed_row_count
+    from g4v_jax.data.packing import packed_row_count
 
     with pytest.raises(ValueError, match="pack_sequences packs text rows"):
         batch_spec(dataclasses.replace(PACKED, use_videos=True), 1)

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from g4v_jax.config import EngineConfig, load_config
-from g4v_jax.data.pipeline import DataConfig, batch_spec, collate, collate_packed
+from g4v_jax.data.packing import collate_packed
+from g4v_jax.data.pipeline import DataConfig, batch_spec, collate
 from g4v_jax.data.template import Turn, pad_batch, tokenize_conversation
 from g4v_jax.inference.engine import Engine, EngineRequest
 from g4v_jax.inference.generate import SamplingConfig, generate
