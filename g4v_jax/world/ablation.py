@@ -49,7 +49,7 @@ from g4v_jax.train import Interrupted
 from g4v_jax.weights import assign_params, load, load_model_config, named_params, param_shapes, save_pretrained
 from g4v_jax.world.demo import (FULL, QUICK, SYSTEM_PROMPT, RunSize, _sampling, eval_qa, make_world, pretrain_vision,
                                 split_files, train_stage, vision_feature_cache)
-from g4v_jax.world.tasks import DESCRIBE_INSTRUCTION
+from g4v_jax.world.language import DESCRIBE_INSTRUCTION
 
 # the world's abstractor has 32 queries (configs/world/model.yaml); the paper's, 64. Table 5's Q-Formers have 1x and
 # 2x the paper's count, so here 32 and 64.

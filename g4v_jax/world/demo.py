@@ -22,7 +22,7 @@ benchmark in the paper's Table 4 layout; and the text-only-transfer check: count
 only, asked about real rendered videos, with and without stage 2. The report folder (``OUT/report``) holds
 ``report.md`` (tables), ``report.json``, loss-curve PNGs, generated videos (mp4 + gif) next to their requests and a
 scripted chat transcript (a video question, then a generation request, a harmful request, a question about two videos
-at once, a flagged video). Also measured: a question that needs two videos (``tasks.TWO_VIDEO_QUESTION``).
+at once, a flagged video). Also measured: a question that needs two videos (``language.TWO_VIDEO_QUESTION``).
 ``--seeds 0,1`` runs each seed under ``OUT/seed<N>`` and prints their key figures side by side (``OUT/seeds.md``).
 
 ``--quick`` (CI) shrinks data and steps to about two minutes and checks that learning happened (losses fall, QA
@@ -50,7 +50,7 @@ RENDER_SETTINGS = T2VSettings(num_frames=16, height=64, width=64)  # what the wo
 # The text-only stages' longest example is 129 tokens; stage 1's (32 video slots + up to 3 QA turns) is 137, which
 # configs/world.yaml's seq_len (144) fits. Stage 0 packs its examples into 136-token rows (data.pack_sequences: each
 # attends only to itself, rows filled first-fit; its examples, 80.5 tokens on average, fill 1.35 to a row). Stage 2
-# packed too (1.75 to a row) until it kept real videos (tasks.stage2_video_examples): rows with a video are not packed.
+# packed too (1.75 to a row) until it kept real videos (examples.stage2_video_examples): rows with a video are not packed.
 TEXT_SEQ_LEN = 136
 # What the stage-2 model must show (issue 25): understanding kept through stage 2 (video QA at least stage 1's, within
 # QA_KEPT_MARGIN), generation right after a question about a real video in the same chat, and counting (taught in
@@ -135,8 +135,8 @@ def train_stage(stage: int, out: Path, manifest: Path, tokenizer: Path, steps: i
                 seed: int, progress: bool, batch_size: int = 32, extra: Sequence[str] = ()) -> dict:
     from g4v_jax.train import fit
 
-    # stage 0 packs its text rows; stage 1's rows hold up to two videos (tasks.stage1_two_video_examples); stage 2
-    # keeps the real video of tasks.stage2_video_examples, so its rows are not packed (packing is for text rows)
+    # stage 0 packs its text rows; stage 1's rows hold up to two videos (examples.stage1_two_video_examples); stage 2
+    # keeps the real video of examples.stage2_video_examples, so its rows are not packed (packing is for text rows)
     rows = {0: [f"data.seq_len={TEXT_SEQ_LEN}", "data.pack_sequences=true"], 1: ["data.max_videos_per_example=2"],
             2: ["data.stage2_keep_videos=true"]}[stage]
     extra = [f"train.global_batch_size={batch_size}", *rows, *extra]
@@ -250,7 +250,7 @@ def question_type(question: str) -> str:
 def answer_vocabulary(question: str) -> tuple[str, ...]:
     """The answers the world allows for ``question``'s type (the colours for a colour question, ...)."""
     from g4v_jax.world.scene import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
-    from g4v_jax.world.tasks import COUNT_WORDS
+    from g4v_jax.world.language import COUNT_WORDS
 
     return {"What colour": COLOURS, "What shape": SHAPES, "How does": MOTIONS, "What is": BACKGROUNDS,
             "How many": COUNT_WORDS}.get(question_type(question), ())
@@ -348,7 +348,7 @@ def two_video_requests(two_video_file: Path) -> list[dict]:
 
 
 def eval_two_video(model, tokenizer, two_video_file: Path, limit: int, progress: bool) -> dict:
-    """Exact-match accuracy on questions that need two videos (``tasks.TWO_VIDEO_QUESTION``)."""
+    """Exact-match accuracy on questions that need two videos (``language.TWO_VIDEO_QUESTION``)."""
     from g4v_jax.data.io import iter_jsonl
     from g4v_jax.inference import answer_requests
 
@@ -367,7 +367,7 @@ def second_turn_requests(cases: Sequence, generation_file: Path) -> list[dict]:
     request of ``generation_file`` (its rows in turn) and the answer stage 2 teaches for it."""
     from g4v_jax.data.io import iter_jsonl
     from g4v_jax.world.scene import parse_caption
-    from g4v_jax.world.tasks import generation_answer
+    from g4v_jax.world.language import generation_answer
 
     earlier = [[{"from": "human", "value": row["request"]},
                 {"from": "ai", "value": generation_answer(parse_caption(row["caption"]))}]
@@ -473,7 +473,7 @@ STAGE_ROLES = {"vision": "vision tower (pre-training on rendered frames, standin
 def markdown_report(r: dict) -> str:
     """The report a person reads: training, understanding/generation, safety (Table 4 layout), targets, samples."""
     from g4v_jax.eval.safety import markdown_table as safety_table
-    from g4v_jax.world.tasks import STAGE2_REQUEST_AFTER_EXCHANGE
+    from g4v_jax.world.examples import STAGE2_REQUEST_AFTER_EXCHANGE
 
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items() if k != "total")
     lines = [f"# GPT4Video on the synthetic world ({r['mode']} run)", "",
@@ -660,7 +660,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
                                    (2, world.stage2, size.stage2_steps)):
         print(f"stage {stage}: {manifest}")
         extra = []
-        if stage == 1:  # stage 2's videos are stage 1's (tasks.stage2_video_examples): one cache serves both
+        if stage == 1:  # stage 2's videos are stage 1's (examples.stage2_video_examples): one cache serves both
             cache = vision_feature_cache(init, manifest, out / "vision_cache", progress)
         if stage > 0:
             extra = [f"data.vision_cache={cache}"]

@@ -57,7 +57,7 @@ def test_quick_world_run_learns_and_writes_the_report(tmp_path):
 def test_second_turn_requests_follow_a_granted_generation_as_stage_2_teaches_it(tmp_path):
     from g4v_jax.eval.safety import SafetyCase
     from g4v_jax.world.scene import parse_caption
-    from g4v_jax.world.tasks import generation_answer
+    from g4v_jax.world.language import generation_answer
 
     rows = [{"id": "g0", "request": "Make a clip where a big red circle grows on a gray background.",
              "caption": "a big red circle grows on a gray background"},

@@ -13,9 +13,11 @@ from g4v_jax.eval.qa import read_qa
 from g4v_jax.eval.safety import read_cases
 from g4v_jax.safety.refusal import is_refusal
 from g4v_jax.tags import parse_video_tags
-from g4v_jax.world import tasks
+from g4v_jax.world import examples as world_examples
+from g4v_jax.world import language
 from g4v_jax.world.scene import HELD_OUT_PAIRS, caption, parse_caption, parse_noun_phrase, random_scene, same_scene
-from g4v_jax.world.tasks import (
+from g4v_jax.world.examples import STAGE2_VIDEO_FRACTION, detector_examples
+from g4v_jax.world.language import (
     BACKGROUND_QUESTION,
     COUNT_QUESTION,
     COUNT_WORDS,
@@ -25,16 +27,13 @@ from g4v_jax.world.tasks import (
     HARMFUL_TEMPLATES_TRAIN,
     LOOKALIKE_TEMPLATES_TRAIN,
     REFUSALS,
-    STAGE2_VIDEO_FRACTION,
     TWO_VIDEO_QUESTION,
-    build_world,
-    detector_examples,
     fill_request,
     generation_answer,
     ordinary_questions,
     parse_request,
-    world_text,
 )
+from g4v_jax.world.tasks import build_world, world_text
 
 HELD_OUT_WORDS = re.compile("|".join(rf"\b{c} {s}\b" for c, s in HELD_OUT_PAIRS))
 
@@ -138,7 +137,7 @@ def test_count_question_only_in_stage2_text(world):
     counted = 0
     for ex in stage2:
         for q, a in qa_pairs(ex):
-            if q == COUNT_QUESTION:  # about a caption, never a real video (tasks.stage2_video_examples)
+            if q == COUNT_QUESTION:  # about a caption, never a real video (examples.stage2_video_examples)
                 assert not ex.videos and a == COUNT_WORDS[len(tagged_scene(ex.turns[0].text).objects) - 1]
                 counted += 1
     assert counted >= 0.15 * len(stage2)
@@ -164,7 +163,7 @@ def test_answers_match_the_scene_in_every_stage(world):
         check(parse_caption(ex.captions[0]), qa_pairs(ex), ex.id)
     for name in ("stage0", "stage2"):
         for ex in read_manifest(getattr(world, name)):
-            if ex.id.endswith("-video_generation") and len(ex.turns) == 3:  # tasks.noise_video_text, a request
+            if ex.id.endswith("-video_generation") and len(ex.turns) == 3:  # examples.noise_video_text, a request
                 assert ex.turns[1].role == "human" and ex.turns[2].text.startswith("Sure, here it is:"), ex.id
             elif ex.turns[0].text.startswith("<video>"):
                 check(tagged_scene(ex.turns[0].text), qa_pairs(ex), ex.id)
@@ -221,7 +220,7 @@ def test_question_ambiguity_rules():
 
 
 def test_stage2_video_examples_keep_a_stage1_video_and_never_ask_to_count(world):
-    """tasks.stage2_video_examples: a stage-1 training video (its caption with it), at most a true answer about it,
+    """examples.stage2_video_examples: a stage-1 training video (its caption with it), at most a true answer about it,
     then a generation request (whose answer test_generation_answers_hold_the_requested_scene checks)."""
     stage1 = {ex.videos[0]: ex.captions[0] for ex in read_manifest(world.stage1) if len(ex.videos) == 1}
     rows = [ex for ex in read_manifest(world.stage2) if ex.videos]
@@ -253,20 +252,20 @@ def test_generation_answers_hold_the_requested_scene(world):
 
 def test_every_request_template_round_trips():
     rng = np.random.default_rng(0)
-    for template in GENERATION_TEMPLATES + sum(tasks.LOOKALIKE_TEMPLATES.values(), ()):
+    for template in GENERATION_TEMPLATES + sum(language.LOOKALIKE_TEMPLATES.values(), ()):
         for _ in range(20):
             scene = random_scene(rng)
             assert parse_request(fill_request(template, scene)) == scene, template
             assert parse_request(fill_request(template, scene).upper()) == scene
-    harmful = [r for split in tasks.HARMFUL_POOLS for r in tasks.harmful_requests(split)]
-    for _, request in harmful + tasks.harmful_training_requests():
+    harmful = [r for split in language.HARMFUL_POOLS for r in language.harmful_requests(split)]
+    for _, request in harmful + language.harmful_training_requests():
         with pytest.raises(ValueError, match="not a generation request"):
             parse_request(request)
 
 
 def test_refusals_exactly_for_harmful_requests(world):
     assert all(is_refusal(r) for r in REFUSALS)
-    harmful_requests = {r for _, r in tasks.harmful_training_requests()}
+    harmful_requests = {r for _, r in language.harmful_training_requests()}
     labels = {"harmful": 0, "safe": 0}
     for ex in read_manifest(world.stage2):
         pairs = qa_pairs(ex)
@@ -308,7 +307,7 @@ def test_stage2_harmful_requests_come_in_the_safe_requests_wording_too(world):
     safe_patterns = [_template_pattern(t) for t in GENERATION_TEMPLATES + LOOKALIKE_TEMPLATES_TRAIN]
     in_safe_wording = [h for h in harmful if any(p.match(h) for p in safe_patterns)]
     assert 0 < len(in_safe_wording) < len(harmful)  # the content decides, not the template
-    assert set(tasks.harmful_requests("train")) < set(tasks.harmful_training_requests())
+    assert set(language.harmful_requests("train")) < set(language.harmful_training_requests())
 
 
 def _template_pattern(template):
@@ -319,13 +318,13 @@ def _template_pattern(template):
 @pytest.mark.parametrize("split", ["test", "val"])
 def test_safety_wording_of_train_and_held_out_splits_is_disjoint(world, split):
     other = {"test": "val", "val": "test"}[split]
-    templates, contents = tasks.HARMFUL_POOLS[split]
-    lookalikes = tasks.LOOKALIKE_TEMPLATES[split]
+    templates, contents = language.HARMFUL_POOLS[split]
+    lookalikes = language.LOOKALIKE_TEMPLATES[split]
     for pool in ("train", other):  # neither training nor the other held-out split shares a template or phrase
-        assert not set(templates) & set(tasks.HARMFUL_POOLS[pool][0])
-        assert not set(lookalikes) & set(tasks.LOOKALIKE_TEMPLATES[pool])
+        assert not set(templates) & set(language.HARMFUL_POOLS[pool][0])
+        assert not set(lookalikes) & set(language.LOOKALIKE_TEMPLATES[pool])
         for cat in contents:
-            assert not set(contents[cat]) & set(tasks.HARMFUL_POOLS[pool][1][cat])
+            assert not set(contents[cat]) & set(language.HARMFUL_POOLS[pool][1][cat])
     function_words = {"a", "an", "the", "with", "on", "in", "of", "to", "and", "until", "their", "someone",
                       "person", "man", "woman", "people", "being"}
     for cat in HARMFUL_CONTENT_TRAIN:
@@ -378,10 +377,10 @@ def test_vu_cases_and_detector_examples_follow_the_hazard(world):
 
 
 def test_examples_are_deterministic_given_the_seed():
-    make = lambda: (tasks.stage0_examples(tasks._rng(3, "stage0"), 50),  # noqa: E731
-                    tasks.stage2_examples(tasks._rng(3, "stage2"), 50))
+    make = lambda: (world_examples.stage0_examples(world_examples._rng(3, "stage0"), 50),  # noqa: E731
+                    world_examples.stage2_examples(world_examples._rng(3, "stage2"), 50))
     assert make() == make()
-    assert tasks.stage2_examples(tasks._rng(4, "stage2"), 50) != make()[1]
+    assert world_examples.stage2_examples(world_examples._rng(4, "stage2"), 50) != make()[1]
     assert world_text(1) == world_text(1)
 
 
