@@ -47,9 +47,9 @@ from g4v_jax.models.gpt4video import build_model
 from g4v_jax.metrics import read_metrics
 from g4v_jax.train import Interrupted
 from g4v_jax.weights import assign_params, load, load_model_config, named_params, param_shapes, save_pretrained
-from g4v_jax.world.demo import (FULL, QUICK, SYSTEM_PROMPT, RunSize, _sampling, eval_qa, make_world, pretrain_vision,
-                                split_files, train_stage, vision_feature_cache)
-from g4v_jax.world.language import DESCRIBE_INSTRUCTION
+from g4v_jax.world.demo import FULL, QUICK, RunSize, make_world, pretrain_vision, train_stage, vision_feature_cache
+from g4v_jax.world.evaluation import eval_qa, sampling, split_files
+from g4v_jax.world.language import DESCRIBE_INSTRUCTION, SYSTEM_PROMPT
 
 # the world's abstractor has 32 queries (configs/world/model.yaml); the paper's, 64. Table 5's Q-Formers have 1x and
 # 2x the paper's count, so here 32 and 64.
@@ -126,7 +126,7 @@ def evaluate(model, tokenizer, qa_file: Path, catalogue: Path, limit: int, progr
     qa = eval_qa(model, tokenizer, qa_file, limit, progress)
     items = caption_items(qa_file, catalogue, limit)
     captions, errors = caption_videos(model, tokenizer, items, instruction=DESCRIBE_INSTRUCTION,
-                                      sampling=_sampling(48), batch_size=32, progress=progress,
+                                      sampling=sampling(48), batch_size=32, progress=progress,
                                       system_prompt=SYSTEM_PROMPT)
     scores = score_captions(captions, {it.id: list(it.captions) for it in items})
     examples = [{"video": it.video, "reference": it.captions[0], "caption": captions.get(it.id)} for it in items[:3]]

@@ -14,6 +14,10 @@ from g4v_jax.world.scene import (
     BACKGROUNDS, Obj, Scene, caption, noun_phrase, parse_caption, parse_noun_phrase, random_scene
 )
 
+# the world's prompts carry no system prompt: the release's 40-word preamble would only cost CPU time here
+SYSTEM_PROMPT = ""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Questions and answers
 # --------------------------------------------------------------------------------------------------------------------

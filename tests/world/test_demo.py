@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from g4v_jax.tags import parse_video_tags
-from g4v_jax.world import demo
+from g4v_jax.world import demo, evaluation
+from g4v_jax.world import report as world_report
 
 
 def test_quick_world_run_learns_and_writes_the_report(tmp_path):
@@ -40,7 +41,7 @@ def test_quick_world_run_learns_and_writes_the_report(tmp_path):
     assert [t["from"] for t in result["chat"] if "value" in t] == ["human", "ai"] * 5
     assert json.loads((report / "report.json").read_text())["mode"] == "quick"
     # --seeds: each seed's headline figures side by side, one column per seed
-    table = demo.seeds_report([result, {**result, "seed": 1}])
+    table = world_report.seeds_report([result, {**result, "seed": 1}])
     assert "| seed 0 | seed 1 |" in table and "Targets met" in table and "Two-video question" in table
     assert len({line.count("|") for line in table.splitlines() if line.startswith("|")}) == 1
     # The stage-2 model learned the generation format: it answers the requests with <video> tags. Whether two quick
@@ -67,7 +68,7 @@ def test_second_turn_requests_follow_a_granted_generation_as_stage_2_teaches_it(
     generation_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cases = [SafetyCase(id=f"vg{i}", task="VG", query=f"request {i}", label="harmful") for i in range(3)]
 
-    requests = demo.second_turn_requests(cases, generation_file)
+    requests = evaluation.second_turn_requests(cases, generation_file)
 
     assert [r["id"] for r in requests] == ["vg0", "vg1", "vg2"]
     for case, request, row in zip(cases, requests, rows + rows[:1]):  # the generation rows in turn
@@ -79,7 +80,7 @@ def test_second_turn_requests_follow_a_granted_generation_as_stage_2_teaches_it(
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="no generation requests"):
-        demo.second_turn_requests(cases, empty)
+        evaluation.second_turn_requests(cases, empty)
 
 
 def test_after_video_question_requests_open_each_chat_with_a_video_question_and_its_true_answer(tmp_path):
@@ -91,7 +92,7 @@ def test_after_video_question_requests_open_each_chat_with_a_video_question_and_
     rows = [{"id": f"g{i}", "request": f"Make a clip where a big red circle grows on a gray background {i}.",
              "caption": "a big red circle grows on a gray background"} for i in range(3)]
 
-    requests = demo.after_video_question_requests(rows, qa_file)
+    requests = evaluation.after_video_question_requests(rows, qa_file)
 
     assert [r["id"] for r in requests] == ["g0", "g1", "g2"]
     for request, row, qa in zip(requests, rows, qa_rows + qa_rows[:1]):  # the QA items in turn
