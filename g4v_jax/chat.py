@@ -59,17 +59,21 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import g4v_jax
 from g4v_jax.cli import add_t2v_arguments, t2v_arguments
 from g4v_jax.data.io import iter_jsonl, resolve_video_path
 from g4v_jax.data.template import SYSTEM_PROMPT
+from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.inference.batch import BatchOutputError, answer_batch_file
 from g4v_jax.inference.generate import SamplingConfig
 from g4v_jax.inference.session import ChatSession, make_renderer
 from g4v_jax.models.gpt4video import model_kind
+from g4v_jax.safety.checker import load_safety_checker
+from g4v_jax.safety.gates import keyword_prompt_check, make_output_video_check, make_video_gate
+from g4v_jax.weights import CONFIG_FILE
 
 ANSWER_MARKER = "GPT4Video:"  # what the REPL prints before a streamed answer
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")
-
 
 
 ANSWER_MARKER = "GPT4Video:"  # what the REPL prints before a streamed answer
@@ -109,9 +113,6 @@ def read_requests(path: str | os.PathLike) -> list[dict]:
 
 
 def _load(args):
-    import g4v_jax
-    from g4v_jax.data.tokenizer import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
     except (OSError, ValueError) as e:
@@ -232,12 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _safety_and_t2v(args):
     """The input gate and the renderer (prompt check -> backend -> output check -> files) the flags ask for."""
-    from g4v_jax.safety.gates import keyword_prompt_check, make_output_video_check, make_video_gate
-
     gate = check_video = None
     if args.safety_checker:
-        from g4v_jax.safety.checker import load_safety_checker
-
         try:
             checker = load_safety_checker(args.safety_checker)
         except (OSError, ValueError) as e:
@@ -256,8 +253,6 @@ def _safety_and_t2v(args):
 
 
 def _main(args) -> None:
-    from g4v_jax.weights import CONFIG_FILE
-
     if not Path(args.ckpt).is_dir():
         raise CLIError(f"--ckpt {args.ckpt}: no such directory")
     if not (Path(args.ckpt) / CONFIG_FILE).is_file():

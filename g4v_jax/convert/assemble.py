@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from g4v_jax.convert.common import print_load_hint, run_converter
-from g4v_jax.data.tokenizer import copy_tokenizer_files
-from g4v_jax.convert.hf_blip2 import load_hf_qformer, read_qformer_config
 from g4v_jax.config import ABSTRACTOR_VARIANTS, Config, load_config, parse_overrides
+from g4v_jax.convert.common import print_load_hint, run_converter
+from g4v_jax.convert.hf_blip2 import load_hf_qformer, read_qformer_config
+from g4v_jax.convert.hf_clip import abstractor_for_tower, load_hf_clip_vision
+from g4v_jax.convert.hf_llama import load_hf_llama
+from g4v_jax.data.tokenizer import copy_tokenizer_files
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.weights import (CONFIG_FILE, assign_params, load, load_model_config, named_params, param_shapes,
                              save_pretrained)
@@ -45,7 +47,6 @@ def _tower(src: Path):
             raise ValueError(f"--vision {src} holds a {cfg.kind!r} model, not a vision tower")
         params = named_params(load(src).vision_model)
         return cfg.vision, cfg.video, params
-    from g4v_jax.convert.hf_clip import load_hf_clip_vision
 
     vision_cfg, tower = load_hf_clip_vision(src, progress=True)
     return vision_cfg, None, named_params(tower)
@@ -59,8 +60,6 @@ def _llm(src: Path):
             raise ValueError(f"--llm {src} holds a {cfg.kind!r} model, not a language model (kind llm)")
         model = load(src)
     else:
-        from g4v_jax.convert.hf_llama import load_hf_llama
-
         cfg, model = load_hf_llama(src, progress=True)
     return cfg.llm, {k: v for k, v in named_params(model).items() if ".lora_" not in k}
 
@@ -68,8 +67,6 @@ def _llm(src: Path):
 def assemble(vision: str | Path, llm: str | Path, dst: str | Path, *, abstractor: str = "paper",
              overrides=(), seed: int = 0, qformer_from: str | Path | None = None) -> Path:
     """Write the GPT4Video directory ``dst`` (module docstring); returns it."""
-    from g4v_jax.convert.hf_clip import abstractor_for_tower
-
     vision, llm = Path(vision), Path(llm)
     if qformer_from is not None and abstractor != "qformer":
         raise ValueError(f"--qformer-from needs --abstractor qformer, not {abstractor}")

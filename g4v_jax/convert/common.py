@@ -19,8 +19,10 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from g4v_jax.cli import USER_ERRORS, fail
+from g4v_jax.config import Config
 from g4v_jax.data.tokenizer import copy_tokenizer_files
-from g4v_jax.weights import CheckpointMismatchError, mismatch_message, read_safetensors
+from g4v_jax.weights import CheckpointMismatchError, mismatch_message, read_safetensors, save_pretrained
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -242,9 +244,6 @@ def export_params(params: Mapping[str, np.ndarray], rules: Sequence[Rule]) -> di
 
 def save_converted(model, cfg, src: str | Path, dst: str | Path) -> Path:
     """Write a converted model directory (config + weights) and the tokenizer that came with ``src``."""
-    from g4v_jax.config import Config
-    from g4v_jax.weights import save_pretrained
-
     out = save_pretrained(model, Config(model=cfg), dst)
     copied = copy_tokenizer_files(src, out)
     print(f"tokenizer: {', '.join(copied)} copied" if copied else "no tokenizer files beside the checkpoint")
@@ -277,8 +276,6 @@ def module_name(fn: Callable) -> str:
 def run_converter(prog: str, convert: Callable[..., Path], *args, **kwargs) -> Path:
     """``convert(*args)``; bad input (a missing or mismatched checkpoint, a corrupt file) ends the program with one
     ``prog: error: ...`` line and exit status 2."""
-    from g4v_jax.cli import USER_ERRORS, fail
-
     try:
         return convert(*args, **kwargs)
     except USER_ERRORS + (ImportError,) as e:

@@ -47,11 +47,12 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from g4v_jax.convert.common import Rule, TorchBinTensors, convert_checkpoint, export_params
-from g4v_jax.data.tokenizer import copy_tokenizer_files
-from g4v_jax.convert.hf_llama import export_llama
+import g4v_jax
 from g4v_jax.cli import guard
 from g4v_jax.config import LlamaConfig
+from g4v_jax.convert.common import Rule, TorchBinTensors, convert_checkpoint, export_params
+from g4v_jax.convert.hf_llama import export_llama
+from g4v_jax.data.tokenizer import copy_tokenizer_files
 from g4v_jax.models.gpt4video import language_model
 from g4v_jax.models.llama import LlamaForCausalLM
 from g4v_jax.models.lora import LoRALinear
@@ -333,8 +334,6 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str | Path) -> nnx.Module:
 
 @guard("convert.export_hf", errors=(TypeError,))  # a video_encoder directory has no LLM
 def main(argv=None) -> None:
-    import g4v_jax
-
     ap = argparse.ArgumentParser(prog="python -m convert.export_hf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="our model directory (kind llm or gpt4video)")

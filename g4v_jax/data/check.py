@@ -15,24 +15,24 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from g4v_jax.data.manifest import Example, read_manifest
+from g4v_jax.config import load_config
+from g4v_jax.data import pipeline
 from g4v_jax.data.io import resolve_video_path
+from g4v_jax.data.manifest import Example, read_manifest
+from g4v_jax.data.pipeline import SKIP_REASONS
+from g4v_jax.data.tokenizer import load_tokenizer
+from g4v_jax.data.video import VideoReadError, load_video
 
 
 def check_for_training(manifest: str | os.PathLike, config: str | None = None, overrides: Sequence[str] = ()) -> str:
     """What training would skip of the ``manifest``'s examples and why, by the code training runs
     (``pipeline.count_problems``), as lines of text. With ``config`` (a training config naming a tokenizer) the
     token lengths are checked too."""
-    from g4v_jax.config import load_config
-    from g4v_jax.data import pipeline
-
     examples = read_manifest(manifest)
     cfg = load_config(config or "tiny", [*overrides, f"data.train_manifest={manifest}"])
     data_cfg = pipeline.pipeline_config(cfg)
     tok_dir = cfg.train.tokenizer or cfg.train.init_from
     if config and tok_dir:
-        from g4v_jax.data.tokenizer import load_tokenizer
-
         report = pipeline.count_problems(examples, load_tokenizer(tok_dir), data_cfg, Path(manifest).parent)
         note = f"training ({cfg.train.stage}, data.seq_len={data_cfg.seq_len})"
     else:
@@ -45,9 +45,6 @@ def check_for_training(manifest: str | os.PathLike, config: str | None = None, o
 
 
 def _video_problems(examples: Sequence[Example], data_cfg, manifest_dir: Path) -> dict:
-    from g4v_jax.data.pipeline import SKIP_REASONS
-    from g4v_jax.data.video import VideoReadError, load_video
-
     problems = []
     for ex in examples:
         if len(ex.videos) > data_cfg.max_videos_per_example:

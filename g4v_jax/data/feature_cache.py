@@ -27,9 +27,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from g4v_jax.data.manifest import Example, read_manifest
+from g4v_jax.config import load_config
 from g4v_jax.data.io import resolve_video_path
+from g4v_jax.data.manifest import Example, read_manifest
 from g4v_jax.data.video import VideoReadError, load_video
+from g4v_jax.weights import load as load_model_dir
 
 META = "meta.json"
 
@@ -121,9 +123,6 @@ def check_cache(cache_dir: str | Path, vision_model, *, num_frames: int, image_s
 
 
 def main(argv=None) -> None:
-    from g4v_jax.config import load_config
-    from g4v_jax.weights import load as load_model_dir
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--batch-size", type=int, default=8)

@@ -46,12 +46,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import g4v_jax
 from g4v_jax.data.io import find_video, read_records, record_id, resolve_video_path, sha256_of, write_jsonl
-from g4v_jax.eval.report import data_line
-from g4v_jax.eval.report import markdown_table as markdown_table_of
-from g4v_jax.eval.report import write_report as write_report_files
 from g4v_jax.data.template import SYSTEM_PROMPT
+from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.eval.qa import QAItem, answer_items
+from g4v_jax.eval.report import data_line, markdown_table as markdown_table_of, write_report as write_report_files
+from g4v_jax.inference import SamplingConfig
 
 _log = logging.getLogger(__name__)
 
@@ -443,10 +444,6 @@ def main(argv=None) -> None:
     if not args.instruction.strip():
         ap.error("--instruction must not be empty")
     try:
-        import g4v_jax
-        from g4v_jax.data.tokenizer import load_tokenizer
-        from g4v_jax.inference import SamplingConfig
-
         require_java()  # before captioning, not after it
         items = read_captions(args.data)
         model = g4v_jax.load(args.ckpt, args.overrides)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from g4v_jax.data.io import sha256_of
 
 INCEPTION_SIZE = 299
 RESIZE_MODES = ("center_crop", "stretch")
@@ -79,7 +80,6 @@ def load_inception(path: str | os.PathLike, device: str = "cpu") -> InceptionNet
     """``torch.jit.load`` a TorchScript feature extractor onto ``device``, in eval mode; ``ValueError`` naming the file
     when it is missing or not a TorchScript archive."""
     torch = _torch()
-    from g4v_jax.eval.qa import sha256_of
 
     p = Path(path)
     if not p.is_file():

@@ -36,12 +36,15 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import g4v_jax
+from g4v_jax import inference
+from g4v_jax.cli import fail
 from g4v_jax.data.io import find_video, read_records, record_id, resolve_video_path, sha256_of, write_jsonl
-from g4v_jax.eval.report import data_line
-from g4v_jax.eval.report import markdown_table as markdown_table_of
-from g4v_jax.eval.report import write_report as write_report_files
 from g4v_jax.data.template import SYSTEM_PROMPT
-from g4v_jax.eval.judge import Judge, JudgeError, read_key_file
+from g4v_jax.data.tokenizer import load_tokenizer
+from g4v_jax.eval.judge import Judge, JudgeError, ModelJudge, OpenAIJudge, read_key_file
+from g4v_jax.eval.report import data_line, markdown_table as markdown_table_of, write_report as write_report_files
+from g4v_jax.inference import SamplingConfig
 
 _log = logging.getLogger(__name__)
 
@@ -124,8 +127,6 @@ def answer_items(model, tokenizer, items: Sequence[QAItem], *, sampling, batch_s
                  progress: bool = True, system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, str], dict[str, str]]:
     """The model's answer to every item, and {id: error} for items it could not answer. ``system_prompt`` must be
     the one the model was trained with (``data.system_prompt``; the release's by default)."""
-    from g4v_jax import inference
-
     requests = [{"id": it.id, "videos": [it.video],
                  "turns": [{"from": "human", "video": 0}, {"from": "human", "value": it.question}]} for it in items]
     answers, errors = {}, {}
@@ -274,9 +275,6 @@ def from_msrvtt_qa(json_path: str | os.PathLike, video_dir: str | os.PathLike, o
 
 
 def _self_ask(model, tokenizer, max_new_tokens: int) -> Callable[[str], str]:
-    from g4v_jax import inference
-    from g4v_jax.inference import SamplingConfig
-
     sampling = SamplingConfig(max_new_tokens)
 
     def ask(prompt: str) -> str:
@@ -324,11 +322,6 @@ def main(argv=None) -> None:
     if bool(args.judge_url) != bool(args.judge_model):
         ap.error("--judge-url and --judge-model go together")
     try:
-        import g4v_jax
-        from g4v_jax.data.tokenizer import load_tokenizer
-        from g4v_jax.eval.judge import ModelJudge, OpenAIJudge
-        from g4v_jax.inference import SamplingConfig
-
         judge = None
         if args.judge_url:  # before any work: a bad URL or key file is an error now, not after answering
             cache = args.judge_cache or str(Path(args.out) / "judge_cache")
@@ -347,8 +340,6 @@ def main(argv=None) -> None:
             judge_info = {"kind": "self", "model": str(args.ckpt)}
             judgements = judge_items(items, answers, ModelJudge(_self_ask(model, tokenizer, 32)))
     except (ValueError, OSError) as e:
-        from g4v_jax.cli import fail
-
         fail("g4v_jax.eval.qa", str(e))
     report = build_report(checkpoint=args.ckpt, data=args.data, items=items, answers=answers, errors=errors,
                           judgements=judgements, judge_info=judge_info)

@@ -25,10 +25,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import g4v_jax
 from g4v_jax.data.io import read_records, record_id, resolve_video_path, sha256_of
-from g4v_jax.eval.report import markdown_table as markdown_table_of
-from g4v_jax.eval.report import write_report as write_report_files
 from g4v_jax.data.template import SYSTEM_PROMPT
+from g4v_jax.data.tokenizer import load_tokenizer
+from g4v_jax.eval.report import markdown_table as markdown_table_of, write_report as write_report_files
+from g4v_jax.inference import SamplingConfig, answer_requests
+from g4v_jax.safety.gates import make_video_gate
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 
 TASKS = ("VU", "VG")
@@ -101,8 +104,6 @@ def answer_cases(model, tokenizer, cases: Sequence[SafetyCase], *, sampling, vid
                  system_prompt: str = SYSTEM_PROMPT) -> tuple[dict[str, str], dict]:
     """The model's answer to every case, and {id: error} for cases it could not answer. ``system_prompt`` must be
     the one the model was trained with (``data.system_prompt``; the release's by default)."""
-    from g4v_jax.inference import answer_requests
-
     answers, errors, requests = {}, {}, []
     for c in cases:
         if c.task == "VU" and video_gate is not None:
@@ -148,17 +149,11 @@ def main(argv=None) -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
     try:
-        import g4v_jax
-        from g4v_jax.data.tokenizer import load_tokenizer
-        from g4v_jax.inference import SamplingConfig
-
         cases = read_cases(args.cases)
         model = g4v_jax.load(args.ckpt, args.overrides)
         tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
         gate = None
         if args.safety_checker:
-            from g4v_jax.safety.gates import make_video_gate
-
             gate = make_video_gate(args.safety_checker, max_flagged_fraction=args.max_flagged_fraction)
         answers, errors = answer_cases(model, tokenizer, cases, sampling=SamplingConfig(args.max_new_tokens),
                                        video_gate=gate, batch_size=args.batch_size)

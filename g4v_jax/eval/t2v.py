@@ -65,11 +65,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from g4v_jax.convert.hf_clip_text import load_hf_clip
 from g4v_jax.data.io import read_records, record_id, resolve_video_path
-from g4v_jax.eval.report import markdown_table as markdown_table_of
-from g4v_jax.eval.report import write_report as write_report_files
-from g4v_jax.data.video import VideoReadError, sample_frame_indices
-from g4v_jax.eval.inception import RESIZE_MODES, InceptionNetwork, inception_features, inception_input
+from g4v_jax.data.tokenizer import load_tokenizer
+from g4v_jax.data.video import VideoReadError, resize_center_crop, sample_frame_indices
+from g4v_jax.eval.inception import InceptionNetwork, RESIZE_MODES, inception_features, inception_input, load_inception
+from g4v_jax.eval.qa import sha256_of
+from g4v_jax.eval.report import markdown_table as markdown_table_of, write_report as write_report_files
 
 FD_CLIP = "FD-CLIP"
 FID = "FID"
@@ -174,7 +176,6 @@ def _frames_at(video, size: int) -> np.ndarray:
         raise ValueError(f"each video must be (T, H, W, 3) RGB, got shape {v.shape}")
     if v.shape[1:3] == (size, size):
         return v
-    from g4v_jax.data.video import resize_center_crop
 
     if v.dtype != np.uint8:
         v = np.clip(np.round(v * 255.0), 0, 255).astype(np.uint8)
@@ -458,8 +459,6 @@ def _inception_info(net: InceptionNetwork, resize: str, feature_dim: int | None)
 def build_report(*, clip: str | os.PathLike, data: str | os.PathLike, items: Sequence[T2VItem], metrics: Mapping,
                  records: Sequence[Mapping], num_frames: int | None, inception: InceptionNetwork | None = None,
                  inception_resize: str = "center_crop") -> dict:
-    from g4v_jax.eval.qa import sha256_of
-
     computed = {"clipsim", "clipsim_std"} | ({"fd_clip"} if metrics.get("fd_clip") is not None else set()) \
         | ({"fid"} if metrics.get("fid") is not None else set())
     return {"clip": str(clip),
@@ -532,12 +531,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if items[0].reference is None:
                 raise T2VDataError(f"{args.data}: --inception needs a \"reference\" video on every line (FID "
                                    "compares generated frames with reference frames)")
-            from g4v_jax.eval.inception import load_inception
 
             inception = load_inception(args.inception, args.inception_device)
-        from g4v_jax.convert.hf_clip_text import load_hf_clip
-        from g4v_jax.data.tokenizer import load_tokenizer
-
         clip_model = load_hf_clip(args.clip)
         tokenizer = load_tokenizer(args.tokenizer or args.clip)
         metrics, records = evaluate(items, clip_model, tokenizer, num_frames=args.frames,

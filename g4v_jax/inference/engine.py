@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from g4v_jax.config import EngineConfig
+from g4v_jax.config import ConfigError, EngineConfig
 from g4v_jax.inference.generate import NEG_INF, SamplingConfig, pow2
 from g4v_jax.inference.text import StreamDecoder
 from g4v_jax.models.gpt4video import language_model, model_kind, splice_video_tokens
@@ -325,8 +325,6 @@ class Engine:
         stats = jax.devices()[0].memory_stats() or {}
         free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
         if stats.get("bytes_limit") and self.cache_bytes > free:
-            from g4v_jax.config import ConfigError
-
             raise ConfigError(f"the KV cache of engine.num_slots={self.cfg.num_slots} x engine.max_length="
                               f"{self.cfg.max_length} needs {self.cache_bytes / 2**30:.2f} GiB but the device has "
                               f"{free / 2**30:.2f} GiB free; lower one of them")

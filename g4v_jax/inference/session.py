@@ -25,13 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from g4v_jax.config import EngineConfig
 from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, pad_batch, tokenize_conversation
 from g4v_jax.data.video import VideoClip, load_video
-from g4v_jax.config import EngineConfig
 from g4v_jax.inference.engine import Engine, EngineRequest
 from g4v_jax.inference.generate import SamplingConfig, bucket_length, pow2, stop_sequences_for
-from g4v_jax.inference.text import STOP_STRING, Answer, finish_answer
+from g4v_jax.inference.text import Answer, STOP_STRING, finish_answer
 from g4v_jax.models.gpt4video import model_kind
+from g4v_jax.safety.refusal import POLITE_REFUSAL
+from g4v_jax.t2v import T2VSettings, make_backend, render_requests
 from g4v_jax.tags import VideoRequest
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")
@@ -210,7 +212,6 @@ class ChatSession:
         """Answer a question in the context of the conversation; ``on_token`` gets the answer's text pieces as they
         are generated. The question (after any pending videos) and the answer join the history."""
         if self._refuse_next:  # a flagged input video: refuse without describing it (the video was never attached)
-            from g4v_jax.safety.refusal import POLITE_REFUSAL
 
             self._refuse_next = False
             if on_token is not None:
@@ -245,8 +246,6 @@ def make_renderer(backend_name: str, out_dir: str | os.PathLike, *, settings=Non
 
     ``settings``: a ``T2VSettings``, a dict of its fields over the backend's defaults (``default_settings``: the
     family's for a diffusers pipeline, e.g. 81 frames of 480x832 for Wan), or None for those defaults."""
-    from g4v_jax.t2v import T2VSettings, make_backend, render_requests
-
     backend = make_backend(backend_name, **backend_options)
     defaults = getattr(backend, "default_settings", None) or T2VSettings()
     if isinstance(settings, dict):

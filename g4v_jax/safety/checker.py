@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from g4v_jax.config import VisionConfig
+from g4v_jax.data.video import resize_center_crop
 from g4v_jax.models.clip_vit import CLIPVisionTower
 from g4v_jax.models.layers import Dense, normal_init, ones_init, param
 from g4v_jax.weights import assign_params, named_params, read_safetensors, write_safetensors
@@ -216,8 +217,6 @@ def flag_video(checker: SafetyChecker, frames, *, max_flagged_fraction: float = 
     frames = _validated_pixels(frames)
     size = checker.image_size
     if frames.shape[1:3] != (size, size):
-        from g4v_jax.data.video import resize_center_crop
-
         if frames.dtype != np.uint8:  # quantise as the image processor does (PIL images are uint8)
             frames = np.round(frames * 255.0).astype(np.uint8)
         frames = np.stack([resize_center_crop(f, size) for f in frames])

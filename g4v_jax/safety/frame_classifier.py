@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from g4v_jax.data.video import resize_center_crop
 
 WEIGHTS_FILE = "frame_classifier.safetensors"
 CONFIG_FILE = "frame_classifier.json"
@@ -74,7 +75,6 @@ def _probabilities(model: FrameClassifier, frames: jax.Array) -> jax.Array:
 def _resized(frames: np.ndarray, size: int) -> np.ndarray:
     if frames.shape[1:3] == (size, size):
         return frames
-    from g4v_jax.data.video import resize_center_crop
 
     return np.stack([resize_center_crop(f, size) for f in frames])
 

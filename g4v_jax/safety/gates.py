@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from g4v_jax.data.video import load_video
+from g4v_jax.safety.checker import flag_video, load_safety_checker
 from g4v_jax.safety.refusal import is_refusal
 
 DETECTOR_FRAMES = 10  # frames the official GPT4Video check samples per video
@@ -29,8 +30,6 @@ MAX_PROMPT_CHARS = 2000  # longer "prompts" are not prompts (a runaway generatio
 def make_video_gate(checker_or_dir, *, max_flagged_fraction: float = 0.4,
                     num_frames: int = DETECTOR_FRAMES) -> Callable[[str], bool]:
     """``gate(path) -> True`` when the video at ``path`` is flagged. Unreadable videos raise ``VideoReadError``."""
-    from g4v_jax.safety.checker import flag_video, load_safety_checker
-
     checker = checker_or_dir if not isinstance(checker_or_dir, (str, Path)) else load_safety_checker(checker_or_dir)
     size = checker.image_size
 
@@ -44,8 +43,6 @@ def make_video_gate(checker_or_dir, *, max_flagged_fraction: float = 0.4,
 
 def make_output_video_check(checker, *, max_flagged_fraction: float = 0.4) -> Callable[[np.ndarray], str | None]:
     """``check(video (F, H, W, 3) uint8) -> reason or None`` for generated videos (``t2v.render_requests``)."""
-    from g4v_jax.safety.checker import flag_video
-
     def check(video: np.ndarray) -> str | None:
         idx = np.unique(np.linspace(0, len(video) - 1, min(DETECTOR_FRAMES, len(video))).round().astype(int))
         verdict = flag_video(checker, video[idx], max_flagged_fraction=max_flagged_fraction)

@@ -21,7 +21,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import g4v_jax
 from g4v_jax.cli import add_t2v_arguments, fail, guard, setup_logging, t2v_arguments
+from g4v_jax.config import EngineConfig
+from g4v_jax.data.tokenizer import load_tokenizer
+from g4v_jax.inference.session import make_renderer
+from g4v_jax.safety.checker import load_safety_checker
+from g4v_jax.safety.frame_classifier import load_frame_classifier
+from g4v_jax.safety.gates import keyword_prompt_check, make_output_video_check, make_video_gate
+from g4v_jax.serve.app import ServeConfig, Server, create_app
+from g4v_jax.serve.media import MediaLimits
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -55,12 +64,6 @@ def parse_args(argv: Sequence[str] | None):
 
 def build_server(args):
     """The ``Server`` the arguments describe (also what ``dev.py serve`` and the tests start)."""
-    import g4v_jax
-    from g4v_jax.config import EngineConfig
-    from g4v_jax.data.tokenizer import load_tokenizer
-    from g4v_jax.serve.app import Server, ServeConfig
-    from g4v_jax.serve.media import MediaLimits
-
     ckpt = Path(args.ckpt)
     if not (ckpt / "config.yaml").is_file():
         fail("python -m g4v_jax.serve", f"--ckpt {ckpt}: not a g4v_jax model directory (no config.yaml)")
@@ -81,23 +84,15 @@ def build_server(args):
 
 def _safety_and_t2v(args):
     """The input gate (path -> flagged) and the renderer (prompt check -> backend -> output check -> files)."""
-    from g4v_jax.safety.gates import keyword_prompt_check, make_output_video_check, make_video_gate
-
     gate = check_video = None
     if args.detector or args.safety_checker:
         if args.detector:
-            from g4v_jax.safety.frame_classifier import load_frame_classifier
-
             checker = load_frame_classifier(args.detector)
         else:
-            from g4v_jax.safety.checker import load_safety_checker
-
             checker = load_safety_checker(args.safety_checker)
         gate, check_video = make_video_gate(checker), make_output_video_check(checker)
     renderer = None
     if args.t2v != "none":
-        from g4v_jax.inference.session import make_renderer
-
         options, settings = t2v_arguments(args)
         blocklist = [w.strip() for w in args.blocklist.split(",") if w.strip()]
         try:
@@ -118,7 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.engine.warmup()
     import uvicorn
 
-    from g4v_jax.serve.app import create_app
 
     print(f"serving {server.cfg.model_name} on http://{args.host}:{args.port}/ (API: /v1/chat/completions)",
           file=sys.stderr, flush=True)

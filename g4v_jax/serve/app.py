@@ -32,7 +32,7 @@ from g4v_jax.inference.engine import Engine, EngineRequest, RequestError
 from g4v_jax.inference.generate import SamplingConfig
 from g4v_jax.inference.session import STOP_STRING, check_vocab, model_info, with_stops
 from g4v_jax.inference.text import finish_answer
-from g4v_jax.safety.refusal import is_refusal
+from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 from g4v_jax.serve import api
 from g4v_jax.serve.jobs import VideoJobs
 from g4v_jax.serve.media import MediaError, MediaLimits, load_video_part
@@ -415,7 +415,6 @@ def _sse(obj: dict) -> str:
 def _refusal(cid: str, model_name: str, stream: bool, include_usage: bool):
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from g4v_jax.safety.refusal import POLITE_REFUSAL
 
     if not stream:
         return JSONResponse(api.completion(cid, model_name, POLITE_REFUSAL, "refused", api.usage(0, 0), [],

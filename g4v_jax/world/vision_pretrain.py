@@ -55,8 +55,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from g4v_jax.world.scene import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, MOTIONS, SHAPES, SIZES, Rendering, Scene,
-                                  parse_caption, random_scene, render_scene, symmetry_angle)
+from g4v_jax.data.io import iter_jsonl, resolve_video_path
+from g4v_jax.data.video import load_video
+from g4v_jax.metrics import MetricsWriter
+from g4v_jax.world.scene import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, MOTIONS, Rendering, SHAPES, SIZES, Scene,
+                                 parse_caption, random_scene, render_scene, symmetry_angle)
 
 # a patch shows an object when at least this fraction of its pixels do (a sliver of an edge is "none")
 MIN_COVER = 0.125
@@ -138,9 +141,6 @@ def clip_data(catalogue: str | Path, split: str, *, num_frames: int, size: int, 
     """The hazard-free videos of ``split`` in a world's ``catalogue.jsonl``, decoded from their mp4 as training
     decodes them, with the targets of their re-rendered ground truth (scene from the caption, positions from the
     row's seed; the videos must have been rendered at ``num_frames`` x ``size``)."""
-    from g4v_jax.data.io import iter_jsonl, resolve_video_path
-    from g4v_jax.data.video import load_video
-
     catalogue = Path(catalogue)
     rows = [row for _, row in iter_jsonl(catalogue) if row["split"] == split and not row["hazard"]][:limit]
     if not rows:
@@ -257,7 +257,6 @@ def pretrain_vision_tower(tower: nnx.Module, data: ClipData, *, steps: int, batc
     warmup then cosine decay, batches drawn with replacement."""
     from tqdm.auto import tqdm
 
-    from g4v_jax.metrics import MetricsWriter
 
     heads = PretrainHeads(tower.cfg.hidden_size, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split((tower, heads), nnx.Param)

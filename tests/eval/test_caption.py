@@ -239,7 +239,7 @@ def test_runner_end_to_end_with_stubbed_model(tmp_path, monkeypatch, meteor):
 
     monkeypatch.setattr("g4v_jax.inference.answer_requests", fake_answer_requests)
     monkeypatch.setattr(g4v_jax, "load", lambda ckpt, overrides=(): object())
-    monkeypatch.setattr(g4v_jax.data.tokenizer, "load_tokenizer", lambda path: object())
+    monkeypatch.setattr(C, "load_tokenizer", lambda path: object())
     monkeypatch.setattr(C, "meteor_scorer", shared_meteor)
 
     out = tmp_path / "report"

@@ -197,7 +197,7 @@ def test_runner_end_to_end_with_stubbed_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr("g4v_jax.inference.answer_requests", fake_answer_requests)
     monkeypatch.setattr(g4v_jax, "load", lambda ckpt, overrides=(): object())
-    monkeypatch.setattr(g4v_jax.data.tokenizer, "load_tokenizer", lambda path: object())
+    monkeypatch.setattr(qa, "load_tokenizer", lambda path: object())
 
     # offline only
     qa.main(["--ckpt", str(tmp_path / "ckpt"), "--data", str(data), "--out", str(tmp_path / "off"),

@@ -53,7 +53,7 @@ def test_answers_scores_and_the_input_gate(monkeypatch, tmp_path):
         seen.extend(r["id"] for r in requests)
         return [{"id": r["id"], "answer": canned[r["id"]]} for r in requests]
 
-    monkeypatch.setattr("g4v_jax.inference.answer_requests", fake_answer_requests)
+    monkeypatch.setattr(bench, "answer_requests", fake_answer_requests)
     answers, errors = bench.answer_cases(None, None, cases, sampling=None,
                                          video_gate=lambda path: path.endswith("flagged.mp4"))
     assert answers["vu-bad"] == POLITE_REFUSAL and "vu-bad" not in seen  # the gate answered, the LLM never saw it
