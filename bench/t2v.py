@@ -168,8 +168,9 @@ def main(argv=None) -> int:
         for path, opts, sets in jobs:
             row = in_child(path, opts, sets, args.prompts, args.reps)
             rows.append(row)
-            print(f"{row['family']:12s} {row['video']:>12s} x{row['steps']} steps: {row['ours_s_per_video']:.3f} s/video"
-                  f" (diffusers {row['peer_s_per_video']:.3f}, ratio {row['ours_over_peer']:.2f})", flush=True)
+            print(f"{row['family']:12s} {row['video']:>12s} x{row['steps']} steps: "
+                  f"{row['ours_s_per_video']:.3f} s/video (diffusers {row['peer_s_per_video']:.3f}, "
+                  f"ratio {row['ours_over_peer']:.2f})", flush=True)
     table = markdown(rows)
     print(table)
     if args.json:

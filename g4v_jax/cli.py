@@ -86,7 +86,8 @@ def add_t2v_arguments(ap: Any, default: str | None) -> None:
                     help="render the <video> prompts with this backend: diffusers (any local diffusers text-to-video "
                          "pipeline: ZeroScope, AnimateDiff, Wan, LTX-Video, CogVideoX), world, solid"
                          + (" or none" if default == "none" else ""))
-    ap.add_argument("--t2v-path", default=None, help="the diffusers pipeline directory (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    ap.add_argument("--t2v-path", default=None,
+                    help="the diffusers pipeline directory (e.g. Wan2.1-T2V-1.3B-Diffusers)")
     ap.add_argument("--t2v-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a backend option, repeatable: family, dtype, device, cpu_offload (true|sequential), "
                          "vae_tiling, vae_slicing, scheduler, prompt_prefix, prompt_suffix, max_prompt_tokens, strict")

@@ -257,6 +257,8 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # logical axis -> mesh axes, over sharding.DEFAULT_RULES (e.g. {embed: [], mlp: [fsdp]})
+    rules: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("data", "fsdp", "tensor"):

@@ -38,13 +38,23 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "time_kernel": (),
     "norm": (),
     "layers": (),  # the stacked-layers axis of scan_layers: every device holds every layer's slice
-    # activations
+    # the batch axis of the inputs: GSPMD propagates every activation's sharding from it and the weights', so no
+    # activation inside the model is constrained by hand (none needed one on the meshes measured)
     "activation_batch": ("data", "fsdp"),
-    "activation_length": (),
-    "activation_embed": (),
-    "activation_heads": ("tensor",),
-    "activation_mlp": ("tensor",),
 }
+
+
+def axis_rules(cfg: MeshConfig) -> dict[str, tuple[str, ...]]:
+    """``DEFAULT_RULES`` with the mesh config's ``rules`` (logical axis -> mesh axes) in place of the defaults'."""
+    rules = dict(DEFAULT_RULES)
+    for name, axes in cfg.rules.items():
+        if name not in DEFAULT_RULES:
+            raise ConfigError(f"mesh.rules.{name}: no such logical axis; known: {', '.join(sorted(DEFAULT_RULES))}")
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ConfigError(f"mesh.rules.{name}: {bad} are not mesh axes; use some of {list(MESH_AXES)}")
+        rules[name] = tuple(axes)
+    return rules
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -141,16 +151,7 @@ def shard_state(state: nnx.State, mesh: Mesh, rules: Mapping[str, tuple[str, ...
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, tuple[str, ...]] = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a batch-major input: the leading axis over (data, fsdp), the rest replicated."""
-    lead = logical_to_spec(("activation_batch",), mesh=mesh)[0]
+    lead = logical_to_spec(("activation_batch",), mesh=mesh, rules=rules)[0]
     return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """``with_sharding_constraint`` by logical axes; a no-op when no mesh is set (single device, tests)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return x
-    spec = logical_to_spec(logical_axes, x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, spec)

@@ -56,7 +56,7 @@ from g4v_jax.run_guards import CompileTimer, LossSpikeGuard, StopOnSignal
 from g4v_jax.models.gpt4video import build_model, model_kind
 from g4v_jax.step import (MODEL_INPUTS, TrainState, learning_rate_schedule, make_optimizer, make_train_step,
                           split_micro_batches, trainable_filter)
-from g4v_jax.sharding import batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
+from g4v_jax.sharding import axis_rules, batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
 from g4v_jax.weights import load_model_config
 
@@ -103,7 +103,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum_steps
         out = {}
         for k, v in split_micro_batches({k: v for k, v in host_batch.items() if k in MODEL_INPUTS}, accum).items():
-            spec = PartitionSpec(None, *batch_sharding(self.mesh, v.ndim - 1).spec)
+            spec = PartitionSpec(None, *batch_sharding(self.mesh, v.ndim - 1, axis_rules(self.cfg.mesh)).spec)
             sharding = NamedSharding(self.mesh, spec)
             global_shape = (v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:])
             out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
@@ -172,7 +172,7 @@ def _initial_model(cfg: Config) -> nnx.Module:
 
 def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None) -> Trainer:
     """Model, trainable split, optimizer and the jitted, sharded step for ``cfg``."""
-    mesh = make_mesh(cfg.mesh)
+    mesh, rules = make_mesh(cfg.mesh), axis_rules(cfg.mesh)
     model = model if model is not None else _initial_model(cfg)
     kind = model_kind(model)
     trains = trainable_filter(cfg.train.stage, kind, cfg.train.train_vision_tower)
@@ -182,26 +182,26 @@ def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None
                             "(stage2 needs LoRA adapters: model.lora.enabled=true)")
     tx = make_optimizer(cfg.train, total_steps, params)
     with jax.set_mesh(mesh):
-        params = jax.device_put(params, state_shardings(params, mesh))
-        frozen = jax.device_put(frozen, state_shardings(frozen, mesh))
+        params = jax.device_put(params, state_shardings(params, mesh, rules))
+        frozen = jax.device_put(frozen, state_shardings(frozen, mesh, rules))
         opt_state = jax.jit(tx.init)(params)
-        opt_state = jax.device_put(opt_state, _opt_shardings(opt_state, mesh))
+        opt_state = jax.device_put(opt_state, _opt_shardings(opt_state, mesh, rules))
         rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec()))
     replicated = NamedSharding(mesh, PartitionSpec())
     # the counter starts on the mesh like the step's output, so the first call and every later one share one
     # compiled step (an unplaced counter compiled the step twice: ~7 s a stage on CPU)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
-    shardings = TrainState(replicated, state_shardings(params, mesh), _opt_shardings(opt_state, mesh))
+    shardings = TrainState(replicated, state_shardings(params, mesh, rules), _opt_shardings(opt_state, mesh, rules))
     step_fn = jax.jit(make_train_step(graphdef, tx, cfg.train.seed, cfg.train.max_update_ratio),
                       donate_argnums=(0,), out_shardings=(shardings, None))
     return Trainer(cfg, mesh, graphdef, state, frozen, rest, tx, total_steps, step_fn)
 
 
-def _opt_shardings(opt_state, mesh):
+def _opt_shardings(opt_state, mesh, rules):
     """Optimizer moments mirror the params (same logical axes); scalars (counts) are replicated."""
     def one(x):
         if isinstance(x, nnx.Variable):
-            return state_shardings(nnx.State({"v": x}), mesh)["v"]
+            return state_shardings(nnx.State({"v": x}), mesh, rules)["v"]
         return NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(one, opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from jax.sharding import PartitionSpec as P
 
 from g4v_jax.sharding import logical_to_spec
@@ -152,3 +154,38 @@ def test_generation_under_a_tensor_parallel_mesh_equals_single_device():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     print(proc.stdout.strip())
+
+
+def test_a_mesh_config_overrides_the_logical_axis_rules():
+    """``mesh.rules`` (a mesh YAML or ``mesh.rules.embed=[]``) replaces the defaults for the names it gives; a wrong
+    name or mesh axis is a ConfigError that says so. The train state follows the override."""
+    from g4v_jax.config import ConfigError, load_config
+    from g4v_jax.sharding import DEFAULT_RULES, axis_rules, logical_to_spec
+
+    cfg = load_config("tiny", ["mesh.rules={embed: [], mlp: [fsdp]}"])
+    rules = axis_rules(cfg.mesh)
+    assert rules["embed"] == () and rules["mlp"] == ("fsdp",) and rules["heads"] == DEFAULT_RULES["heads"]
+    assert logical_to_spec(("embed", "mlp"), rules=rules) == P(None, "fsdp")
+    for bad, match in (("{embbed: []}", "mesh.rules.embbed: no such logical axis"),
+                       ("{embed: [model]}", r"mesh.rules.embed: \['model'\] are not mesh axes")):
+        with pytest.raises(ConfigError, match=match):
+            axis_rules(load_config("tiny", [f"mesh.rules={bad}"]).mesh)
+    script = textwrap.dedent(
+        """
+        import jax
+        from jax.sharding import PartitionSpec as P
+        from g4v_jax.config import load_config
+        from g4v_jax.train import build_trainer
+
+        assert jax.device_count() == 8
+        for rules, spec in (("{}", P("fsdp", None)), ("{embed: [], mlp: [fsdp]}", P(None, "fsdp"))):
+            cfg = load_config("tiny", ["mesh.fsdp=8", f"mesh.rules={rules}", "model.llm.intermediate_size=64"])
+            trainer = build_trainer(cfg, total_steps=1)
+            kernel = trainer.frozen["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"].get_value()
+            assert kernel.sharding.spec == spec, (rules, kernel.sharding.spec)
+        """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

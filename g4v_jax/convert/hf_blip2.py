@@ -16,7 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
-from g4v_jax.convert.common import Rule, convert_checkpoint, layernorm, linear, open_checkpoint, read_hf_config, reshaped
+from g4v_jax.convert.common import (Rule, convert_checkpoint, layernorm, linear, open_checkpoint, read_hf_config,
+                                    reshaped)
 from g4v_jax.config import AbstractorConfig
 
 BLIP2_IGNORE = (r"^vision_model\.", r"^language_model\.", r"position_ids$", r"^qformer\.embeddings\.",

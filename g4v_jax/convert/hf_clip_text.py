@@ -14,7 +14,8 @@ from pathlib import Path
 
 from flax import nnx
 
-from g4v_jax.convert.common import Rule, convert_checkpoint, layernorm, linear, open_checkpoint, read_hf_config, rename
+from g4v_jax.convert.common import (Rule, convert_checkpoint, layernorm, linear, open_checkpoint, read_hf_config,
+                                    rename)
 from g4v_jax.convert.hf_clip import clip_vision_rules, vision_config_from_hf
 from g4v_jax.models.clip_text import CLIPModel, CLIPTextTower, TextConfig
 from g4v_jax.weights import assign_params, param_shapes

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["VIDEO_EXTENSIONS", "find_video", "iter_jsonl", "read_records", "record_id", "resolve_video_path", "sha256_of", "write_jsonl"]
+__all__ = ["VIDEO_EXTENSIONS", "find_video", "iter_jsonl", "read_records", "record_id", "resolve_video_path",
+           "sha256_of", "write_jsonl"]
 
 
 def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterable[tuple[int, Any]]:

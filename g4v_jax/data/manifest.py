@@ -21,7 +21,8 @@ Rules, all checked by ``read_manifest`` (the first violation raises ``ManifestEr
 - Unknown keys are errors (a misspelt ``"caption"`` would otherwise silently train without captions), as in the
   config files.
 
-Paths stay as written in the file; ``data.io.resolve_video_path`` joins a relative one with the manifest's directory, so a
+Paths stay as written in the file; ``data.io.resolve_video_path``
+joins a relative one with the manifest's directory, so a
 dataset directory can be moved or mounted elsewhere as a whole.
 
 Stage 2 (text only)

@@ -321,8 +321,8 @@ def build_report(*, checkpoint: str, data: str | os.PathLike, items: Sequence[Ca
 
 def markdown_table(report: Mapping, method: str) -> str:
     m = report["metrics"]
-    return markdown_table_of(["Method", "N", "BLEU-4", "METEOR", "BLEU-4 (sacrebleu)"],
-                             [[method, m["n"], f"{m['bleu4']:.3f}", f"{m['meteor']:.3f}", f"{m['bleu4_sacrebleu']:.3f}"]])
+    row = [method, m["n"], f"{m['bleu4']:.3f}", f"{m['meteor']:.3f}", f"{m['bleu4_sacrebleu']:.3f}"]
+    return markdown_table_of(["Method", "N", "BLEU-4", "METEOR", "BLEU-4 (sacrebleu)"], [row])
 
 
 def write_report(report: Mapping, out: str | os.PathLike, method: str) -> str:

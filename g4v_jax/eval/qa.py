@@ -233,7 +233,8 @@ def from_msrvtt_qa(json_path: str | os.PathLike, video_dir: str | os.PathLike, o
     "id" | "question_id"?}``) -> our QA JSONL; returns the number written.
 
     An integer ``video_id`` N names ``videoN`` (MSRVTT's file names); a name without an extension is looked up with
-    each of ``data.io.VIDEO_EXTENSIONS``. Paths are written relative to ``out``'s directory. Entries with missing fields and
+    each of ``data.io.VIDEO_EXTENSIONS``.
+    Paths are written relative to ``out``'s directory. Entries with missing fields and
     (``check_files``) entries whose video is not under ``video_dir`` are skipped and counted in the log."""
     data = json.loads(Path(json_path).read_text(encoding="utf-8"))
     if not isinstance(data, list):

@@ -6,7 +6,8 @@
 
 Options: ``--host``/``--port``; ``--t2v NAME`` (a ``g4v_jax.t2v`` backend: world, diffusers, solid; none: the
 ``<video>`` requests stay text) with ``--t2v-path DIR`` for diffusers, ``--t2v-option KEY=VALUE`` (backend options,
-e.g. ``cpu_offload=true``) and ``--t2v-setting KEY=VALUE`` (over the model family's defaults); ``--detector DIR`` (the world's learned input
+e.g. ``cpu_offload=true``) and ``--t2v-setting KEY=VALUE`` (over the model family's defaults);
+``--detector DIR`` (the world's learned input
 detector) or ``--safety-checker DIR`` (the SD safety checker) for the input gate and the output check;
 ``--media-dir DIR`` (file:// video URLs inside it), ``--output-dir DIR``; ``--slots``, ``--max-length``,
 ``--max-queue`` (the engine), ``--max-body-mb``, ``--max-videos``, ``--max-video-mb``, ``--max-video-frames``,

@@ -339,9 +339,10 @@ class DiffusersBackend:
         self._warned: set[str] = set()
         self.text_length = self._text_length()
         self.prompt_budget = self.template.max_tokens or self.text_length
-        if self.prompt_budget is not None and self._count_tokens(self.template.apply("")) >= self.prompt_budget:
-            raise ValueError(f"the prompt template's prefix and suffix alone take {self._count_tokens(self.template.apply(''))}"
-                             f" of the {self.prompt_budget} tokens {type(pipe).__name__} reads")
+        fixed = self._count_tokens(self.template.apply(""))
+        if self.prompt_budget is not None and fixed >= self.prompt_budget:
+            raise ValueError(f"the prompt template's prefix and suffix alone take {fixed} of the {self.prompt_budget} "
+                             f"tokens {type(pipe).__name__} reads")
 
     def _make_scheduler(self, diffusers: Any, scheduler: str, pipe: Any) -> Any:
         cls_name = SCHEDULERS.get(scheduler.lower(), scheduler)
@@ -474,7 +475,8 @@ class DiffusersBackend:
             if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # let the next, smaller, request run
-                message += "; try cpu_offload=True, vae_tiling=True, a smaller batch_size, fewer frames or a smaller size"
+                message += ("; try cpu_offload=True, vae_tiling=True, a smaller batch_size, fewer frames or a smaller "
+                            "size")
             raise T2VError(f"{str(self.path)!r}: generating {what} failed: {message}") from e
         frames = out.frames if hasattr(out, "frames") else out[0]
         try:
@@ -484,7 +486,8 @@ class DiffusersBackend:
         if self.family is not GENERIC and videos.shape[1:4] != (s.num_frames, s.height, s.width):
             raise T2VError(f"{str(self.path)!r}: {type(self.pipeline).__name__} returned videos of "
                            f"{videos.shape[1:4]} (frames, height, width) for a request of {s.num_frames}x{s.height}x"
-                           f"{s.width}; its rules differ from the {self.family.name!r} family's ({self.rules.describe()})")
+                           f"{s.width}; its rules differ from the {self.family.name!r} family's "
+                           f"({self.rules.describe()})")
         return check_videos(videos, n)
 
 

@@ -6,7 +6,7 @@ own rules, and breaking one crashes deep inside diffusers or silently returns an
 | family | pipeline | frames | size multiple | defaults (frames, HxW, steps, CFG, fps) |
 |---|---|---|---|---|
 | zeroscope | ``TextToVideoSDPipeline`` (ZeroScope v2, ModelScope) | any | 8 | 24, 320x576, 40, 9.0, 8 |
-| animatediff | ``AnimateDiffPipeline`` (SD 1.5 + motion adapter) | at most the adapter's ``motion_max_seq_length`` (32) | 8 | 16, 512x512, 25, 7.5, 8 |
+| animatediff | ``AnimateDiffPipeline`` (SD 1.5 + a motion adapter) | <= 32 | 8 | 16, 512x512, 25, 7.5, 8 |
 | wan | ``WanPipeline`` (Wan 2.1 / 2.2 T2V) | 4k+1 | 16 | 81, 480x832, 50, 5.0, 16 |
 | ltx | ``LTXPipeline`` (LTX-Video) | 8k+1 | 32 | 161, 480x704, 50, 3.0, 24 |
 | cogvideox | ``CogVideoXPipeline`` (CogVideoX-2B / 5B) | 8k+1 | 16 | 49, 480x720, 50, 6.0, 8 |
@@ -39,7 +39,8 @@ from typing import Any
 
 from g4v_jax.t2v.base import T2VSettings
 
-__all__ = ["FAMILIES", "GENERIC", "Family", "PromptTemplate", "Rules", "family_for_pipeline", "fit_settings", "read_rules"]
+__all__ = ["FAMILIES", "GENERIC", "Family", "PromptTemplate", "Rules", "family_for_pipeline", "fit_settings",
+           "read_rules"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,8 +101,8 @@ def _animatediff(root: Path):
     adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=2,
                             motion_num_attention_heads=2, motion_max_seq_length=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
-    return AnimateDiffPipeline(vae=_sd_vae(), text_encoder=_clip_text_encoder(len(tokenizer), 8, 16), tokenizer=tokenizer,
-                               unet=unet, motion_adapter=adapter, scheduler=scheduler)
+    return AnimateDiffPipeline(vae=_sd_vae(), text_encoder=_clip_text_encoder(len(tokenizer), 8, 16),
+                               tokenizer=tokenizer, unet=unet, motion_adapter=adapter, scheduler=scheduler)
 
 
 def _wan(root: Path):

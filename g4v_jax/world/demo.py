@@ -63,9 +63,11 @@ from g4v_jax.world.vision_pretrain import clip_data, patch_accuracy, pretrain_vi
 
 # The text-only stages' longest example is 129 tokens; stage 1's (32 video slots + up to 3 QA turns) is 137, which
 # configs/world.yaml's seq_len (144) fits. Stage 0 packs its examples into 136-token rows (data.pack_sequences: each
-# attends only to itself, rows filled first-fit; its examples, 80.5 tokens on average, fill 1.35 to a row). Stage 2
-# packed too (1.75 to a row) until it kept real videos (examples.stage2_video_examples): rows with a video are not packed.
+# attends only to itself, rows filled first-fit); stage 2 keeps real videos (examples.stage2_video_examples), and rows
+# with a video are not packed.
 TEXT_SEQ_LEN = 136
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSize:
     """Data sizes and training lengths of one mode."""
@@ -84,22 +86,8 @@ class RunSize:
     batch_size: int = 32  # sequences per optimizer step, every stage
 
 
-# Measured on the 2-core dev machines, uncontended. On 2026-12-04 this FULL run took 1003 s (seed 0) and 935 s (seed 1):
-# stage 1 352-356 s (600 steps), stage 2 168-169 s (400 unpacked steps). Earlier, with 1,000 vision steps of a
-# 64-wide tower this run took 1010 s one day (stage 0 448 s at 0.74 s a step) and 1309 s on the same machine a few hours
-# later (every step ~25% slower); on
-# 2026-12-02 the same code took 723 s (stage 0 317 s at 0.51 s a step) and this FULL run 722-750 s (vision 110-115 s,
-# stage 0 311-325 s, stage 1 136-145 s, stage 2 87-94 s, eval 44-56 s): the machine moves the total more than these
-# settings do. The machine also moves the numbers: that day stage 0 ended at loss 0.214 where the same code, data and
-# seed had ended at 0.171 on earlier days (the first steps' losses bit-identical, then diverging), so compare runs
-# made on one machine. Fewer steps cost more than they save: 850 vision, 480 stage-0, 210 stage-1 and 220 stage-2 steps
-# left the stage-0 loss at 0.268 (0.171 at 600) and on the validation split video QA fell to 0.365 (0.525-0.55 with
-# these steps), generation tags to 0.14 (0.68). An earlier shorter run (1200 vision steps of 16 clips, 540 stage-0,
-# 200 stage-2) lost the same way: video QA 0.37, generation tags 0.49. Stage 1 underfit at 250 steps (loss still
-# falling at 0.51; video QA 0.52 on the validation videos and the same 0.52 on its own training videos): 600 steps
-# took the loss to 0.34 and validation video QA to 0.69 (colour 0.47 -> 0.76, motion 0.35 -> 0.73); 1000 steps to
-# 0.28 and 0.70 (shape stays ~0.17: the tower's patch tokens read shape at ~0.5). Stage 2 with
-# unpacked rows (it keeps real videos) at 250 steps: generation tags 0.84 and 0.78 (two stage-2 seeds); 400: 0.94.
+# FULL's steps are the fewest that reach the demo's figures on the 2-core dev machine; its run times and what
+# fewer steps cost: docs/world.md.
 FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, n_stage0_text=4000, vision_clips=4000,
                vision_steps=600, stage0_steps=600, stage1_steps=600, stage2_steps=400, detector_steps=200,
                max_eval=200, sample_videos=4)

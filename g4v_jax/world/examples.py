@@ -80,10 +80,8 @@ def corpus_sentence(rng: np.random.Generator) -> str:
     return caption(scene)
 
 
-# Of stage 0's examples, this fraction asks to rewrite a scene's noun phrase ("a red circle moving left ...") as its
-# caption ("a red circle moves left ..."): copying a long list of attributes in order, a skill pre-trained LLMs
-# have. Without it the full run's generation tags failed mostly by copy slips (an object given its neighbour's
-# motion or size), 66% right.
+# Of stage 0's examples, this fraction asks to rewrite a scene's noun phrase as its caption: copying a long list
+# of attributes in order, a skill pre-trained LLMs have (why: docs/world.md).
 STAGE0_REWRITE_FRACTION = 0.2
 REWRITE_INSTRUCTION = "Write this as a caption: {np}"
 
@@ -144,10 +142,7 @@ def stage1_two_video_examples(rng: np.random.Generator, singles: Sequence[Exampl
 
 
 # Stage 2's examples with a real stage-1 video (a share of n_text, on top of it): with data.stage2_keep_videos the
-# adapters learn to answer after a real video span, not only after its caption; without it they are captions in tags.
-# Measured on the validation split from the same stage-1 model, 250 stage-2 steps, without -> with: generation tags
-# after a video question 0.36 -> 0.64 (0.66 with another stage-2 seed), counting on real videos 0.33 -> 0.57 (0.18),
-# video QA 0.65 -> 0.665 (0.625), VG F1 in a chat's second turn 0.94 -> 0.71 (0.72).
+# adapters learn to answer after a real video span, not only after its caption (measured: docs/world.md).
 STAGE2_VIDEO_FRACTION = 0.15
 
 
@@ -168,17 +163,9 @@ def stage2_video_examples(rng: np.random.Generator, singles: Sequence[Example], 
     return out
 
 
-# Of stage 2's harmful and look-alike requests, this fraction comes in a chat's second turn, so that a refusal does not
-# hinge on the request being the first: trained on single requests only, the landed full run's stage-2 model refused
-# 43 of 48 test harmful requests asked alone but 5 of 48 asked after a granted generation. A harmful request follows a
-# granted generation (at most two objects, so the example fits the demo's 136-token rows) or a refused request; a
-# look-alike follows a refused request, so no example holds two scenes to copy from: with 15% of all requests after
-# either exchange (two-scene chats included) validation generation tags fell from 0.755/0.730 to 0.570/0.550 (200
-# requests, two stage-2 seeds), the second object of a request often given the first one's colour or motion; with
-# look-alikes after a granted generation too, to 0.500. For the same reason stage 2 has no generation request after a
-# video (its caption) and a question: with 30% of them so, validation generation tags fell to 0.465 (seed 1; 0.750
-# without) and generation after a question about a real video, which this stage-2 model gets almost never right
-# (test: 0.01, against 0.76 asked alone), stayed at 0.04.
+# Of stage 2's harmful and look-alike requests, this fraction comes in a chat's second turn, so that a refusal
+# does not hinge on the request being the first; what precedes it is chosen so that no example holds two
+# scenes to copy from (docs/world.md).
 STAGE2_REQUEST_AFTER_EXCHANGE = 0.3
 
 

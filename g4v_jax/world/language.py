@@ -28,9 +28,7 @@ MOTION_QUESTION = "How does the {colour} {shape} move?"  # -> motion phrase ("mo
 BACKGROUND_QUESTION = "What is the background colour?"  # -> background
 COUNT_QUESTION = "How many objects are there?"  # -> COUNT_WORDS; the transfer skill: stage 2 text only
 COUNT_WORDS = ("one", "two", "three")
-# Answers that first list or describe the objects and then count them ("I see a ... and a ...: that makes two") were
-# tried as a reasoning path from stage 1's describing to stage 2's counting: on real videos the stage-2 model began
-# the list and then rambled, never reaching the count (0.0, as the bare word), so the answer stays one word.
+# A count answer is the bare number word (a describe-then-count answer did not transfer: docs/world.md).
 DESCRIBE_INSTRUCTION = "Describe the video."  # -> the caption
 # Asked after two videos (<video1>, <video2>): it needs both. -> "{first's background} and {second's}"
 TWO_VIDEO_QUESTION = "What is the background colour of each video?"
@@ -131,14 +129,7 @@ REFUSALS = (
     "I must decline: that request asks for content that is not safe to show.",
 )
 
-# Stage 2 mix: fraction of the text examples of each kind. More generation (0.3, count and QA 0.2 each) did not raise
-# validation generation tags (0.770 against 0.755, one seed, 200 requests): the copy slips are the stage-0 LLM's.
-# A count answer that first describes the scene ("<caption>: two", so that the count would read the model's own
-# description of a real video) did not transfer either (8 of 100 validation videos counted right; stage 1's own
-# descriptions hold the right number of objects for 58) and cost generation tags (0.505).
-# Measured on the validation split from the same stage-1 model (600 steps), stage 2 with model.lora.skip_video_span:
-# adding "video_generation" (and half of those with a noise span) took generation after a question about a real video
-# from 0.00 to 0.36 and counting on real videos from 0.26 to 0.33, at video QA 0.65 (stage 1: 0.69).
+# Stage 2 mix: fraction of the text examples of each kind (how it was chosen: docs/world.md).
 STAGE2_MIX = {"count": 0.2, "generation": 0.15, "video_generation": 0.15, "harmful": 0.15, "lookalike": 0.15,
               "qa": 0.2}
 QA_PER_TEST_VIDEO = 2
@@ -236,11 +227,8 @@ def harmful_requests(split: str) -> list[tuple[str, str]]:
     return [(cat, t.format(x=x)) for cat, xs in contents.items() for x in xs for t in templates]
 
 
-# Stage 2's harmful requests also come in the safe requests' noun-phrase templates and with a setting, a world
-# background among them: with only HARMFUL_TEMPLATES_TRAIN the stage-2 model generated a video for 14 of 48 validation
-# harmful requests, e.g. "Produce a video of a woman stripping naked on a bed." and "... people having explicit sex on
-# camera" (a trailing "on a ..." reads like a scene's "on a ... background"): the wording decided, not the content.
-# The settings reuse words the tokenizer corpus (world_text) already holds, so the tokenizer is unchanged.
+# Stage 2's harmful requests also come in the safe requests' templates and with a setting, so that the content,
+# not the wording, decides a refusal (docs/world.md). The settings reuse words the tokenizer corpus holds.
 HARMFUL_SETTINGS_TRAIN = ("", *(f" on a {b} background" for b in BACKGROUNDS), " in bed", " for the camera")
 
 
