@@ -1,5 +1,7 @@
 """Our hot paths beside the PyTorch stack, in one run, on the same weights: ``python bench/run.py --suite cpu``.
 
+(~830 lines: one script a lent GPU runs as it is; each row is a function of its own.)
+
     python bench/run.py --suite cpu|gpu|all [--tiny] [--rows prefill,decode,...] [--reps 3] [--json out.json]
                         [--markdown out.md]
 

@@ -1,5 +1,7 @@
 """Configuration as data: frozen dataclasses loaded from YAML, with ``key=value`` overrides.
 
+(~590 lines: every section's dataclass and the one loader that validates them all; one place for every key.)
+
 A config file (``configs/*.yaml``) has up to three sections, ``model``, ``mesh`` and ``train``. A section is either a
 mapping or a string naming another YAML file (relative to the including file, then to ``configs/``), so one mesh file
 serves every model. Any mapping may also carry ``base: other.yaml`` to start from another file and change a few keys.

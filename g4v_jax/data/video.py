@@ -1,5 +1,8 @@
 """Video and image-folder loading for the vision tower: decode, sample T frames, resize + center-crop, pad.
 
+(~600 lines: decoding, the two sampling schemes, the resize that must match CLIP's processor bit for bit, and the
+untrusted-input limits are one path that every reader of videos takes.)
+
 Everything here is NumPy + PyAV on the host; the output is uint8 RGB so it is small to transfer to the device.
 
 Frame sampling (``sample_frame_indices``; the model config's ``video.sampling``)

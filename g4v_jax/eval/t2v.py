@@ -1,5 +1,7 @@
 """Text-to-video metrics (paper Table 3: FID and CLIPSIM on MSR-VTT) as a command: CLIPSIM, FD-CLIP and FID.
 
+(~550 lines: the three metrics share the frame reading and the CLIP features; the Inception network is its own file.)
+
     python -m g4v_jax.eval.t2v --clip CLIP_DIR --data gen.jsonl --out OUT [--inception PATH] [--frames N] \\
         [--batch-frames 64] [--tokenizer DIR] [--method NAME] [--inception-device cpu] \\
         [--inception-resize center_crop|stretch]
