@@ -114,7 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.engine.warmup()
     import uvicorn
 
-
     print(f"serving {server.cfg.model_name} on http://{args.host}:{args.port}/ (API: /v1/chat/completions)",
           file=sys.stderr, flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning" if not args.verbose

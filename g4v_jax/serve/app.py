@@ -415,7 +415,6 @@ def _sse(obj: dict) -> str:
 def _refusal(cid: str, model_name: str, stream: bool, include_usage: bool):
     from fastapi.responses import JSONResponse, StreamingResponse
 
-
     if not stream:
         return JSONResponse(api.completion(cid, model_name, POLITE_REFUSAL, "refused", api.usage(0, 0), [],
                                            refusal=True))

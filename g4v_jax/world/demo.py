@@ -224,7 +224,6 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
         seconds[name] = time.perf_counter() - start
         return time.perf_counter()
 
-
     world_cfg = load_config("world")
     t = t0
     world, tok_dir = make_world(out, size, seed)

@@ -62,8 +62,6 @@ def answer_vocabulary(question: str) -> tuple[str, ...]:
 def chance_accuracy(qa_file: str | Path) -> float:
     """The exact-match accuracy of the best blind guesser: for each question type, always the answer most frequent
     in ``qa_file`` itself (an upper bound on any answer that ignores the video)."""
-
-
     by_type: dict[str, Counter] = {}
     items = read_qa(qa_file)
     for it in items:

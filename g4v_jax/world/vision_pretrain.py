@@ -257,7 +257,6 @@ def pretrain_vision_tower(tower: nnx.Module, data: ClipData, *, steps: int, batc
     warmup then cosine decay, batches drawn with replacement."""
     from tqdm.auto import tqdm
 
-
     heads = PretrainHeads(tower.cfg.hidden_size, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split((tower, heads), nnx.Param)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(steps, 2),
