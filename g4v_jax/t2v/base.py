@@ -324,8 +324,9 @@ def render_requests(
        ``gif``), at ``fps`` frames a second (None: the backend's ``fps``, e.g. 16 for Wan, else 8); an OS error gives
        ``"write failed: ..."``.
 
-    A backend with a ``plan(prompts, settings)`` method (``DiffusersBackend``) reports what it sent: each result
-    carries the adapted prompt and the notes (frames or size moved to the model's rules, a truncated prompt).
+    A backend with ``plan(prompts, settings)`` and ``run(plan)`` methods (``DiffusersBackend``; its ``generate`` is
+    ``run(plan(...))``) is asked through them, so it plans once and reports what it sent: each result carries the
+    adapted prompt and the notes (frames or size moved to the model's rules, a truncated prompt).
 
     A check that raises counts as a rejection (fail closed). The checks are the caller's: ``g4v_jax.t2v`` does not
     depend on the safety module.
@@ -355,7 +356,10 @@ def render_requests(
             if hasattr(backend, "plan"):  # a backend that adapts prompts or settings says how, per prompt
                 plan = backend.plan(prompts, settings)
                 sent, notes = list(plan.prompts), list(plan.notes)
-            videos = check_videos(backend.generate(prompts, settings), len(batch))
+                videos = backend.run(plan)
+            else:
+                videos = backend.generate(prompts, settings)
+            videos = check_videos(videos, len(batch))
         except Exception as e:  # noqa: BLE001 - the text answer must survive any backend failure
             name = getattr(backend, "name", type(backend).__name__)
             logger.warning("text-to-video backend %r failed on %d prompt(s): %s", name, len(batch), _describe(e))

@@ -460,7 +460,10 @@ class DiffusersBackend:
     def generate(self, prompts: Sequence[str], settings: T2VSettings) -> np.ndarray:
         if isinstance(prompts, str):
             raise TypeError("generate takes a sequence of prompts, not a single str")
-        plan = self.plan(prompts, settings)
+        return self.run(self.plan(prompts, settings))
+
+    def run(self, plan: Plan) -> np.ndarray:
+        """The videos of a ``plan`` (``generate`` is ``run(plan(...))``; ``render_requests`` keeps the plan's notes)."""
         n, s = len(plan.prompts), plan.settings
         if n == 0:
             return np.zeros((0, s.num_frames, s.height, s.width, 3), np.uint8)
