@@ -11,11 +11,14 @@ pass of a random model on a written video (`python -m g4v_jax.demo`, seconds); `
 (`python -m g4v_jax.serve`: the OpenAI-compatible API and the web page on http://127.0.0.1:8000/).
 
 Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch`, `eval`, `dev` and `serve` extras,
-then runs the demo or the whole test suite inside it. Extra arguments go to the demo / pytest.
+then runs the demo or the whole test suite inside it. Extra arguments go to the demo / pytest. `test` also installs what
+the suite needs from the system when it is missing (a JRE and Chromium, from Debian's packages, as root or through
+passwordless sudo), or stops with one line naming them.
 """
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -43,6 +46,36 @@ def ensure_env() -> None:
     STAMP.write_text(want)
 
 
+# What the test suite needs from the system besides Python: a JRE (coco-caption's METEOR and PTB tokenizer) and
+# Debian's Chromium (the web page's test drives it through Playwright). (command, apt packages, what for)
+SYSTEM_NEEDS = [
+    ("java", ["openjdk-17-jre-headless"], "a JRE for the caption metrics"),
+    ("chromium", ["chromium"], "Chromium for the web page's test"),
+]
+
+
+def ensure_system() -> None:
+    """Install what the suite needs from Debian's packages when it is missing (as root, or through passwordless sudo);
+    otherwise stop with one line naming the packages."""
+    missing = [(cmd, pkgs, why) for cmd, pkgs, why in SYSTEM_NEEDS if shutil.which(cmd) is None]
+    if not missing:
+        return
+    packages = [p for _, pkgs, _ in missing for p in pkgs]
+    what = "; ".join(why for _, _, why in missing)
+    prefix: list[str] = []
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        if shutil.which("sudo") is None or subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode:
+            sys.exit(f"dev.py test: the suite needs {what}: run `sudo apt-get install {' '.join(packages)}` "
+                     "(or run dev.py as root, which installs them)")
+        prefix = ["sudo", "-n"]
+    if shutil.which("apt-get") is None:
+        sys.exit(f"dev.py test: the suite needs {what} (Debian packages: {' '.join(packages)}) and this machine has "
+                 "no apt-get; install them with its package manager")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(*prefix, "apt-get", "update", "-qq", env=env)
+    run(*prefix, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages, env=env)
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in ("demo", "forward", "test", "setup", "run", "serve") or argv == ["run"] or argv == ["run", "-m"]:
         sys.exit(__doc__)
@@ -64,6 +97,7 @@ def main(argv: list[str]) -> None:
         args = rest[1:] if rest[0] == "-m" else rest  # `run -m MODULE ...` reads like `python -m MODULE ...`
         run(str(PY), "-m", *args, env=env)
     elif task == "test":
+        ensure_system()
         run(str(PY), "-m", "pytest", "-q", "-n", "2", "--durations=15", *rest, env=env)
 
 
