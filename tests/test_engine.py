@@ -202,6 +202,53 @@ def test_requests_that_cannot_fit_are_refused_alone(model):
     assert all(h.result().finish_reason == "length" and len(h.result().tokens) == 8 for h in handles)
 
 
+def test_a_failing_request_fails_alone_and_the_engine_goes_on(model):
+    """A prefill that raises (as jnp.int32(2**31) once did for ``top_k``), a step that raises, and a callback that
+    raises each end their own requests with ``finish_reason="error"``; the others get the tokens they get alone."""
+    requests = [EngineRequest(r.prompt_ids, r.videos, SamplingConfig(6), id=r.id) for r in _requests(model, 5, 4)]
+    cfg = EngineConfig(num_slots=2, max_length=160, min_bucket=16)
+    plain = _drive(Engine(model, None, cfg, eos_id=-1), requests, [0] * 5)
+    engine = Engine(model, None, cfg, eos_id=-1)
+    real_prefill = engine.programs.prefill_insert
+
+    class Broken:  # the shared programs, but request 1's prefill raises (its prompt has a poison length)
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def prefill_insert(state, ds, ids, vt, n, *rest):
+            if int(n) == len(requests[1].prompt_ids):
+                raise OverflowError("Python int too large to convert to C int")
+            return real_prefill(state, ds, ids, vt, n, *rest)
+
+    real, engine.programs = engine.programs, Broken()
+    handles = [engine.submit(r, on_text=(lambda piece: 1 / 0) if i == 3 else None) for i, r in enumerate(requests)]
+    engine.run()
+    out = [h.result() for h in handles]
+    assert out[1].finish_reason == "error" and out[1].error.startswith("OverflowError: ") and out[1].tokens == []
+    for i in (0, 2, 3, 4):
+        assert out[i].tokens == plain[i].tokens, i  # no tokenizer: request 3's on_text is never called
+    # a decode step that raises fails the requests in the slots; the next ones run on a fresh decode state
+    real_step = real.step
+    calls = {"n": 0}
+
+    def flaky_step(state, ds, active):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device lost")
+        return real_step(state, ds, active)
+
+    engine.programs = type("P", (), {"encode": staticmethod(real.encode), "step": staticmethod(flaky_step),
+                                     "prefill_insert": staticmethod(real.prefill_insert), "traces": real.traces})()
+    first = [engine.submit(r) for r in requests[:2]]
+    engine.run()
+    assert [h.result().finish_reason for h in first] == ["error", "error"]
+    assert all("device lost" in h.result().error for h in first), [h.result().error for h in first]
+    later = engine.submit(requests[2])
+    engine.run()
+    assert later.result().tokens == plain[2].tokens
+
+
 def test_per_row_sampling_rules_match_generate_filters():
     """``sample_rows`` keeps exactly the tokens ``filter_logits`` keeps, per row, with per-row settings."""
     logits = jax.random.normal(jax.random.key(0), (3, 50))

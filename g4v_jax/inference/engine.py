@@ -25,6 +25,10 @@ The host loop between steps: tokens come back, each active request's stop rules 
 sequences, its stop strings in the decoded text, its token budget, a cancel), its text pieces are streamed
 (``StreamDecoder``), and a finished slot is refilled from the queue before the next step. A request whose prompt plus
 budget does not fit a slot is refused at ``submit`` with ``RequestError`` naming the numbers, never an OOM.
+
+A failure while serving one request (its prefill, its stop rules, its callbacks) finishes that request with
+``finish_reason="error"`` and the engine goes on; a failed decode step fails the requests then in their slots, and
+the next round starts from a fresh decode state. ``serve_forever`` never ends on a request's account.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import math
 import threading
 import time
@@ -48,6 +53,9 @@ from g4v_jax.inference.generate import NEG_INF, SamplingConfig, pow2
 from g4v_jax.inference.text import StreamDecoder
 from g4v_jax.models.gpt4video import language_model, model_kind, splice_video_tokens
 from g4v_jax.models.llama import KVCache, init_cache
+
+
+logger = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -82,10 +90,11 @@ class EngineResult:
     tokens: list[int]  # generated ids, the stop token included
     logprobs: list[float]
     text: str  # the answer: decoded, cut before the first stop string, whitespace-stripped ("" without tokenizer)
-    finish_reason: str  # eos | stop | length | cancelled
+    finish_reason: str  # eos | stop | length | cancelled | error
     prompt_tokens: int
     submitted: float  # time.perf_counter() stamps
     token_times: list[float]  # when each token reached the host
+    error: str | None = None  # finish_reason "error": what failed ("ExceptionType: message"); the engine went on
 
     @property
     def ttft(self) -> float:
@@ -355,6 +364,11 @@ class Engine:
         if int(ids.max()) >= self.lm_cfg.vocab_size:
             raise RequestError(f"token id {int(ids.max())} is outside the model's vocabulary of "
                                f"{self.lm_cfg.vocab_size}")
+        s = request.sampling
+        if not (0 <= s.top_k < 2**31 and -2**63 <= request.seed < 2**64 and math.isfinite(s.temperature)
+                and math.isfinite(s.top_p)):
+            raise RequestError(f"sampling settings out of range: top_k={s.top_k} (0 <= top_k < 2**31), seed="
+                               f"{request.seed} (-2**63 <= seed < 2**64), temperature={s.temperature}, top_p={s.top_p}")
         slots = int((ids < 0).sum())
         if request.videos and not self.has_vision:
             raise RequestError("this model is a text-only LLM: it cannot take videos")
@@ -434,7 +448,14 @@ class Engine:
                 while not self.busy and not stop.is_set():
                     self._lock.wait(0.5)
             if not stop.is_set():
-                self.run_once()
+                try:
+                    self.run_once()
+                except Exception:  # noqa: BLE001 - a bug of the loop itself: its requests fail, the engine goes on
+                    logger.exception("the engine's scheduling round failed")
+                    for i, a in enumerate(self.slots):
+                        if a is not None:
+                            self._fail(i, RuntimeError("the engine's scheduling round failed"))
+                    self.ds = self._empty_state()
 
     def close(self, stop: threading.Event) -> None:
         """End ``serve_forever(stop)`` now, even while it waits for work."""
@@ -454,13 +475,35 @@ class Engine:
             return
         if self._active is None or not np.array_equal(self._active[0], active):
             self._active = (active, jax.device_put(active))
-        self.ds = self.programs.step(self.state, self.ds, self._active[1])
-        tokens, logprobs = jax.device_get((self.ds.tokens, self.ds.logprobs))
+        try:
+            self.ds = self.programs.step(self.state, self.ds, self._active[1])
+            tokens, logprobs = jax.device_get((self.ds.tokens, self.ds.logprobs))
+        except Exception as e:  # noqa: BLE001 - the requests in the slots fail; the engine goes on
+            for i in np.flatnonzero(active):
+                self._fail(int(i), e)
+            self._recover()
+            return
         now = time.perf_counter()
         self.stats.steps += 1
         self.stats.slot_steps += int(active.sum())
         for i in np.flatnonzero(active):
             self._take(int(i), int(tokens[i]), float(logprobs[i]), now)
+
+    def _fail(self, slot: int, error: Exception) -> None:
+        """Finish the request in ``slot`` with ``finish_reason="error"``."""
+        a = self.slots[slot]
+        self.slots[slot] = None
+        if a is not None:
+            self._deliver(a.handle, a, "error", error=f"{type(error).__name__}: {error}")
+
+    def _recover(self) -> None:
+        """After a failed program: a decode state whose buffers a donating call consumed is rebuilt (every slot's
+        request must then go: their caches are gone)."""
+        if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.ds)):
+            for i, a in enumerate(self.slots):
+                if a is not None:
+                    self._fail(i, RuntimeError("the decode state was lost to another request's failure"))
+            self.ds = self._empty_state()
 
     def _admit(self) -> list[tuple[int, RequestHandle]]:
         admitted = []
@@ -507,28 +550,50 @@ class Engine:
         return min(max(self.cfg.min_bucket, pow2(n)), self.cfg.max_length)
 
     def _prefill(self, admitted) -> None:
-        video_tokens = self._encode_videos(admitted) if self.has_vision else {}
+        try:
+            video_tokens = self._encode_videos(admitted) if self.has_vision else {}
+        except Exception as e:  # noqa: BLE001 - the admitted requests fail; the others go on
+            for slot, _ in admitted:
+                self._fail(slot, e)
+            self._recover()
+            return
         for slot, handle in admitted:
-            req = handle.request
-            ids = np.asarray(req.prompt_ids, np.int32)
-            bucket = self._bucket(len(ids))
-            padded = np.zeros((1, bucket), np.int32)
-            padded[0, :len(ids)] = ids
-            vt = None
-            if self.has_vision:
-                vt = video_tokens.get(slot)
-                vt = jnp.zeros(self._video_tokens_shape, self._dtype) if vt is None else jax.device_put(vt)
-            s = req.sampling
-            self.ds = self.programs.prefill_insert(
-                self.state, self.ds, jax.device_put(padded), vt, jnp.int32(len(ids)), jnp.int32(slot),
-                jnp.uint32(req.seed % 2**32), jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p),
-                jnp.int32(req.video_prefix))
-            self.stats.prefills += 1
-            tokens, logprobs = jax.device_get((self.ds.tokens, self.ds.logprobs))
-            self._take(slot, int(tokens[slot]), float(logprobs[slot]), time.perf_counter())
+            try:
+                self._prefill_one(slot, handle, video_tokens)
+            except Exception as e:  # noqa: BLE001 - this request fails; the others go on
+                if self.slots[slot] is not None and self.slots[slot].handle is handle:
+                    self._fail(slot, e)
+                self._recover()
+
+    def _prefill_one(self, slot: int, handle: RequestHandle, video_tokens: dict) -> None:
+        req = handle.request
+        ids = np.asarray(req.prompt_ids, np.int32)
+        bucket = self._bucket(len(ids))
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, :len(ids)] = ids
+        vt = None
+        if self.has_vision:
+            vt = video_tokens.get(slot)
+            vt = jnp.zeros(self._video_tokens_shape, self._dtype) if vt is None else jax.device_put(vt)
+        s = req.sampling
+        self.ds = self.programs.prefill_insert(
+            self.state, self.ds, jax.device_put(padded), vt, jnp.int32(len(ids)), jnp.int32(slot),
+            jnp.uint32(req.seed % 2**32), jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p),
+            jnp.int32(req.video_prefix))
+        self.stats.prefills += 1
+        tokens, logprobs = jax.device_get((self.ds.tokens, self.ds.logprobs))
+        self._take(slot, int(tokens[slot]), float(logprobs[slot]), time.perf_counter())
 
     def _take(self, slot: int, token: int, logprob: float, now: float) -> None:
-        """Record one new token of the request in ``slot``; finish it if a stop rule says so."""
+        """Record one new token of the request in ``slot``; finish it if a stop rule says so (or fail it, if its
+        decoding or its callback raises)."""
+        try:
+            self._record(slot, token, logprob, now)
+        except Exception as e:  # noqa: BLE001 - this request fails; the others go on
+            if self.slots[slot] is not None:
+                self._fail(slot, e)
+
+    def _record(self, slot: int, token: int, logprob: float, now: float) -> None:
         a = self.slots[slot]
         assert a is not None
         a.tokens.append(token)
@@ -554,17 +619,24 @@ class Engine:
         self.slots[slot] = None
         self._deliver(a.handle, a, reason)
 
-    def _deliver(self, handle: RequestHandle, a: _Active, reason: str) -> None:
+    def _deliver(self, handle: RequestHandle, a: _Active, reason: str, *, error: str | None = None) -> None:
         text = ""
         if a.decoder is not None:
-            piece = a.decoder.finish()
-            if piece and handle.on_text is not None:
-                handle.on_text(piece)
-            text = a.decoder.answer
+            try:
+                piece = a.decoder.finish()
+                if piece and handle.on_text is not None and error is None:
+                    handle.on_text(piece)
+                text = a.decoder.answer
+            except Exception as e:  # noqa: BLE001 - the request ends with what it has
+                reason, error = "error", error or f"{type(e).__name__}: {e}"
         result = EngineResult(handle.request.id, a.tokens, a.logprobs, text, reason,
-                              int(np.asarray(handle.request.prompt_ids).shape[0]), handle.submitted, a.times)
+                              int(np.asarray(handle.request.prompt_ids).shape[0]), handle.submitted, a.times,
+                              error=error)
         handle._result = result
         self.stats.finished += 1
         handle._done.set()
         if handle.on_done is not None:
-            handle.on_done(result)
+            try:
+                handle.on_done(result)
+            except Exception:  # noqa: BLE001 - a caller's callback cannot stop the engine
+                logger.exception("the on_done callback of request %r failed", handle.request.id)

@@ -8,7 +8,6 @@ still change (trailing whitespace, a prefix of a stop string, a partial UTF-8 ch
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 
 from g4v_jax.tags import VideoRequest, parse_video_tags
@@ -40,15 +39,16 @@ def finish_answer(text: str, num_tokens: int) -> Answer:
 class StreamDecoder:
     """Token ids in, answer text pieces out. Decodes the cumulative ids each time (so BPE merges and multi-byte
     characters come out right) and returns the new part of the cleaned text, holding back a tail that may still
-    change (trailing whitespace or '#', which may become the stop string, or a partial character). ``finish``
-    flushes; the pieces then concatenate to ``finish_answer(self.text, ...).text``."""
+    change: a partial character, the longest end of the text that may begin a stop string, and the whitespace before
+    it. ``finish`` flushes; the pieces then concatenate to ``finish_answer(self.text, ...).text``.
+
+    The held tail is found by a KMP automaton per stop string run over the text's last ``len(stop) - 1`` characters,
+    so a push costs time linear in the stop strings' lengths (a client's ``stop`` cannot make it quadratic)."""
 
     def __init__(self, tokenizer, stops: Sequence[str] = (STOP_STRING,)) -> None:
         self.tokenizer = tokenizer
         self.stops = tuple(s for s in stops if s)
-        # a streamed tail that may still change: trailing whitespace, a partial character, or a prefix of a stop
-        self._held = re.compile("(?:" + "|".join([r"[\s\ufffd]+"] + [
-            "(?:" + "|".join(re.escape(s[:i]) for i in range(len(s), 0, -1)) + ")" for s in self.stops]) + r")+\Z")
+        self._failure = [prefix_function(s) for s in self.stops]
         self.ids: list[int] = []
         self.text = ""  # decoded output so far (uncleaned)
         self.emitted = ""
@@ -65,10 +65,16 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._emit(self._held.sub("", self.answer))
+        return self._emit(self._settled(self.answer))
 
     def finish(self) -> str:
         return self._emit(self.answer)
+
+    def _settled(self, answer: str) -> str:
+        """The part of ``answer`` that no later token can change (the class docstring)."""
+        stable = answer.rstrip("\ufffd")
+        held = max((stop_prefix_at_end(stable, s, f) for s, f in zip(self.stops, self._failure)), default=0)
+        return _rstrip_unsettled(stable[:len(stable) - held])
 
     def _emit(self, visible: str) -> str:
         # visible text only grows; if a decode ever rewrote emitted text, wait until it agrees again
@@ -76,3 +82,38 @@ class StreamDecoder:
             return ""
         piece, self.emitted = visible[len(self.emitted):], visible
         return piece
+
+
+def prefix_function(pattern: str) -> list[int]:
+    """KMP's failure table: ``out[i]`` = length of the longest proper prefix of ``pattern[:i + 1]`` that is also its
+    suffix. O(len(pattern))."""
+    out, k = [0] * len(pattern), 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = out[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        out[i] = k
+    return out
+
+
+def stop_prefix_at_end(text: str, stop: str, failure: Sequence[int]) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of ``stop`` (where ``stop`` may still begin).
+    O(len(stop)): only the last ``len(stop) - 1`` characters can take part."""
+    k = 0
+    for ch in text[max(0, len(text) - len(stop) + 1):] if len(stop) > 1 else "":
+        while k and stop[k] != ch:
+            k = failure[k - 1]
+        if stop[k] == ch:
+            k += 1
+        if k == len(stop):  # a whole stop inside the window (the caller stops at it): keep matching past it
+            k = failure[k - 1]
+    return k
+
+
+def _rstrip_unsettled(text: str) -> str:
+    """``text`` without trailing whitespace and replacement characters (a partial UTF-8 character)."""
+    end = len(text)
+    while end and (text[end - 1].isspace() or text[end - 1] == "\ufffd"):
+        end -= 1
+    return text[:end]
