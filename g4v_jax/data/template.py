@@ -284,6 +284,15 @@ def tokenize_conversation(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def tokenize_chat_template(tokenizer, messages: Sequence[dict]) -> TokenizedConversation:
+    """A text-only conversation ``[{"role", "content": str}]`` in the tokenizer's own chat template (a plain LLM
+    served as vLLM serves it), ready for the model's answer. The rendered prompt carries the template's own special
+    tokens (BOS included), so it is encoded without adding any."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
+    return TokenizedConversation(ids, np.full(ids.shape, IGNORE_INDEX, np.int32), num_videos=0)
+
+
 def pad_batch(
     convs: Sequence[TokenizedConversation], pad_id: int, length: int | None = None, *, side: str = "right"
 ) -> dict[str, np.ndarray]:

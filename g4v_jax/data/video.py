@@ -390,15 +390,18 @@ def _claimed_frames(container, stream) -> int:
     return int(round(seconds * float(rate)))
 
 
-def declared_frame_count(path: str | os.PathLike, timeout_s: float = DECODE_TIMEOUT_S) -> int:
-    """The frame count a video file's header states (0 if it states none), read without decoding: what a server
-    checks before it agrees to decode an upload. ``VideoReadError`` if the file cannot be opened."""
+def declared_video_shape(path: str | os.PathLike, timeout_s: float = DECODE_TIMEOUT_S) -> tuple[int, int, int]:
+    """(frames, height, width) as a video file's header states them (frames 0 if it states none), read without
+    decoding: what a server checks before it agrees to decode an upload. ``VideoReadError`` if the file cannot be
+    opened."""
     source = check_video_path(path)
     container = _open(source, _Deadline(source, timeout_s))
     with container, _reading(source, "reading the video's header"):
         if not container.streams.video:
             raise VideoReadError(f"{source!r}: contains no video stream")
-        return _claimed_frames(container, container.streams.video[0])
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        return _claimed_frames(container, stream), int(ctx.height or 0), int(ctx.width or 0)
 
 
 def _decode_video_at(path: str, wanted: np.ndarray, size: int, resize: str,

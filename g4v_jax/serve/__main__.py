@@ -11,13 +11,19 @@ e.g. ``cpu_offload=true``) and ``--t2v-setting KEY=VALUE`` (over the model famil
 detector) or ``--safety-checker DIR`` (the SD safety checker) for the input gate and the output check;
 ``--media-dir DIR`` (file:// video URLs inside it), ``--output-dir DIR``; ``--slots``, ``--max-length``,
 ``--max-queue`` (the engine), ``--max-body-mb``, ``--max-videos``, ``--max-video-mb``, ``--max-video-frames``,
-``--decode-timeout`` (untrusted input); ``--tokenizer DIR`` (default: the checkpoint).
+``--decode-timeout``, ``--max-video-pixels``, ``--body-timeout`` (untrusted input); ``--api-key KEY`` (or
+``$G4V_API_KEY``: every ``/v1/*`` route then needs ``Authorization: Bearer KEY``), ``--allowed-origins`` (CORS; none by
+default); ``--keep-videos N`` / ``--video-max-age-h H`` (generated videos kept on disk); ``--grace S`` (on SIGTERM or
+Ctrl-C: stop accepting, let running requests finish for up to S seconds, then cancel them and exit 0);
+``--tokenizer DIR`` (default: the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +62,16 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--max-video-mb", type=float, default=64, help="size of one video")
     ap.add_argument("--max-video-frames", type=int, default=3000, help="frames one video may declare")
     ap.add_argument("--decode-timeout", type=float, default=30, help="seconds to decode one video")
+    ap.add_argument("--max-video-pixels", type=float, default=MediaLimits.max_frame_pixels,
+                    help="width x height one video's frames may declare")
+    ap.add_argument("--body-timeout", type=float, default=60, help="seconds for a whole request body to arrive")
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                                                    "(default: $G4V_API_KEY, else open)")
+    ap.add_argument("--allowed-origins", default="", help="comma-separated origins allowed by CORS ('*': any); "
+                                                          "default: none")
+    ap.add_argument("--keep-videos", type=int, default=200, help="generated videos kept on disk (oldest deleted)")
+    ap.add_argument("--video-max-age-h", type=float, default=24, help="hours a generated video is kept (0: no limit)")
+    ap.add_argument("--grace", type=float, default=30, help="seconds running requests get to finish on SIGTERM")
     ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="compile every program before the first request")
@@ -73,11 +89,16 @@ def build_server(args):
     context = getattr(getattr(model, "cfg", None), "llm", getattr(model, "cfg", None)).max_position_embeddings
     engine = EngineConfig(num_slots=args.slots, max_length=args.max_length or context, max_queue=args.max_queue,
                           max_videos=args.max_videos)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("G4V_API_KEY", "")
     cfg = ServeConfig(model_name=args.model_name or ckpt.resolve().name, media_dir=args.media_dir, output_dir=args.output_dir,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_videos=args.max_videos,
-                      max_tokens=args.max_tokens, engine=engine,
+                      max_tokens=args.max_tokens, engine=engine, api_key=api_key,
+                      allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+                      body_timeout_s=args.body_timeout, keep_videos=args.keep_videos,
+                      video_max_age_s=args.video_max_age_h * 3600,
                       limits=MediaLimits(max_video_bytes=int(args.max_video_mb * 2**20),
                                          max_video_frames=args.max_video_frames,
+                                         max_frame_pixels=int(args.max_video_pixels),
                                          decode_timeout_s=args.decode_timeout))
     gate, renderer = _safety_and_t2v(args)
     return Server(model, tokenizer, cfg, renderer=renderer, video_gate=gate)
@@ -114,11 +135,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.engine.warmup()
     import uvicorn
 
+    if not server.cfg.api_key and not _loopback(args.host):
+        logging.getLogger("g4v_jax.serve").warning(
+            "serving on %s without an API key: anyone who reaches the port can use the model (set --api-key or "
+            "G4V_API_KEY)", args.host)
     print(f"serving {server.cfg.model_name} on http://{args.host}:{args.port}/ (API: /v1/chat/completions)",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning" if not args.verbose
-                else "info")
+    # uvicorn's own SIGTERM/SIGINT handling is the drain: it stops accepting, waits up to --grace for running
+    # requests, cancels the rest (their slots are freed), then the app's shutdown stops the engine and the job worker
+    uvicorn.run(create_app(server), host=args.host, port=args.port, timeout_graceful_shutdown=args.grace,
+                log_level="warning" if not args.verbose else "info")
+    print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

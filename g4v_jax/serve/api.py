@@ -22,8 +22,27 @@ from typing import Any
 from g4v_jax.data.template import Turn
 
 KNOWN_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
-              "stream", "stream_options", "user", "frequency_penalty", "presence_penalty", "logprobs",
+              "stream", "stream_options", "user", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
               "top_logprobs", "top_k"}
+# Accepted only at their neutral value: this server does not implement them, and a request that asks for them gets a
+# 400 rather than an answer that silently ignored them.
+UNSUPPORTED = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
+               "top_logprobs": (0,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one chat request may hold, checked before any work that grows with it (README: Serving, limits).
+
+    ``max_text_chars`` bounds the characters of all text before tokenizing: ``Server`` sets it to the context times
+    the longest token of the vocabulary, above which no conversation can fit the context."""
+
+    max_messages: int = 512
+    max_parts: int = 64  # content parts per message
+    max_stop: int = 4  # OpenAI's limit
+    max_stop_chars: int = 256  # per stop string; the stream decoder's work per token is linear in it
+    max_text_chars: int = 1 << 20
+    max_user_chars: int = 256
 
 
 class APIError(Exception):
@@ -35,8 +54,10 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 503: "server_busy"}.get(self.status, "server_error")
+        return {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+                405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 429: "rate_limit_error", 503: "server_busy"}.get(self.status,
+                                                                                              "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -57,6 +78,7 @@ class ChatCall:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    messages: tuple[dict, ...] = ()  # the conversation as {"role", "content": text} (a chat template's input)
 
 
 def _number(obj: Mapping, key: str, default: float, low: float, high: float) -> float:
@@ -64,57 +86,98 @@ def _number(obj: Mapping, key: str, default: float, low: float, high: float) -> 
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise APIError(400, f"{key!r} must be a number in [{low}, {high}], got {value!r}", param=key)
+        raise APIError(400, f"{key!r} must be a number in [{low}, {high}], got {show_value(value)}", param=key)
     return float(value)
 
 
-def _integer(obj: Mapping, key: str, low: int) -> int | None:
+def _integer(obj: Mapping, key: str, low: int, high: int | None = None) -> int | None:
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise APIError(400, f"{key!r} must be an integer >= {low}, got {value!r}", param=key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise APIError(400, f"{key!r} must be an integer {bound}, got {show_value(value)}", param=key)
     return value
 
 
-def parse_chat(obj: Any, *, max_videos: int, default_temperature: float = 0.0) -> ChatCall:
+def show_value(value: Any) -> str:
+    """A client's value in an error message, cut short (a message never grows with the request)."""
+    text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _string(value: Any, where: str) -> str:
+    """``value`` if it is a string that UTF-8 can carry (JSON's ``\\ud800`` escapes make lone surrogates)."""
+    if not isinstance(value, str):
+        raise APIError(400, f"{where} must be a string, got {type(value).__name__}", param=where)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{where} holds a lone surrogate ({e.object[e.start:e.end]!a} at {e.start}): not valid "
+                            "Unicode text", param=where) from None
+    return value
+
+
+def parse_chat(obj: Any, *, max_videos: int, default_temperature: float = 0.0,
+               limits: RequestLimits = RequestLimits()) -> ChatCall:
     """Check a request body (module docstring); ``APIError(400)`` names the field that is wrong. ``temperature``
-    defaults to the server's (greedy unless it was started otherwise), not OpenAI's 1."""
+    defaults to the server's (greedy unless it was started otherwise), not OpenAI's 1. Every list and string is
+    checked against ``limits`` before anything is done with it."""
     if not isinstance(obj, Mapping):
         raise APIError(400, "the request body must be a JSON object")
     unknown = sorted(set(obj) - KNOWN_KEYS)
     if unknown:
-        raise APIError(400, f"unknown field(s) {unknown}", param=unknown[0])
+        raise APIError(400, f"unknown field(s) {[show_value(k) for k in unknown[:5]]}", param=show_value(unknown[0]))
+    for key, neutral in UNSUPPORTED.items():
+        value = obj.get(key)
+        if value is not None and (isinstance(value, bool) != (key == "logprobs") or value not in neutral):
+            raise APIError(400, f"{key!r} is not supported by this server (got {show_value(obj[key])}); leave it out",
+                           param=key)
     n = obj.get("n", 1)
-    if n != 1:
-        raise APIError(400, f"'n' must be 1, got {n!r}", param="n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise APIError(400, f"'n' must be 1, got {show_value(n)}", param="n")
+    if obj.get("user") is not None and len(_string(obj["user"], "user")) > limits.max_user_chars:
+        raise APIError(400, f"'user' is over {limits.max_user_chars} characters", param="user")
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    if len(messages) > limits.max_messages:
+        raise APIError(400, f"{len(messages)} messages; this server takes at most {limits.max_messages}",
+                       param="messages")
     turns: list[Turn] = []
+    plain: list[dict] = []
     urls: list[tuple[str, str]] = []
     system = None
+    chars = 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, Mapping) or m.get("role") not in ("system", "user", "assistant"):
-            raise APIError(400, f"{where} must be an object with role system, user or assistant", param=where)
-        role, content = m["role"], m.get("content")
-        texts, videos = _content(content, where)
-        if role == "system":
+        role = m.get("role") if isinstance(m, Mapping) else None
+        if role not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"{where} must be an object with role system, user or assistant"
+                                + (f", got {show_value(role)}" if isinstance(m, Mapping) else ""), param=where)
+        texts, videos = _content(m.get("content"), where, limits)
+        chars += sum(len(t) for t in texts)
+        if chars > limits.max_text_chars:
+            raise APIError(400, f"the messages' text is over {limits.max_text_chars} characters, more than the "
+                                "model's context can hold", param="messages")
+        if role in ("system", "developer"):
             if videos:
                 raise APIError(400, f"{where}: a system message cannot hold videos", param=where)
             system = "\n".join(texts)
+            plain.append({"role": "system", "content": system})
             continue
         if role == "assistant":
             if videos:
                 raise APIError(400, f"{where}: an assistant message cannot hold videos", param=where)
             turns.append(Turn("ai", "\n".join(texts)))
+            plain.append({"role": "assistant", "content": turns[-1].text})
             continue
         for url, part_where in videos:
             turns.append(Turn("human", video=len(urls)))
             urls.append((url, part_where))
         if texts:
             turns.append(Turn("human", "\n".join(texts)))
+        plain.append({"role": "user", "content": "\n".join(texts)})
     if not turns or turns[-1].role != "human" or turns[-1].video is not None:
         raise APIError(400, "the last message must be a user message with text (the model answers it)",
                        param="messages")
@@ -124,47 +187,59 @@ def parse_chat(obj: Any, *, max_videos: int, default_temperature: float = 0.0) -
     max_tokens = _integer(obj, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _integer(obj, "max_tokens", 1)
-    stop = obj.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop):
-        stop = tuple(stop)
-    else:
-        raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop")
-    options = obj.get("stream_options") or {}
-    if not isinstance(options, Mapping):
-        raise APIError(400, "'stream_options' must be an object", param="stream_options")
-    seed = obj.get("seed", 0)
-    if seed is None:
-        seed = 0
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
+    stop = _stops(obj.get("stop"), limits)
+    options = obj.get("stream_options")
+    options = {} if options is None else options
+    if not isinstance(options, Mapping) or set(options) - {"include_usage"} or not isinstance(
+            options.get("include_usage", False), bool):
+        raise APIError(400, "'stream_options' must be {\"include_usage\": true|false}", param="stream_options")
+    stream = obj.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, f"'stream' must be true or false, got {show_value(stream)}", param="stream")
+    seed = _integer(obj, "seed", -2**63, 2**64 - 1)
+    top_k = _integer(obj, "top_k", -1)  # vLLM's convention: -1 or 0 turn it off
     return ChatCall(turns, urls, system, max_tokens, _number(obj, "temperature", default_temperature, 0.0, 2.0),
-                    _number(obj, "top_p", 1.0, 1e-6, 1.0), _integer(obj, "top_k", 0) or 0, seed, stop,
-                    bool(obj.get("stream", False)), bool(options.get("include_usage", False)))
+                    _number(obj, "top_p", 1.0, 1e-6, 1.0), max(top_k or 0, 0), seed or 0, stop, bool(stream),
+                    bool(options.get("include_usage", False)), tuple(plain))
 
 
-def _content(content: Any, where: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _stops(stop: Any, limits: RequestLimits) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not 0 < len(stops) <= limits.max_stop:
+        raise APIError(400, f"'stop' must be a string or a list of 1 to {limits.max_stop} strings", param="stop")
+    for j, s in enumerate(stops):
+        if not _string(s, f"stop[{j}]") or len(s) > limits.max_stop_chars:
+            raise APIError(400, f"stop[{j}] must be 1 to {limits.max_stop_chars} characters, got {len(s)}",
+                           param="stop")
+    return tuple(stops)
+
+
+def _content(content: Any, where: str, limits: RequestLimits) -> tuple[list[str], list[tuple[str, str]]]:
     if isinstance(content, str):
-        return [content], []
+        return [_string(content, f"{where}.content")], []
+    if content is None:
+        return [], []
     if not isinstance(content, list):
         raise APIError(400, f"{where}.content must be a string or a list of content parts", param=f"{where}.content")
+    if len(content) > limits.max_parts:
+        raise APIError(400, f"{where}.content has {len(content)} parts; this server takes at most "
+                            f"{limits.max_parts}", param=f"{where}.content")
     texts, videos = [], []
     for j, part in enumerate(content):
         pw = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+        if kind == "text":
+            texts.append(_string(part.get("text"), f"{pw}.text"))
         elif kind == "video_url":
             ref = part.get("video_url")
             url = ref.get("url") if isinstance(ref, Mapping) else ref
             if not isinstance(url, str):
                 raise APIError(400, f"{pw}: video_url must be {{\"url\": string}}", param=pw)
-            videos.append((url, pw))
+            videos.append((_string(url, f"{pw}.video_url.url"), pw))
         else:
-            raise APIError(400, f"{pw}: unsupported content part type {kind!r} (this model takes 'text' and "
+            raise APIError(400, f"{pw}: unsupported content part type {show_value(kind)} (this model takes 'text' and "
                                 "'video_url')", param=pw)
     return texts, videos
 

@@ -7,9 +7,10 @@ The engine runs on its own thread (``Engine.serve_forever``); a request handler 
 decodes its videos on a worker thread, submits it, and awaits the engine's callbacks through an asyncio queue. A
 client that goes away mid-stream cancels its request, which frees its slot before the next step.
 
-Status codes: 400 bad input (the message names the field or content part), 404 unknown job, 413 body over
-``max_body_bytes``, 429 queue full; anything unexpected is a 500 with a one-line message (the traceback goes to the
-server's log, never to the client).
+Status codes: 400 bad input (the message names the field or content part), 401 no or a wrong API key, 404 unknown
+job or model, 408 a body that did not arrive within ``body_timeout_s``, 413 body over ``max_body_bytes``, 415 a POST
+body that is not ``application/json``, 429 queue full; a 500 is a bug (a one-line message to the client, the traceback
+to the server's log), and the engine goes on after it.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from pathlib import Path
 from fastapi import Request  # at module level: the route signatures' annotations are resolved from here
 
 from g4v_jax.config import EngineConfig
-from g4v_jax.data.template import SYSTEM_PROMPT, tokenize_conversation
+from g4v_jax.data.template import SYSTEM_PROMPT, tokenize_chat_template, tokenize_conversation
 from g4v_jax.inference.engine import Engine, EngineRequest, RequestError
 from g4v_jax.inference.generate import SamplingConfig
 from g4v_jax.inference.session import STOP_STRING, check_vocab, model_info, with_stops
 from g4v_jax.inference.text import finish_answer
 from g4v_jax.safety.refusal import POLITE_REFUSAL, is_refusal
 from g4v_jax.serve import api
+from g4v_jax.serve.access import AccessMiddleware
 from g4v_jax.serve.jobs import VideoJobs
 from g4v_jax.serve.media import MediaError, MediaLimits, load_video_part
 
@@ -52,7 +54,14 @@ class ServeConfig:
     temperature: float = 0.0  # default temperature (the release's chat decodes greedily)
     system_prompt: str = SYSTEM_PROMPT
     limits: MediaLimits = MediaLimits()
+    requests: api.RequestLimits | None = None  # None: the defaults, max_text_chars from the model (Server)
     engine: EngineConfig = EngineConfig()
+    api_key: str = ""  # "": open; else every /v1/* route needs "Authorization: Bearer <key>"
+    allowed_origins: tuple[str, ...] = ()  # CORS: none unless origins are named ("*" for any)
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this
+    keep_videos: int = 200  # generated videos kept on disk (the oldest finished ones are deleted)
+    video_max_age_s: float = 24 * 3600.0  # and none older than this (0: no age limit)
+    chat_template: bool = True  # a text-only LLM whose tokenizer has a chat template is served with it
 
 
 class Metrics:
@@ -95,10 +104,14 @@ class Server:
         self.cfg = cfg
         self.model, self.tokenizer = model, tokenizer
         self.info = model_info(model, tokenizer, None, None)
+        self.limits = cfg.requests or api.RequestLimits(max_text_chars=self.info.context * _longest_token(tokenizer))
+        self.chat_template = (cfg.chat_template and not self.info.has_vision
+                              and bool(getattr(tokenizer, "chat_template", None)))
         self.engine = Engine(model, tokenizer, dataclasses.replace(cfg.engine, max_videos=cfg.max_videos),
                              eos_id=self.info.eos_id)
         self.stops = with_stops(SamplingConfig(1), tokenizer).stop_sequences
-        self.jobs = VideoJobs(renderer) if renderer is not None else None
+        self.jobs = (VideoJobs(renderer, keep_files=cfg.keep_videos, max_age_s=cfg.video_max_age_s)
+                     if renderer is not None else None)
         self.video_gate = video_gate  # (video path) -> flagged: safety.gates.make_video_gate
         self.output_dir = Path(cfg.output_dir)
         self.upload_dir = Path(tempfile.mkdtemp(prefix="uploads-", dir=self._mkdir(self.output_dir)))
@@ -141,9 +154,12 @@ class Server:
     def engine_request(self, call: api.ChatCall, clips: list) -> EngineRequest:
         if clips and not self.info.has_vision:
             raise api.APIError(400, "this model is a text-only LLM: it cannot take videos", param="messages")
-        conv = tokenize_conversation(self.tokenizer, call.turns, num_video_tokens=self.info.num_video_tokens,
-                                     system_prompt=self.cfg.system_prompt if call.system_prompt is None
-                                     else call.system_prompt, add_generation_prompt=True)
+        if self.chat_template:
+            conv = tokenize_chat_template(self.tokenizer, call.messages)
+        else:
+            conv = tokenize_conversation(self.tokenizer, call.turns, num_video_tokens=self.info.num_video_tokens,
+                                         system_prompt=self.cfg.system_prompt if call.system_prompt is None
+                                         else call.system_prompt, add_generation_prompt=True)
         try:
             check_vocab(self.info, conv)
         except ValueError as e:
@@ -155,10 +171,20 @@ class Server:
             raise api.APIError(400, f"the conversation is {len(conv)} tokens (videos included); with max_tokens="
                                     f"{max_tokens} it does not fit the {room} tokens this server gives a request",
                                param="messages")
-        sampling = SamplingConfig(max_tokens, temperature=call.temperature, top_k=call.top_k, top_p=call.top_p,
-                                  stop_sequences=self.stops)
+        # a top_k beyond the vocabulary keeps every token, as top_k = vocabulary does
+        sampling = SamplingConfig(max_tokens, temperature=call.temperature, top_k=min(call.top_k, self.info.vocab_size),
+                                  top_p=call.top_p, stop_sequences=() if self.chat_template else self.stops)
+        stops = call.stop if self.chat_template else (STOP_STRING, *call.stop)
         return EngineRequest.from_conversation(conv, [(c.frames, c.frame_mask) for c in clips], sampling,
-                                               seed=call.seed, stop_strings=(STOP_STRING, *call.stop))
+                                               seed=call.seed, stop_strings=stops)
+
+    def check_model(self, obj) -> None:
+        """A request naming another model than the one served is a 404, as vLLM answers it (no name: this one)."""
+        name = obj.get("model") if isinstance(obj, dict) else None
+        if name is not None and name != self.cfg.model_name:
+            shown = api.show_value(name)
+            raise api.APIError(404, f"the model {shown} does not exist; this server serves {self.cfg.model_name!r}",
+                               param="model", code="model_not_found")
 
     def start_jobs(self, text: str) -> list[dict]:
         answer = finish_answer(text, 0)
@@ -189,9 +215,17 @@ def create_app(server: Server):
 
     app = FastAPI(title="g4v_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     model_name = server.cfg.model_name
+    app.add_middleware(AccessMiddleware, api_key=server.cfg.api_key)
+    if server.cfg.allowed_origins:  # added last: outermost, so a preflight is answered before the key check
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(server.cfg.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(api.APIError)
     async def api_error(request, exc: api.APIError):
+        if exc.status >= 500:
+            logger.error("answering %s: %s", request.url.path, exc.message)
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -203,28 +237,45 @@ def create_app(server: Server):
         logger.exception("unexpected error answering %s", request.url.path)
         return JSONResponse(api.APIError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
 
-    async def read_body(request: Request) -> bytes:
+    async def read_json(request: Request):
+        """The body as JSON: ``application/json`` only (a text/plain POST is a 'simple' request any web page can
+        send cross-origin), at most ``max_body_bytes``, all of it within ``body_timeout_s``."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise api.APIError(415, f"the request body must be JSON sent as Content-Type: application/json, got "
+                                    f"{kind or 'none'!r}")
         limit = server.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise api.APIError(413, f"the request body is {int(declared)} bytes, over the limit of {limit} bytes")
-        body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > limit:
-                raise api.APIError(413, f"the request body is over the limit of {limit} bytes")
-        return bytes(body)
+
+        async def whole() -> bytes:
+            body = bytearray()
+            async for piece in request.stream():
+                body += piece
+                if len(body) > limit:
+                    raise api.APIError(413, f"the request body is over the limit of {limit} bytes")
+            return bytes(body)
+
+        try:
+            raw = await asyncio.wait_for(whole(), server.cfg.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise api.APIError(408, f"the request body did not arrive within {server.cfg.body_timeout_s:g} s") \
+                from None
+        try:
+            return json.loads(raw)
+        except RecursionError:
+            raise api.APIError(400, "the request body nests JSON too deeply") from None
+        except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer of more than 4300 digits
+            raise api.APIError(400, f"the request body is not JSON ({_first_line(e)})") from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await read_body(request)
         try:
-            obj = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            server.metrics.requests.labels("bad_request").inc()
-            raise api.APIError(400, f"the request body is not JSON ({e})") from None
-        try:
-            call = api.parse_chat(obj, max_videos=server.cfg.max_videos, default_temperature=server.cfg.temperature)
+            obj = await read_json(request)
+            server.check_model(obj)
+            call = api.parse_chat(obj, max_videos=server.cfg.max_videos, default_temperature=server.cfg.temperature,
+                                  limits=server.limits)
             clips, flagged = await run_in_threadpool(server.load_videos, call)
         except (api.APIError, MediaError) as e:
             server.metrics.requests.labels("bad_request").inc()
@@ -261,7 +312,11 @@ def create_app(server: Server):
             if result.token_times:
                 server.metrics.ttft.observe(result.ttft)
                 server.metrics.latency.observe(result.token_times[-1] - result.submitted)
-            return api.usage(result.prompt_tokens, len(result.tokens))
+            use = api.usage(result.prompt_tokens, len(result.tokens))
+            request.state.usage = use
+            if result.finish_reason == "error":
+                logger.error("the engine failed request %s: %s", cid, result.error)
+            return use
 
         if not call.stream:
             # nobody else reads the connection now: a disconnect is the next ASGI message it gives
@@ -279,6 +334,8 @@ def create_app(server: Server):
                 return Response(status_code=499)
             value = done.result()
             use = account(value)
+            if value.finish_reason == "error":
+                raise api.APIError(500, "internal error: the engine failed this request (the server goes on)")
             jobs = server.start_jobs(value.text)
             return JSONResponse(api.completion(cid, model_name, value.text, value.finish_reason, use, jobs,
                                                refusal=is_refusal(value.text)))
@@ -294,6 +351,11 @@ def create_app(server: Server):
                         continue
                     finished = True
                     use = account(value)
+                    if value.finish_reason == "error":  # the status is sent: say it in the stream, as vLLM does
+                        err = api.APIError(500, "internal error: the engine failed this request (the server goes on)")
+                        yield _sse(err.body())
+                        yield "data: [DONE]\n\n"
+                        return
                     jobs = server.start_jobs(value.text)
                     delta = {"video_generations": jobs} if jobs else {}
                     if is_refusal(value.text):
@@ -315,10 +377,7 @@ def create_app(server: Server):
     async def video_frames(request: Request):
         """The T frames the model reads of a video (its sampling and resizing), as PNG data URLs: the page shows
         them. Body: ``{"url": data: or file:// URL}``; the same checks as a chat request's video parts."""
-        try:
-            obj = json.loads(await read_body(request))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise api.APIError(400, f"the request body is not JSON ({e})") from None
+        obj = await read_json(request)
         url = obj.get("url") if isinstance(obj, dict) else None
         if not isinstance(url, str):
             raise api.APIError(400, "the body must be {\"url\": a data: or file:// video URL}", param="url")
@@ -381,6 +440,17 @@ def create_app(server: Server):
         return FileResponse(index, media_type="text/html")
 
     return app
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters of the vocabulary's longest token (>= 1): no text longer than context x this can fit the
+    context, so longer text is refused before it is tokenized."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max((len(t) for t in vocab), default=16) or 1
 
 
 def _png_data_url(frame) -> str:

@@ -4,6 +4,9 @@ renders through the T2V backend, past the prompt gate and the output video check
 A job is ``queued`` -> ``running`` -> ``succeeded`` (an mp4 under the server's output directory), or ``refused``
 (the prompt gate or the output check said no, with the reason) or ``failed`` (the backend or the disk, with the
 reason). The text answer never waits for, or depends on, a job.
+
+Retention: at most ``keep_files`` finished jobs keep their video, none longer than ``max_age_s``; past that the
+oldest are deleted, files and all (their URLs answer 404). The job table keeps no more than ``max_jobs`` rows.
 """
 
 from __future__ import annotations
@@ -49,23 +52,40 @@ class VideoJob:
 class VideoJobs:
     """Renders jobs one at a time on a worker thread (a T2V model fills the accelerator on its own)."""
 
-    def __init__(self, render: Callable[[list[VideoRequest], str], list], *, max_jobs: int = 1000) -> None:
+    def __init__(self, render: Callable[[list[VideoRequest], str], list], *, max_jobs: int = 1000,
+                 keep_files: int = 200, max_age_s: float = 0.0, clock: Callable[[], float] = time.time) -> None:
         self._render = render  # (requests, stem) -> [RenderedVideo], e.g. inference.make_renderer(...)
         self._jobs: dict[str, VideoJob] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2v")
-        self.max_jobs = max_jobs
+        self.max_jobs, self.keep_files, self.max_age_s = max_jobs, min(keep_files, max_jobs), max_age_s
+        self._clock = clock
 
     def submit(self, request: VideoRequest) -> VideoJob:
-        job = VideoJob(id=f"video-{uuid.uuid4().hex[:16]}", prompt=request.prompt)
+        job = VideoJob(id=f"video-{uuid.uuid4().hex[:16]}", prompt=request.prompt, created=self._clock())
         with self._lock:
-            if len(self._jobs) >= self.max_jobs:  # forget the oldest finished job
-                done = [j for j in self._jobs.values() if j.status not in ("queued", "running")]
-                if done:
-                    self._jobs.pop(min(done, key=lambda j: j.created).id)
+            self._prune(room=1)
             self._jobs[job.id] = job
         self._pool.submit(self._run, job, request)
         return job
+
+    def prune(self) -> None:
+        """Apply the retention policy now (it also runs at every submit and after every finished job)."""
+        with self._lock:
+            self._prune()
+
+    def _prune(self, room: int = 0) -> None:
+        done = sorted((j for j in self._jobs.values() if j.status not in ("queued", "running")),
+                      key=lambda j: j.created)
+        now = self._clock()
+        with_file = [j for j in done if j.path is not None]
+        drop = {j.id for j in with_file[:max(0, len(with_file) - self.keep_files)]}
+        if self.max_age_s > 0:
+            drop |= {j.id for j in done if now - j.created > self.max_age_s}
+        excess = len(self._jobs) - len(drop) + room - self.max_jobs  # rows over the table's size: the oldest go
+        drop |= {j.id for j in [j for j in done if j.id not in drop][:max(0, excess)]}
+        for job_id in drop:
+            _delete_files(self._jobs.pop(job_id))
 
     def get(self, job_id: str) -> VideoJob | None:
         with self._lock:
@@ -87,10 +107,19 @@ class VideoJobs:
             return
         job.sent_prompt, job.notes = getattr(result, "sent_prompt", None), tuple(getattr(result, "notes", ()))
         if result.ok:
-            job.status, job.path, job.progress = "succeeded", result.path, 1.0
+            job.status, job.path, job.progress = "succeeded", Path(result.path), 1.0
         else:
             job.error = result.error
             job.status = "refused" if result.error.startswith(("refused:", "withheld:")) else "failed"
+        self.prune()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _delete_files(job: VideoJob) -> None:
+    """A job's video and the files written beside it (a .gif)."""
+    if job.path is None:
+        return
+    for path in (job.path, job.path.with_suffix(".gif")):
+        path.unlink(missing_ok=True)

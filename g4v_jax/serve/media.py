@@ -4,8 +4,10 @@ Accepted URLs: ``data:video/<type>;base64,<bytes>`` (written to the server's own
 client-chosen name) and ``file://<path>`` (absolute, or relative to the media directory: ``file://clip.mp4``) for a
 regular file inside ``--media-dir`` only (``..``, symlinks out of it,
 FIFOs and devices are refused before anything opens them). ``http(s)://`` and every other scheme: the server does
-not fetch. Limits: the decoded size of one video, the number of frames a container says it holds (a 10,000-frame
-upload is refused before decoding), and the decoder's timeout (a stalled decode never hangs a worker).
+not fetch. Limits, each checked before any decoding: the size of one video, the number of frames a container says it
+holds (a 10,000-frame upload is refused), the width x height of its frames and its frames x width x height (a
+198 KB H.264 file declaring 8192 x 8192 frames, a decompression bomb, is refused, not decoded); then the decoder's
+timeout (a stalled decode never hangs a worker). Decoding keeps only the sampled frames, each resized as it comes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from g4v_jax.data.video import VideoClip, VideoReadError, check_video_path, declared_frame_count, load_video
+from g4v_jax.data.video import VideoClip, VideoReadError, check_video_path, declared_video_shape, load_video
 
 
 class MediaError(ValueError):
@@ -31,6 +33,8 @@ class MediaError(ValueError):
 class MediaLimits:
     max_video_bytes: int = 64 * 2**20
     max_video_frames: int = 3000  # as the container reports them
+    max_frame_pixels: int = 4096 * 4096  # width x height the header declares (4K DCI and 4096-square fit)
+    max_video_pixels: int = 3000 * 1920 * 1080  # frames x width x height: 3000 frames of 1080p
     decode_timeout_s: float = 30.0
 
 
@@ -67,9 +71,14 @@ def _from_file_url(url: str, where: str, media_dir: Path | None) -> Path:
     raw = urllib.parse.unquote(url[len("file://"):] if url.lower().startswith("file://") else url[len("file:"):])
     if raw.startswith("localhost/"):
         raw = raw[len("localhost"):]
+    if "\x00" in raw:
+        raise MediaError(f"{where}: the video path holds a NUL character")
     root = media_dir.resolve()
     target = Path(raw) if os.path.isabs(raw) else root / raw
-    resolved = target.resolve()
+    try:
+        resolved = target.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
+        raise MediaError(f"{where}: {raw[:200]!r} cannot be resolved ({type(e).__name__})") from None
     if resolved != root and root not in resolved.parents:
         raise MediaError(f"{where}: {raw!r} is outside the media directory")
     try:
@@ -88,6 +97,8 @@ def load_video_part(url: str, where: str, *, media_dir: Path | None, upload_dir:
     ``where``. An uploaded video's file is removed once read."""
     if not isinstance(url, str) or not url:
         raise MediaError(f"{where}: the video URL must be a non-empty string")
+    if "\x00" in url:
+        raise MediaError(f"{where}: the video URL holds a NUL character")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     uploaded = False
     if scheme == "data":
@@ -102,10 +113,14 @@ def load_video_part(url: str, where: str, *, media_dir: Path | None, upload_dir:
     try:
         if path.stat().st_size > limits.max_video_bytes:
             raise MediaError(f"{where}: the video is over the limit of {limits.max_video_bytes // 2**20} MiB")
-        frames = declared_frame_count(path, limits.decode_timeout_s)
+        frames, height, width = declared_video_shape(path, limits.decode_timeout_s)
         if frames > limits.max_video_frames:
             raise MediaError(f"{where}: the video has {frames} frames; this server takes at most "
                              f"{limits.max_video_frames}")
+        if height * width > limits.max_frame_pixels or frames * height * width > limits.max_video_pixels:
+            raise MediaError(f"{where}: the video declares {frames} frames of {width}x{height}; this server decodes "
+                             f"at most {limits.max_frame_pixels:,} pixels a frame and {limits.max_video_pixels:,} a "
+                             "video")
         clip = load_video(path, num_frames=num_frames, size=size, sampling=sampling, resize=resize,
                           decode_timeout_s=limits.decode_timeout_s)
         flagged = bool(gate(str(path))) if gate is not None else False
