@@ -21,12 +21,16 @@ Ctrl-C: stop accepting, let running requests finish for up to S seconds, then ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import uvicorn
 
 import g4v_jax
 from g4v_jax.cli import add_t2v_arguments, fail, guard, setup_logging, t2v_arguments
@@ -133,8 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.warmup:
         print("compiling the engine's programs ...", file=sys.stderr, flush=True)
         server.engine.warmup()
-    import uvicorn
-
     if not server.cfg.api_key and not _loopback(args.host):
         logging.getLogger("g4v_jax.serve").warning(
             "serving on %s without an API key: anyone who reaches the port can use the model (set --api-key or "
@@ -143,10 +145,25 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     # uvicorn's own SIGTERM/SIGINT handling is the drain: it stops accepting, waits up to --grace for running
     # requests, cancels the rest (their slots are freed), then the app's shutdown stops the engine and the job worker
-    uvicorn.run(create_app(server), host=args.host, port=args.port, timeout_graceful_shutdown=args.grace,
-                log_level="warning" if not args.verbose else "info")
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, timeout_graceful_shutdown=args.grace,
+                            log_level="warning" if not args.verbose else "info")
+    _DrainingServer(config).run()
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM or Ctrl-C that drained it ends the process with status 0 (uvicorn re-raises
+    the signal after its shutdown, which a supervisor reads as a crash)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _loopback(host: str) -> bool:

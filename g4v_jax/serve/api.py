@@ -160,24 +160,26 @@ def parse_chat(obj: Any, *, max_videos: int, default_temperature: float = 0.0,
         if chars > limits.max_text_chars:
             raise APIError(400, f"the messages' text is over {limits.max_text_chars} characters, more than the "
                                 "model's context can hold", param="messages")
+        text = "\n".join(texts)
         if role in ("system", "developer"):
             if videos:
                 raise APIError(400, f"{where}: a system message cannot hold videos", param=where)
-            system = "\n".join(texts)
+            system = text
             plain.append({"role": "system", "content": system})
             continue
         if role == "assistant":
             if videos:
                 raise APIError(400, f"{where}: an assistant message cannot hold videos", param=where)
-            turns.append(Turn("ai", "\n".join(texts)))
-            plain.append({"role": "assistant", "content": turns[-1].text})
+            if text.strip():  # an empty answer leaves no turn
+                turns.append(Turn("ai", text))
+            plain.append({"role": "assistant", "content": text})
             continue
         for url, part_where in videos:
             turns.append(Turn("human", video=len(urls)))
             urls.append((url, part_where))
-        if texts:
-            turns.append(Turn("human", "\n".join(texts)))
-        plain.append({"role": "user", "content": "\n".join(texts)})
+        if text.strip():
+            turns.append(Turn("human", text))
+        plain.append({"role": "user", "content": text})
     if not turns or turns[-1].role != "human" or turns[-1].video is not None:
         raise APIError(400, "the last message must be a user message with text (the model answers it)",
                        param="messages")

@@ -38,6 +38,7 @@ from g4v_jax.serve import api
 from g4v_jax.serve.access import AccessMiddleware
 from g4v_jax.serve.jobs import VideoJobs
 from g4v_jax.serve.media import MediaError, MediaLimits, load_video_part
+from g4v_jax.serve.openapi import openapi_spec
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -421,6 +422,10 @@ def create_app(server: Server):
             raise api.APIError(404, f"video job {job_id!r} has no video ({job.status}"
                                     + (f": {job.error}" if job.error else "") + ")", param="job_id")
         return FileResponse(job.path, media_type="video/mp4")
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return openapi_spec(server.limits, server.cfg.max_videos, model_name, api_key=bool(server.cfg.api_key))
 
     @app.get("/health")
     async def health():
