@@ -7,6 +7,7 @@ description."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -43,7 +44,7 @@ def hostile(world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
     write_video(tmp / "big.mp4", np.zeros((4, 96, 96, 3), np.uint8))
     server = _server(world, tmp)
-    server.cfg = server.cfg.__class__(**{**server.cfg.__dict__, "limits": MediaLimits(max_frame_pixels=64 * 64)})
+    server.cfg = dataclasses.replace(server.cfg, limits=MediaLimits(max_frame_pixels=64 * 64))
     running = Running(server)
     running.big = tmp / "big.mp4"
     yield running
@@ -121,7 +122,7 @@ def test_a_hostile_request_gets_a_clear_answer_and_the_server_goes_on(hostile, n
 
 def test_a_body_that_never_finishes_gets_408_and_frees_the_connection(world, tmp_path):
     server = _server(world, tmp_path)
-    server.cfg = server.cfg.__class__(**{**server.cfg.__dict__, "body_timeout_s": 0.5})
+    server.cfg = dataclasses.replace(server.cfg, body_timeout_s=0.5)
     running = Running(server)
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=60) as s:
@@ -141,7 +142,7 @@ def test_a_body_that_never_finishes_gets_408_and_frees_the_connection(world, tmp
 
 def test_the_api_key_with_the_official_client_raw_http_and_open_health(world, tmp_path):
     server = _server(world, tmp_path)
-    server.cfg = server.cfg.__class__(**{**server.cfg.__dict__, "api_key": "s3cret-key"})
+    server.cfg = dataclasses.replace(server.cfg, api_key="s3cret-key")
     running = Running(server)
     try:
         def client(key):
@@ -174,8 +175,8 @@ def test_cors_only_for_the_origins_named(world, tmp_path, hostile):
     r = _post(hostile, HELLO, origin="http://evil.example")
     assert "access-control-allow-origin" not in r.headers
     server = _server(world, tmp_path)
-    server.cfg = server.cfg.__class__(**{**server.cfg.__dict__, "allowed_origins": ("http://ok.example",),
-                                         "api_key": "k"})
+    server.cfg = dataclasses.replace(server.cfg, allowed_origins=("http://ok.example",),
+                                         api_key="k")
     running = Running(server)
     try:
         ok = _http("OPTIONS", running.url + "/v1/chat/completions", None,
@@ -359,8 +360,6 @@ def test_a_plain_llm_is_served_with_its_chat_template(tmp_path):
 
 
 def _llm_config(cfg):
-    import dataclasses
-
     return dataclasses.replace(cfg, kind="llm")
 
 
