@@ -11,7 +11,7 @@ e.g. ``cpu_offload=true``) and ``--t2v-setting KEY=VALUE`` (over the model famil
 detector) or ``--safety-checker DIR`` (the SD safety checker) for the input gate and the output check;
 ``--media-dir DIR`` (file:// video URLs inside it), ``--output-dir DIR``; ``--slots``, ``--max-length``,
 ``--max-queue`` (the engine), ``--max-body-mb``, ``--max-videos``, ``--max-video-mb``, ``--max-video-frames``,
-``--decode-timeout``, ``--max-video-pixels``, ``--body-timeout`` (untrusted input); ``--api-key KEY`` (or
+``--decode-timeout``, ``--max-video-pixels``, ``--max-decodes``, ``--body-timeout`` (untrusted input); ``--api-key KEY`` (or
 ``$G4V_API_KEY``: every ``/v1/*`` route then needs ``Authorization: Bearer KEY``), ``--allowed-origins`` (CORS; none by
 default); ``--keep-videos N`` / ``--video-max-age-h H`` (generated videos kept on disk); ``--grace S`` (on SIGTERM or
 Ctrl-C: stop accepting, let running requests finish for up to S seconds, then cancel them and exit 0);
@@ -69,6 +69,7 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--max-video-pixels", type=float, default=MediaLimits.max_frame_pixels,
                     help="width x height one video's frames may declare")
     ap.add_argument("--body-timeout", type=float, default=60, help="seconds for a whole request body to arrive")
+    ap.add_argument("--max-decodes", type=int, default=2, help="videos decoded at once")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
                                                     "(default: $G4V_API_KEY, else open)")
     ap.add_argument("--allowed-origins", default="", help="comma-separated origins allowed by CORS ('*': any); "
@@ -99,6 +100,7 @@ def build_server(args):
                       max_tokens=args.max_tokens, engine=engine, api_key=api_key,
                       allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
                       body_timeout_s=args.body_timeout, keep_videos=args.keep_videos,
+                      max_concurrent_decodes=args.max_decodes,
                       video_max_age_s=args.video_max_age_h * 3600,
                       limits=MediaLimits(max_video_bytes=int(args.max_video_mb * 2**20),
                                          max_video_frames=args.max_video_frames,

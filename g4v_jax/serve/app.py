@@ -60,6 +60,7 @@ class ServeConfig:
     api_key: str = ""  # "": open; else every /v1/* route needs "Authorization: Bearer <key>"
     allowed_origins: tuple[str, ...] = ()  # CORS: none unless origins are named ("*" for any)
     body_timeout_s: float = 60.0  # the whole request body must arrive within this
+    max_concurrent_decodes: int = 2  # videos decoded at once (each may hold a frame of max_frame_pixels)
     keep_videos: int = 200  # generated videos kept on disk (the oldest finished ones are deleted)
     video_max_age_s: float = 24 * 3600.0  # and none older than this (0: no age limit)
     chat_template: bool = True  # a text-only LLM whose tokenizer has a chat template is served with it
@@ -120,6 +121,7 @@ class Server:
         self.metrics = Metrics(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._decoding = threading.BoundedSemaphore(cfg.max_concurrent_decodes)
 
     @staticmethod
     def _mkdir(path: Path) -> Path:
@@ -143,13 +145,19 @@ class Server:
 
     # ------------------------------------------------------------------------------------------------ one request
 
+    def load_video(self, url: str, where: str, gate: bool = True):
+        """One video part -> (clip, flagged by the input gate), on a worker thread; ``MediaError`` names the part.
+        At most ``max_concurrent_decodes`` decode at once: even a header probe decodes one frame at the declared
+        size (up to ``max_frame_pixels``), so concurrency, not only each video, must be bounded."""
+        with self._decoding:
+            return load_video_part(url, where, media_dir=self.media_dir, upload_dir=self.upload_dir,
+                                   limits=self.cfg.limits, num_frames=self.info.num_frames, size=self.info.image_size,
+                                   sampling=self.info.sampling, resize=self.info.resize,
+                                   gate=self.video_gate if gate else None)
+
     def load_videos(self, call: api.ChatCall) -> tuple[list, bool]:
-        """Decode every video part (worker thread) -> (clips, any flagged by the input gate); ``MediaError`` names
-        the part."""
-        out = [load_video_part(url, where, media_dir=self.media_dir, upload_dir=self.upload_dir,
-                               limits=self.cfg.limits, num_frames=self.info.num_frames, size=self.info.image_size,
-                               sampling=self.info.sampling, resize=self.info.resize, gate=self.video_gate)
-               for url, where in call.video_urls]
+        """Decode every video part -> (clips, any flagged by the input gate)."""
+        out = [self.load_video(url, where) for url, where in call.video_urls]
         return [clip for clip, _ in out], any(flagged for _, flagged in out)
 
     def engine_request(self, call: api.ChatCall, clips: list) -> EngineRequest:
@@ -383,10 +391,7 @@ def create_app(server: Server):
         if not isinstance(url, str):
             raise api.APIError(400, "the body must be {\"url\": a data: or file:// video URL}", param="url")
         try:
-            clip, _ = await run_in_threadpool(
-                load_video_part, url, "url", media_dir=server.media_dir, upload_dir=server.upload_dir,
-                limits=server.cfg.limits, num_frames=server.info.num_frames, size=server.info.image_size,
-                sampling=server.info.sampling, resize=server.info.resize)
+            clip, _ = await run_in_threadpool(server.load_video, url, "url", False)
         except MediaError as e:
             raise api.APIError(400, str(e), param="url") from None
         return {"frames": [_png_data_url(f) for f in clip.frames], "frame_mask": clip.frame_mask.tolist(),

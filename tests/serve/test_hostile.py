@@ -234,6 +234,32 @@ def test_a_request_the_engine_fails_is_a_500_and_the_others_go_on(world, tmp_pat
         running.stop()
 
 
+def test_at_most_max_concurrent_decodes_videos_are_decoded_at_once(world, tmp_path, monkeypatch):
+    from g4v_jax.serve import app as app_module
+
+    server = _server(world, tmp_path)  # max_concurrent_decodes = 2
+    inside, release = [], threading.Event()
+
+    def decode(url, where, **kwargs):
+        inside.append(url)
+        release.wait(60)
+        return None, False
+
+    monkeypatch.setattr(app_module, "load_video_part", decode)
+    threads = [threading.Thread(target=server.load_video, args=(f"v{i}", "x")) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while len(inside) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(inside) == 2 and not server._decoding.acquire(blocking=False)  # the third waits for a turn
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(inside) == 3
+    server.stop()
+
+
 def test_generated_videos_are_deleted_by_count_and_age(tmp_path):
     from g4v_jax.t2v.base import RenderedVideo
     from g4v_jax.tags import VideoRequest
