@@ -186,7 +186,8 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirects)
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
+    """``host`` names this machine (``localhost`` or a loopback address)."""
     import ipaddress
 
     if not host:
@@ -207,7 +208,7 @@ def check_endpoint_url(url: str, has_key: bool) -> None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"endpoint URL {url!r} must start with http:// or https://")
-    if has_key and parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if has_key and parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ValueError(f"refusing to send an API key over plain http to {parts.hostname}: use https:// (plain http "
                          "is allowed to this machine only: localhost, 127.0.0.1, ::1)")
 

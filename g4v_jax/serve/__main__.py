@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ import uvicorn
 import g4v_jax
 from g4v_jax.cli import add_t2v_arguments, fail, guard, setup_logging, t2v_arguments
 from g4v_jax.config import EngineConfig
+from g4v_jax.endpoint import is_loopback
 from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.inference.session import make_renderer
 from g4v_jax.safety.checker import load_safety_checker
@@ -139,10 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.warmup:
         print("compiling the engine's programs ...", file=sys.stderr, flush=True)
         server.engine.warmup()
-    if not server.cfg.api_key and not _loopback(args.host):
-        logging.getLogger("g4v_jax.serve").warning(
-            "serving on %s without an API key: anyone who reaches the port can use the model (set --api-key or "
-            "G4V_API_KEY)", args.host)
+    warning = exposure_warning(args.host, server.cfg.api_key)
+    if warning:
+        logging.getLogger("g4v_jax.serve").warning(warning)
     print(f"serving {server.cfg.model_name} on http://{args.host}:{args.port}/ (API: /v1/chat/completions)",
           file=sys.stderr, flush=True)
     # uvicorn's own SIGTERM/SIGINT handling is the drain: it stops accepting, waits up to --grace for running
@@ -152,6 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _DrainingServer(config).run()
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def exposure_warning(host: str, api_key: str) -> str | None:
+    """What to warn of when ``host`` lets other machines in and no key is asked (None: nothing)."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"serving on {host} without an API key: anyone who reaches the port can use the model (set --api-key or "
+            "G4V_API_KEY)")
 
 
 class _DrainingServer(uvicorn.Server):
@@ -166,15 +173,6 @@ class _DrainingServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

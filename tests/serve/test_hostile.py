@@ -167,6 +167,15 @@ def test_the_api_key_with_the_official_client_raw_http_and_open_health(world, tm
         running.stop()
 
 
+def test_a_server_open_to_the_network_without_a_key_warns_at_start_up():
+    from g4v_jax.serve.__main__ import exposure_warning
+
+    assert "without an API key" in exposure_warning("0.0.0.0", "")
+    assert exposure_warning("0.0.0.0", "k") is None
+    assert exposure_warning("127.0.0.1", "") is None and exposure_warning("localhost", "") is None
+    assert exposure_warning("::1", "") is None and "without" in exposure_warning("192.168.1.5", "")
+
+
 def test_cors_only_for_the_origins_named(world, tmp_path, hostile):
     preflight = {"origin": "http://evil.example", "access-control-request-method": "POST",
                  "access-control-request-headers": "content-type"}
