@@ -8,7 +8,7 @@ import pytest
 
 import g4v_jax
 from g4v_jax.config import load_config
-from g4v_jax.metrics import read_metrics
+from g4v_jax.train.metrics import read_metrics
 from g4v_jax.train import fit, main
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from g4v_jax.config import load_config
-from g4v_jax.checkpoint import Checkpointer
+from g4v_jax.train.checkpoint import Checkpointer
 from g4v_jax.train import TrainingError, build_trainer
 from g4v_jax.weights import named_params
 

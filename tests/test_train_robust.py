@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from g4v_jax.config import ConfigError, load_config
-from g4v_jax.metrics import read_metrics
-from g4v_jax.run_guards import LossSpikeGuard
+from g4v_jax.train.metrics import read_metrics
+from g4v_jax.train.guards import LossSpikeGuard
 from g4v_jax.train import TrainingError, check_run_fits, fit
 
 ROOT = Path(__file__).resolve().parents[1]

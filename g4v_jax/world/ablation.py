@@ -44,7 +44,7 @@ from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.eval.caption import CaptionItem, caption_videos, score_captions
 from g4v_jax.eval.qa import read_qa
 from g4v_jax.models.gpt4video import build_model
-from g4v_jax.metrics import read_metrics
+from g4v_jax.train.metrics import read_metrics
 from g4v_jax.train import Interrupted
 from g4v_jax.weights import assign_params, load, load_model_config, named_params, param_shapes, save_pretrained
 from g4v_jax.world.demo import FULL, QUICK, RunSize, make_world, pretrain_vision, train_stage, vision_feature_cache

@@ -49,7 +49,7 @@ from g4v_jax.data.io import iter_jsonl, resolve_video_path
 from g4v_jax.data.manifest import read_manifest
 from g4v_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
 from g4v_jax.data.video import load_video
-from g4v_jax.metrics import plot_loss_curve, read_metrics
+from g4v_jax.train.metrics import plot_loss_curve, read_metrics
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.safety.frame_classifier import load_frame_classifier, save_frame_classifier, train_frame_classifier
 from g4v_jax.train import Interrupted, fit

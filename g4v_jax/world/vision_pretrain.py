@@ -57,7 +57,7 @@ from flax import nnx
 
 from g4v_jax.data.io import iter_jsonl, resolve_video_path
 from g4v_jax.data.video import load_video
-from g4v_jax.metrics import MetricsWriter
+from g4v_jax.train.metrics import MetricsWriter
 from g4v_jax.world.scene import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, MOTIONS, Rendering, SHAPES, SIZES, Scene,
                                  parse_caption, random_scene, render_scene, symmetry_angle)
 

@@ -190,7 +190,7 @@ def test_st_pool_is_video_chatgpts_pooling(rng):
 def test_every_variant_fills_the_prompts_video_slots(variant, rng):
     """GPT4Video end to end for each variant: the token count comes from the config, the prompt's slots follow it,
     every parameter has logical axes, stage 1 trains the whole abstractor, and a masked frame equals a dropped one."""
-    from g4v_jax.step import trainable_filter
+    from g4v_jax.train.step import trainable_filter
 
     cfg = load_config("tiny", [f"model.abstractor.variant={variant}", "model.abstractor.num_query_tokens=8",
                                "model.abstractor.num_temporal_tokens=8"]).model

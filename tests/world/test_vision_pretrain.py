@@ -8,7 +8,7 @@ import pytest
 
 from g4v_jax.config import load_config
 from g4v_jax.models.gpt4video import build_model
-from g4v_jax.metrics import read_metrics
+from g4v_jax.train.metrics import read_metrics
 from g4v_jax.world import vision_pretrain as vp
 from g4v_jax.world.scene import COLOURS, SHAPES, SIZES, Obj, Scene, render_scene
 from g4v_jax.world.tasks import build_world

@@ -1,4 +1,4 @@
-"""Training: ``python -m g4v_jax.train --config configs/<name> [key=value ...]`` (paper §4, §5.1).
+"""The training run: ``python -m g4v_jax.train --config configs/<name> [key=value ...]`` (paper §4, §5.1).
 
 One run trains one stage, chosen by ``train.stage``:
 
@@ -43,7 +43,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
-from g4v_jax.checkpoint import Checkpointer, CheckpointSaveError, reason, save_final
+from g4v_jax.train.checkpoint import Checkpointer, CheckpointSaveError, reason, save_final
 from g4v_jax.cli import fail, setup_logging
 from g4v_jax.config import Config, ConfigError, DataConfig, dump_config, load_config
 from g4v_jax.data import pipeline
@@ -51,10 +51,10 @@ from g4v_jax.data.feature_cache import check_cache
 from g4v_jax.data.manifest import read_manifest
 from g4v_jax.data.packing import packed_row_count
 from g4v_jax.data.tokenizer import load_tokenizer
-from g4v_jax.metrics import MetricsWriter, plot_loss_curve
-from g4v_jax.run_guards import CompileTimer, LossSpikeGuard, StopOnSignal
+from g4v_jax.train.metrics import MetricsWriter, plot_loss_curve
+from g4v_jax.train.guards import CompileTimer, LossSpikeGuard, StopOnSignal
 from g4v_jax.models.gpt4video import build_model, model_kind
-from g4v_jax.step import (MODEL_INPUTS, TrainState, learning_rate_schedule, make_optimizer, make_train_step,
+from g4v_jax.train.step import (MODEL_INPUTS, TrainState, learning_rate_schedule, make_optimizer, make_train_step,
                           split_micro_batches, trainable_filter)
 from g4v_jax.sharding import axis_rules, batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
@@ -431,7 +431,3 @@ def main(argv=None) -> None:
     except (TrainingError, CheckpointSaveError, ValueError, OSError) as e:
         # user-facing problems (bad config, missing manifest, diverging loss, a failed save): a message, no traceback
         fail("g4v_jax.train", str(e))
-
-
-if __name__ == "__main__":
-    main()
