@@ -15,11 +15,9 @@ import argparse
 import base64
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

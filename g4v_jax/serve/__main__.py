@@ -40,7 +40,8 @@ from g4v_jax.inference.session import make_renderer
 from g4v_jax.safety.checker import load_safety_checker
 from g4v_jax.safety.frame_classifier import load_frame_classifier
 from g4v_jax.safety.gates import keyword_prompt_check, make_output_video_check, make_video_gate
-from g4v_jax.serve.app import ServeConfig, Server, create_app
+from g4v_jax.serve.app import create_app
+from g4v_jax.serve.server import ServeConfig, Server
 from g4v_jax.serve.media import MediaLimits
 
 

@@ -25,7 +25,7 @@ import pytest
 from g4v_jax.config import Config, EngineConfig, load_config
 from g4v_jax.data.video import write_video
 from g4v_jax.models.gpt4video import build_model
-from g4v_jax.serve.app import Server, ServeConfig
+from g4v_jax.serve.server import Server, ServeConfig
 from g4v_jax.serve.jobs import VideoJobs
 from g4v_jax.serve.media import MediaLimits
 
@@ -244,7 +244,7 @@ def test_a_request_the_engine_fails_is_a_500_and_the_others_go_on(world, tmp_pat
 
 
 def test_at_most_max_concurrent_decodes_videos_are_decoded_at_once(world, tmp_path, monkeypatch):
-    from g4v_jax.serve import app as app_module
+    from g4v_jax.serve import server as server_module
 
     server = _server(world, tmp_path)  # max_concurrent_decodes = 2
     inside, release = [], threading.Event()
@@ -254,7 +254,7 @@ def test_at_most_max_concurrent_decodes_videos_are_decoded_at_once(world, tmp_pa
         release.wait(60)
         return None, False
 
-    monkeypatch.setattr(app_module, "load_video_part", decode)
+    monkeypatch.setattr(server_module, "load_video_part", decode)
     threads = [threading.Thread(target=server.load_video, args=(f"v{i}", "x")) for i in range(3)]
     for t in threads:
         t.start()

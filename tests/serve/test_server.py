@@ -25,7 +25,8 @@ from g4v_jax.inference.session import make_renderer
 from g4v_jax.models.gpt4video import build_model
 from g4v_jax.safety.gates import keyword_prompt_check
 from g4v_jax.safety.refusal import POLITE_REFUSAL
-from g4v_jax.serve.app import Server, ServeConfig, create_app
+from g4v_jax.serve.app import create_app
+from g4v_jax.serve.server import ServeConfig, Server
 from g4v_jax.serve.media import MediaLimits
 
 import openai  # noqa: E402  (the official client; a dev dependency)
