@@ -4,31 +4,24 @@ and the row's notes."""
 from __future__ import annotations
 
 
+# a row's optional fields and how its notes say them, in the order they are said
+NOTES = [
+    ("tokens_match", lambda r: f"tokens equal for {100 * r['tokens_match']:.0f}% of the sequence"),
+    ("max_abs_logit_diff", lambda r: f"max abs logit difference {r['max_abs_logit_diff']:.1e}"),
+    ("max_abs_diff", lambda r: f"max abs feature difference {r['max_abs_diff']:.1e}"),
+    ("requests_match", lambda r: f"tokens equal on {r['requests_match']}/{r['requests']} requests"),
+    ("peak_gib", lambda r: f"peak memory {r['peak_gib'][0]:.2f} GiB" if r["peak_gib"][1] is None
+     else f"peak memory {r['peak_gib'][0]:.2f} / {r['peak_gib'][1]:.2f} GiB (ours / peer)"),
+    ("tokens_per_s", lambda r: f"{r['tokens_per_s']:.0f} tok/s"),
+    ("ttft_s", lambda r: f"first token after {r['ttft_s']:.3f} s"),
+    ("first_loss", lambda r: f"first loss {r['first_loss'][0]:.3f} / {r['first_loss'][1]:.3f}"),
+    ("first_call_s", lambda r: f"first call (compiles) {r['first_call_s']:.1f} s"),
+    ("scan", lambda r: f"with `scan_layers`: first call {r['scan'][0]:.1f} s, {r['scan'][1]:.1f} {r['unit']}"),
+]
+
+
 def _notes(r: dict) -> list[str]:
-    notes = []
-    if "tokens_match" in r:
-        notes.append(f"tokens equal for {100 * r['tokens_match']:.0f}% of the sequence")
-    if "max_abs_logit_diff" in r:
-        notes.append(f"max abs logit difference {r['max_abs_logit_diff']:.1e}")
-    if "max_abs_diff" in r:
-        notes.append(f"max abs feature difference {r['max_abs_diff']:.1e}")
-    if "requests_match" in r:
-        notes.append(f"tokens equal on {r['requests_match']}/{r['requests']} requests")
-    if "peak_gib" in r and r["peak_gib"][1] is None:
-        notes.append(f"peak memory {r['peak_gib'][0]:.2f} GiB")
-    elif "peak_gib" in r:
-        notes.append(f"peak memory {r['peak_gib'][0]:.2f} / {r['peak_gib'][1]:.2f} GiB (ours / peer)")
-    if "tokens_per_s" in r:
-        notes.append(f"{r['tokens_per_s']:.0f} tok/s")
-    if "ttft_s" in r:
-        notes.append(f"first token after {r['ttft_s']:.3f} s")
-    if "first_loss" in r:
-        notes.append(f"first loss {r['first_loss'][0]:.3f} / {r['first_loss'][1]:.3f}")
-    if "first_call_s" in r:
-        notes.append(f"first call (compiles) {r['first_call_s']:.1f} s")
-    if "scan" in r:
-        notes.append(f"with `scan_layers`: first call {r['scan'][0]:.1f} s, {r['scan'][1]:.1f} {r['unit']}")
-    return notes
+    return [say(r) for key, say in NOTES if key in r]
 
 
 def markdown(result: dict) -> str:
