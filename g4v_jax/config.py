@@ -398,13 +398,23 @@ class EngineConfig:
     min_bucket: int = 32  # prompts are padded to a power of two >= this (one prefill program per bucket)
     max_videos: int = 4  # videos per request (the prefill program's video input is sized for this many)
     max_queue: int = 1024  # waiting requests beyond the slots; more are refused (the server answers 429/503)
+    # a finished request's KV stays in its slot; a new request starting with the same tokens (videos by content)
+    # continues from there (free slots are evicted least recently used first)
+    prefix_cache: bool = True
+    prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps (bounds the inter-token latency)
+    video_cache_mb: float = 64.0  # encoded video tokens kept by the frames' content hash (LRU)
 
     def __post_init__(self):
         for name, low in (("num_slots", 1), ("max_length", 2), ("min_bucket", 1), ("max_videos", 1),
-                          ("max_queue", 0)):
+                          ("max_queue", 0), ("prefill_chunk", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"engine.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ConfigError(f"engine.prefix_cache must be true or false, got {self.prefix_cache!r}")
+        if isinstance(self.video_cache_mb, bool) or not isinstance(self.video_cache_mb, (int, float)) or \
+                not self.video_cache_mb >= 0:
+            raise ConfigError(f"engine.video_cache_mb must be a number >= 0, got {self.video_cache_mb!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ class ScriptedPrograms:
     def encode(self, state, frames, mask):
         return np.zeros((frames.shape[0], 1, 1), np.float32)
 
-    def prefill_insert(self, state, ds, ids, video_tokens, n, slot, *sampling):
+    def extend(self, state, ds, ids, video_rows, video_flat, start, n, src, slot, *sampling):
         self.pos[int(slot)] = 0
         tokens = np.array(ds.tokens)
         tokens[int(slot)] = self.ids[0]
@@ -40,4 +40,4 @@ def script_engine(monkeypatch, ids: list[int], step_seconds: float = 0.0) -> Non
     repeated until the budget ends it), ``step_seconds`` per decode step."""
     monkeypatch.setattr(engine_module, "programs_for",
                         lambda graphdef, treedef: ScriptedPrograms(ids, step_seconds))
-    monkeypatch.setattr(engine_module.Engine, "_encode_videos", lambda self, admitted: {})
+    monkeypatch.setattr(engine_module.Engine, "_prepare_videos", lambda self, admitted: None)

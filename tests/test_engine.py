@@ -4,6 +4,8 @@ no recompilation at steady state, refusals per request, streaming text."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -156,7 +158,10 @@ def test_steady_state_compiles_nothing(model):
         if event == "/jax/core/compile/backend_compile_duration":
             seen.append(duration)
 
-    engine = Engine(model, None, EngineConfig(num_slots=3, max_length=160, min_bucket=16), eos_id=-1)
+    # random prompts, but a chance first-token match would prefill one token less, maybe in a smaller bucket: the
+    # prefix cache's own no-compile check is test_prefix_cache_*
+    engine = Engine(model, None, EngineConfig(num_slots=3, max_length=160, min_bucket=16, prefix_cache=False),
+                    eos_id=-1)
     before = dict(engine.programs.traces)  # programs are shared per model; other tests compiled other slot counts
     warm = _requests(model, 12, seed=11)
     _drive(engine, warm, np.arange(12) // 2)
@@ -168,13 +173,128 @@ def test_steady_state_compiles_nothing(model):
     try:
         # new requests with other prompts, budgets and arrival pattern, in the same buckets
         fresh = [r for r in _requests(model, 30, seed=12)
-                 if f"prefill[{engine._bucket(len(r.prompt_ids))} tokens]" in new][:12]
+                 if f"extend[{engine._bucket(len(r.prompt_ids))} tokens]" in new][:12]
         assert len(fresh) >= 8
         _drive(engine, fresh, np.random.default_rng(2).integers(0, 10, len(fresh)))
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert dict(engine.programs.traces) == traces
     assert seen == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prefix cache, video cache, chunked prefill
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _conversations(model, users: int, turns: int, seed: int = 0, shared: bool = False):
+    """Per user: a first prompt (a system text, one video, a question) and later questions; each next prompt is the
+    last prompt + the model's answer + the next question, as a chat client resends it. ``shared``: every user has
+    the same system text and video (concurrent requests sharing a prefix)."""
+    rng = np.random.default_rng(seed)
+    k = model.cfg.num_video_tokens
+    system = [int(x) for x in rng.integers(3, 500, 12)]
+    video = _clip(rng)
+    out = []
+    for _ in range(users):
+        own_system = system if shared else [int(x) for x in rng.integers(3, 500, 12)]
+        own_video = video if shared else _clip(rng)
+        first = np.array(own_system + [-1] * k + [int(x) for x in rng.integers(3, 500, 6)], np.int32)
+        questions = [[int(x) for x in rng.integers(3, 500, int(rng.integers(3, 9)))] for _ in range(turns - 1)]
+        out.append((first, own_video, questions))
+    return out
+
+
+def _chat(engine: Engine, conversations, budget: int = 6, together: bool = True) -> list[list[list[int]]]:
+    """Every user's turns through ``engine``: the tokens of every answer. ``together``: each turn of all users is
+    submitted at once; else user after user, each conversation from its first turn to its last."""
+    prompts = [first for first, _, _ in conversations]
+    answers: list[list[list[int]]] = [[] for _ in conversations]
+    turns = 1 + len(conversations[0][2])
+
+    def request(u: int, t: int) -> EngineRequest:
+        _, video, questions = conversations[u]
+        if t:
+            prompts[u] = np.concatenate([prompts[u], answers[u][-1], questions[t - 1]]).astype(np.int32)
+        return EngineRequest(prompts[u], [video], SamplingConfig(budget), id=(u, t))
+
+    order = ([[(u, t) for u in range(len(conversations))] for t in range(turns)] if together
+             else [[(u, t)] for u in range(len(conversations)) for t in range(turns)])
+    for group in order:
+        handles = [(u, engine.submit(request(u, t))) for u, t in group]
+        engine.run()
+        for u, h in handles:
+            answers[u].append(h.result().tokens)
+    return answers
+
+
+def test_prefix_cache_gives_the_tokens_of_a_cold_engine_with_videos_and_evictions(model):
+    """Five users, four turns each, over two slots: every turn after the first finds its conversation's prefix
+    (the video matched by content) unless another user's turn evicted it; greedy tokens equal a cold engine's."""
+    conversations = _conversations(model, users=5, turns=4, seed=1)
+    cfg = EngineConfig(num_slots=2, max_length=256, min_bucket=16)
+    cold = Engine(model, None, dataclasses.replace(cfg, prefix_cache=False, video_cache_mb=0), eos_id=-1)
+    warm = Engine(model, None, cfg, eos_id=-1)
+    by_user = _chat(warm, conversations, together=False)
+    assert by_user == _chat(cold, conversations, together=False)
+    # user by user: each user's later turns find the previous turn in the slot it left
+    assert warm.stats.prefix_hit_tokens > 0.7 * (warm.stats.prefix_hit_tokens + warm.stats.prefill_tokens)
+    assert warm.stats.encoded_videos == 5 and cold.stats.encoded_videos == 20
+    # all users each turn: five conversations over two slots evict each other; still the same tokens
+    warm = Engine(model, None, cfg, eos_id=-1)
+    assert _chat(warm, conversations) == by_user
+    assert warm.stats.video_cache_hits > 0
+
+
+def test_concurrent_requests_share_a_running_requests_prefix(model):
+    """Four users with the same system text and video at once: the first request's prefix is copied into the
+    others' slots instead of computed again; tokens equal a cold engine's."""
+    conversations = _conversations(model, users=4, turns=2, seed=2, shared=True)
+    cfg = EngineConfig(num_slots=4, max_length=256, min_bucket=16)
+    warm = Engine(model, None, cfg, eos_id=-1)
+    got = _chat(warm, conversations)
+    cold = Engine(model, None, dataclasses.replace(cfg, prefix_cache=False), eos_id=-1)
+    assert got == _chat(cold, conversations)
+    k = model.cfg.num_video_tokens
+    assert warm.stats.prefix_hit_tokens >= 3 * (12 + k)  # turn 1: three users share the first one's system + video
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model):
+    """A 150-token prompt in chunks of 16 while another request decodes: the running request gets tokens between
+    the chunks, and both get the tokens they get alone."""
+    rng = np.random.default_rng(3)
+    short = EngineRequest(_prompt(rng, 10, 0, model.cfg.num_video_tokens), (), SamplingConfig(40), id="short")
+    long = EngineRequest(_prompt(rng, 150, 0, model.cfg.num_video_tokens), (), SamplingConfig(5), id="long")
+    cfg = EngineConfig(num_slots=2, max_length=256, min_bucket=16, prefill_chunk=16)
+    alone = {r.id: _drive(Engine(model, None, cfg, eos_id=-1), [r], [0])[0].tokens for r in (short, long)}
+    engine = Engine(model, None, cfg, eos_id=-1)
+    out = _drive(engine, [short, long], [0, 3])
+    assert [o.tokens for o in out] == [alone["short"], alone["long"]]
+    between = [t for t in out[0].token_times if out[1].submitted < t < out[1].token_times[0]]
+    assert len(between) >= 150 // 16 - 1  # a decode step after every chunk
+    # whole prompt at once: the running request waits for all of it
+    engine = Engine(model, None, dataclasses.replace(cfg, prefill_chunk=256), eos_id=-1)
+    out = _drive(engine, [short, long], [0, 3])
+    assert [t for t in out[0].token_times if out[1].submitted < t < out[1].token_times[0]] == []
+
+
+def test_prefix_cache_workloads_compile_nothing_after_warmup(model):
+    seen = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(duration)
+
+    engine = Engine(model, None, EngineConfig(num_slots=2, max_length=256, min_bucket=16, prefill_chunk=64),
+                    eos_id=-1)
+    engine.warmup()
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        _chat(engine, _conversations(model, users=3, turns=3, seed=4))
+        _chat(engine, _conversations(model, users=3, turns=2, seed=5, shared=True))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert seen == [] and engine.stats.prefix_hit_tokens > 0
 
 
 def test_requests_that_cannot_fit_are_refused_alone(model):
@@ -209,17 +329,17 @@ def test_a_failing_request_fails_alone_and_the_engine_goes_on(model):
     cfg = EngineConfig(num_slots=2, max_length=160, min_bucket=16)
     plain = _drive(Engine(model, None, cfg, eos_id=-1), requests, [0] * 5)
     engine = Engine(model, None, cfg, eos_id=-1)
-    real_prefill = engine.programs.prefill_insert
+    real_prefill = engine.programs.extend
 
     class Broken:  # the shared programs, but request 1's prefill raises (its prompt has a poison length)
         def __getattr__(self, name):
             return getattr(real, name)
 
         @staticmethod
-        def prefill_insert(state, ds, ids, vt, n, *rest):
-            if int(n) == len(requests[1].prompt_ids):
+        def extend(state, ds, ids, rows, flat, start, n, *rest):
+            if int(start) + int(n) == len(requests[1].prompt_ids):
                 raise OverflowError("Python int too large to convert to C int")
-            return real_prefill(state, ds, ids, vt, n, *rest)
+            return real_prefill(state, ds, ids, rows, flat, start, n, *rest)
 
     real, engine.programs = engine.programs, Broken()
     handles = [engine.submit(r, on_text=(lambda piece: 1 / 0) if i == 3 else None) for i, r in enumerate(requests)]
@@ -239,7 +359,7 @@ def test_a_failing_request_fails_alone_and_the_engine_goes_on(model):
         return real_step(state, ds, active)
 
     engine.programs = type("P", (), {"encode": staticmethod(real.encode), "step": staticmethod(flaky_step),
-                                     "prefill_insert": staticmethod(real.prefill_insert), "traces": real.traces})()
+                                     "extend": staticmethod(real.extend), "traces": real.traces})()
     first = [engine.submit(r) for r in requests[:2]]
     engine.run()
     assert [h.result().finish_reason for h in first] == ["error", "error"]

@@ -13,10 +13,24 @@ The shape is JetStream's (MaxText's engine): ``prefill`` -> ``insert(prefix, dec
 with a queue of free slots. Three jitted programs, all over the preallocated decode state:
 
 - ``encode`` (N, T, H, W, 3) frames + (N, T) mask -> (N, K, D) video tokens. The videos of every request admitted
-  in one scheduling round are encoded together, N padded to a power of two.
-- ``prefill_insert`` one request's prompt, right-padded to a power-of-two bucket (B_p), its video tokens spliced in
-  at the video slots, runs through the LLM into a fresh (1, B_p) cache, which is copied into row ``slot`` of the
-  (num_slots, max_length) cache; the request's first token is sampled. One program per bucket.
+  in one scheduling round are encoded together, N padded to a power of two; tokens are kept by the frames' content
+  hash (``video_cache_mb``, LRU), so a video sent again is not encoded again.
+- ``extend`` one chunk of a prompt (at most ``prefill_chunk`` tokens, padded to a power-of-two bucket: one program
+  per bucket) into row ``slot`` of the (num_slots, max_length) cache, after a prefix already in the cache; the
+  request's first token is sampled after its last chunk. Chunks of long prompts alternate with decode steps, so
+  running requests keep streaming while a long prompt is read.
+- ``step`` one token for every slot: each slot writes at its own cache position and samples with its own
+  temperature / top-k / top-p and key ``fold_in(key(seed), tokens so far)``, so a seeded request's tokens do not
+  depend on its neighbours or its slot. Inactive slots compute but write nothing that is read. One program.
+
+Prefix cache (``prefix_cache``): a finished request's keys and values stay in its slot. A prompt is a sequence of
+keys, token ids and, for video slots, the video's content hash with the slot's place in the span, so the same
+conversation resent with its videos matches. A new request takes the free slot holding the longest common prefix
+and prefills only the rest; or, when a running request holds a longer one, a free slot that first copies that
+prefix (concurrent requests share a system prompt or a video); or the least recently used free slot, whose prefix is
+then dropped. Slot retention rather than SGLang's radix tree or vLLM's hashed pages: the cache stays one
+preallocated array per slot, as the decode step wants it, and a conversation, the workload here, is one growing
+prefix per user; the price is that a prefix lives only as long as its slot is not reused.
 - ``step`` one token for every slot: each slot writes at its own cache position and samples with its own
   temperature / top-k / top-p and key ``fold_in(key(seed), tokens so far)``, so a seeded request's tokens do not
   depend on its neighbours or its slot. Inactive slots compute but write nothing that is read. One program.
@@ -36,6 +50,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import threading
@@ -51,7 +66,7 @@ from flax import nnx
 from g4v_jax.config import ConfigError, EngineConfig
 from g4v_jax.inference.generate import NEG_INF, SamplingConfig, pow2
 from g4v_jax.inference.text import StreamDecoder
-from g4v_jax.models.gpt4video import language_model, model_kind, splice_video_tokens
+from g4v_jax.models.gpt4video import language_model, model_kind
 from g4v_jax.models.llama import KVCache, init_cache
 
 
@@ -182,29 +197,32 @@ def _encode(graphdef, state, frames, frame_mask):
     return nnx.merge(graphdef, state).encode_videos(frames, frame_mask)
 
 
-def _prefill_insert(graphdef, state, ds: DecodeState, ids, video_tokens, n, slot, seed, temperature, top_k, top_p,
-                    video_prefix) -> DecodeState:
-    """Prefill one right-padded prompt ids (1, B_p) (``n`` real tokens) into a fresh cache, insert it at ``slot``,
-    and sample its first token. Under ``lora.skip_video_span`` the adapters skip the first ``video_prefix`` tokens
-    (generated tokens always come after them)."""
+def _extend(graphdef, state, ds: DecodeState, ids, video_rows, video_flat, start, n, src, slot, seed, temperature,
+            top_k, top_p, video_prefix) -> DecodeState:
+    """One chunk of a prompt into row ``slot`` of the cache: ids (1, C) with ``n`` real tokens go at positions
+    ``start`` .. ``start + n``, attending to the first ``start`` positions of row ``src`` (the same slot's retained
+    prefix, another slot's live prefix being shared, or nothing when ``start`` is 0) and to themselves; the next token
+    is sampled from the chunk's last real position (the host keeps it only after the prompt's last chunk).
+
+    Video slots (negative ids) take row ``video_rows`` (1, C) of the request's video tokens ``video_flat``
+    (max_videos * K, D); under ``lora.skip_video_span`` the adapters skip positions before ``video_prefix``."""
     model = nnx.merge(graphdef, state)
     lm = language_model(model)
-    bucket = ids.shape[1]
+    chunk = ids.shape[1]
     embeds = lm.embed(jnp.where(ids < 0, 0, ids))
-    if video_tokens is not None:
-        embeds = splice_video_tokens(embeds, ids, video_tokens)
-    mask = (jnp.arange(bucket) < n)[None]
-    fresh = init_cache(lm.cfg, 1, bucket, ds.cache.k.dtype)
-    adapter_mask = (jnp.arange(bucket) >= video_prefix)[None] if lm.skip_video_span else None
-    logits, prefix = lm(inputs_embeds=embeds, attention_mask=mask, cache=fresh, logits_at=(n - 1)[None],
-                        adapter_mask=adapter_mask)
-    # insert: the prefix's keys/values into row ``slot``; positions >= n are marked empty (decode overwrites them)
+    if video_flat is not None:
+        video = video_flat[jnp.clip(video_rows, 0)].astype(embeds.dtype)
+        embeds = jnp.where((video_rows >= 0)[..., None], video, embeds)
     cache = ds.cache
+    row = KVCache(jax.lax.dynamic_slice_in_dim(cache.k, src, 1, axis=1),
+                  jax.lax.dynamic_slice_in_dim(cache.v, src, 1, axis=1),
+                  (jnp.arange(cache.max_length) < start)[None], start[None])
+    adapter_mask = ((start + jnp.arange(chunk)) >= video_prefix)[None] if lm.skip_video_span else None
+    logits, row = lm(inputs_embeds=embeds, attention_mask=(jnp.arange(chunk) < n)[None], cache=row,
+                     logits_at=(n - 1)[None], adapter_mask=adapter_mask)
     at = (0, slot, 0, 0, 0)
-    cache = KVCache(jax.lax.dynamic_update_slice(cache.k, prefix.k, at),
-                    jax.lax.dynamic_update_slice(cache.v, prefix.v, at),
-                    cache.valid.at[slot].set(jnp.arange(cache.max_length) < n),
-                    cache.index.at[slot].set(n))
+    cache = KVCache(jax.lax.dynamic_update_slice(cache.k, row.k, at), jax.lax.dynamic_update_slice(cache.v, row.v, at),
+                    cache.valid.at[slot].set(row.valid[0]), cache.index.at[slot].set(start + n))
     token, logp = sample_rows(logits[:, 0], temperature[None], top_k[None], top_p[None], seed[None],
                               jnp.zeros((1,), jnp.int32))
     return DecodeState(cache, ds.tokens.at[slot].set(token[0]), ds.logprobs.at[slot].set(logp[0]),
@@ -238,14 +256,14 @@ class Programs:
             return traced
 
         self.encode = jax.jit(counted("encode", _encode))
-        self.prefill_insert = jax.jit(counted("prefill", _prefill_insert), donate_argnums=(1,))
+        self.extend = jax.jit(counted("extend", _extend), donate_argnums=(1,))
         self.step = jax.jit(counted("step", _step), donate_argnums=(1,))
 
 
 def _shape_tag(name: str, args) -> str:
     if name == "encode":
         return f"[{args[0].shape[0]} videos]"
-    if name == "prefill":
+    if name == "extend":
         return f"[{args[1].shape[1]} tokens]"
     return ""
 
@@ -265,24 +283,69 @@ def _ends_with(tokens: list[int], seq: tuple[int, ...]) -> bool:
 
 
 class _Active:
-    """Host-side state of a request in a slot."""
+    """Host-side state of a request in a slot: its prompt's keys, how much of it is in the cache (``filled``), where
+    its first chunk reads its prefix from (``src``), and what it generated."""
 
-    def __init__(self, handle: RequestHandle, decoder) -> None:
+    def __init__(self, handle: RequestHandle, decoder, keys: np.ndarray | None = None, start: int = 0,
+                 src: int = -1) -> None:
         self.handle = handle
         self.decoder = decoder
+        self.keys = keys
+        self.filled, self.src, self.first = start, src, start
+        self.video_hashes: list[int] = []
+        self.video_flat = None  # device (max_videos * K, D) video tokens for the chunks, when they need any
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.times: list[float] = []
+
+    @property
+    def prefilling(self) -> bool:
+        return self.keys is not None and self.filled < len(self.keys)
+
+    def cached_keys(self) -> np.ndarray:
+        """The keys of what this request's row of the cache holds now (prompt so far, then all but the last token)."""
+        if self.prefilling:
+            return self.keys[:self.filled]
+        return np.concatenate([self.keys, np.asarray(self.tokens[:-1], np.int64)])
 
 
 @dataclasses.dataclass
 class EngineStats:
     steps: int = 0
     prefills: int = 0
+    prefill_chunks: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed
+    prefix_hit_tokens: int = 0  # prompt tokens taken from the prefix cache instead
     encoded_videos: int = 0
+    video_cache_hits: int = 0  # videos whose tokens came from the video cache
     generated_tokens: int = 0
     finished: int = 0
     slot_steps: int = 0  # sum over steps of occupied slots (occupancy = slot_steps / (steps * num_slots))
+
+
+def _video_hash(frames: np.ndarray, mask: np.ndarray) -> int:
+    digest = hashlib.blake2b(np.ascontiguousarray(frames).tobytes(), digest_size=8)
+    digest.update(np.ascontiguousarray(mask, bool).tobytes())
+    return int.from_bytes(digest.digest(), "little") & (2**62 - 1)
+
+
+def prompt_keys(ids: np.ndarray, video_hashes: Sequence[int], tokens_per_video: int) -> np.ndarray:
+    """(n,) int64: token ids as they are, and each video slot a negative key made of its video's content hash and
+    its place in the span, so that prompts holding the same videos at the same places compare equal."""
+    keys = np.asarray(ids, np.int64).copy()
+    slots = np.flatnonzero(keys < 0)
+    for i, h in enumerate(video_hashes):
+        span = slots[i * tokens_per_video:(i + 1) * tokens_per_video]
+        keys[span] = [-1 - ((h ^ (j * 0x9E3779B97F4A7C15)) & (2**62 - 1)) for j in range(len(span))]
+    return keys
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = a[:n] != b[:n]
+    return int(np.argmax(differ)) if differ.any() else n
 
 
 class Engine:
@@ -318,6 +381,11 @@ class Engine:
         self._check_memory()
         self.ds = self._empty_state()
         self.slots: list[_Active | None] = [None] * cfg.num_slots
+        # per slot: the keys of the prefix a free slot still holds, and when it was last used (LRU eviction)
+        self.retained: list[np.ndarray | None] = [None] * cfg.num_slots
+        self.last_used = [-1] * cfg.num_slots
+        self._clock = 0
+        self.video_tokens: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self.queue: collections.deque[RequestHandle] = collections.deque()
         self.stats = EngineStats()
         self._lock = threading.Condition()
@@ -398,7 +466,7 @@ class Engine:
         return handle
 
     def warmup(self, buckets: Sequence[int] | None = None) -> None:
-        """Compile every program the engine can need (each prompt bucket up to ``max_length`` or the ``buckets``
+        """Compile every program the engine can need (each chunk bucket up to ``prefill_chunk`` or the ``buckets``
         given, each power-of-two video batch up to ``num_slots * max_videos``, the step) on dummy inputs, so that no
         request ever waits for a compile. The decode state is reset afterwards."""
         if self.busy:
@@ -415,13 +483,23 @@ class Engine:
                 self.programs.encode(self.state, jax.device_put(frames), jnp.zeros((n, self._frame_shape[0]), bool))
                 n *= 2
         for bucket in buckets:
-            vt = jnp.zeros(self._video_tokens_shape, self._dtype) if self.has_vision else None
-            self.ds = self.programs.prefill_insert(
-                self.state, self.ds, jnp.zeros((1, bucket), jnp.int32), vt, jnp.int32(1), jnp.int32(0),
-                jnp.uint32(0), jnp.float32(0), jnp.int32(0), jnp.float32(1), jnp.int32(0))
+            self.ds = self.programs.extend(
+                self.state, self.ds, jnp.zeros((1, bucket), jnp.int32), jnp.full((1, bucket), -1, jnp.int32),
+                self._no_videos(), jnp.int32(0), jnp.int32(1), jnp.int32(0), jnp.int32(0), jnp.uint32(0),
+                jnp.float32(0), jnp.int32(0), jnp.float32(1), jnp.int32(0))
         self.ds = self.programs.step(self.state, self.ds, jnp.zeros((self.cfg.num_slots,), bool))
         jax.block_until_ready(self.ds)
         self.ds = self._empty_state()
+        self.retained = [None] * self.cfg.num_slots
+
+    def _no_videos(self):
+        """The ``video_flat`` argument of a chunk that needs no video tokens (None for a text-only model)."""
+        if not self.has_vision:
+            return None
+        if getattr(self, "_zeros_flat", None) is None:
+            self._zeros_flat = jnp.zeros(self._video_tokens_shape[1:], self._dtype).reshape(
+                -1, self._video_tokens_shape[-1])
+        return self._zeros_flat
 
     def free_slots(self) -> int:
         return sum(a is None for a in self.slots)
@@ -463,14 +541,16 @@ class Engine:
         self._wake()
 
     def run_once(self) -> None:
-        """One scheduling round: drop cancelled requests, fill free slots from the queue, decode one token."""
+        """One scheduling round: drop cancelled requests, fill free slots from the queue, prefill up to
+        ``prefill_chunk`` prompt tokens (all that wait, when nothing is decoding), decode one token."""
         for i, a in enumerate(self.slots):
             if a is not None and a.handle.cancelled:
                 self._finish(i, "cancelled")
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)
-        active = np.array([a is not None for a in self.slots])
+            self._prepare_videos(admitted)
+        self._prefill_round()
+        active = np.array([a is not None and not a.prefilling for a in self.slots])
         if not active.any():
             return
         if self._active is None or not np.array_equal(self._active[0], active):
@@ -490,9 +570,10 @@ class Engine:
             self._take(int(i), int(tokens[i]), float(logprobs[i]), now)
 
     def _fail(self, slot: int, error: Exception) -> None:
-        """Finish the request in ``slot`` with ``finish_reason="error"``."""
+        """Finish the request in ``slot`` with ``finish_reason="error"`` (its row's content is not trusted)."""
         a = self.slots[slot]
         self.slots[slot] = None
+        self.retained[slot] = None
         if a is not None:
             self._deliver(a.handle, a, "error", error=f"{type(error).__name__}: {error}")
 
@@ -504,85 +585,146 @@ class Engine:
                 if a is not None:
                     self._fail(i, RuntimeError("the decode state was lost to another request's failure"))
             self.ds = self._empty_state()
+            self.retained = [None] * self.cfg.num_slots
 
-    def _admit(self) -> list[tuple[int, RequestHandle]]:
+    # ------------------------------------------------------------------------------------------- admission, prefill
+
+    def _admit(self) -> list[int]:
+        """Slots given to queued requests this round, each placed after its longest cached prefix."""
         admitted = []
         with self._lock:
-            free = [i for i, a in enumerate(self.slots) if a is None]
-            while free and self.queue:
+            while self.queue and any(a is None for a in self.slots):
                 handle = self.queue.popleft()
                 if handle.cancelled:
                     self._deliver(handle, _Active(handle, None), "cancelled")
                     continue
-                slot = free.pop(0)
-                self.slots[slot] = _Active(handle, self._decoder(handle.request))
-                admitted.append((slot, handle))
+                req = handle.request
+                hashes = [_video_hash(f, m) for f, m in req.videos]
+                keys = prompt_keys(req.prompt_ids, hashes, self.num_video_tokens)
+                slot, src, start = self._place(keys)
+                self.slots[slot] = _Active(handle, self._decoder(req), keys, start, src)
+                self.slots[slot].video_hashes = hashes
+                self.retained[slot] = None
+                self.stats.prefix_hit_tokens += start
+                admitted.append(slot)
         return admitted
+
+    def _place(self, keys: np.ndarray) -> tuple[int, int, int]:
+        """(the free slot to use, the slot its prefix is read from, the prefix's length) for a prompt of ``keys``;
+        at least the prompt's last token is always computed (its logits give the first token)."""
+        free = sorted((i for i, a in enumerate(self.slots) if a is None), key=lambda i: self.last_used[i])
+        if not self.cfg.prefix_cache:
+            return free[0], free[0], 0
+        limit = len(keys) - 1
+        best_free = max(free, key=lambda i: (self._match(self.retained[i], keys, limit), self.last_used[i]))
+        m_free = self._match(self.retained[best_free], keys, limit)
+        live = [(self._match(a.cached_keys(), keys, limit), i) for i, a in enumerate(self.slots) if a is not None]
+        m_live, src = max(live, default=(0, -1))
+        if m_free >= m_live and m_free > 0:
+            return best_free, best_free, m_free
+        # a running request holds more of it: copy its prefix into the free slot whose own prefix is worth least
+        slot = min(free, key=lambda i: (self.retained[i] is not None, self.last_used[i]))
+        return (slot, src, m_live) if m_live > 0 else (slot, slot, 0)
+
+    @staticmethod
+    def _match(cached: np.ndarray | None, keys: np.ndarray, limit: int) -> int:
+        return 0 if cached is None else min(common_prefix(cached, keys), limit)
 
     def _decoder(self, request: EngineRequest):
         if self.tokenizer is None:
             return None
         return StreamDecoder(self.tokenizer, stops=request.stop_strings)
 
-    def _encode_videos(self, admitted) -> dict[int, jax.Array]:
-        """Video tokens (1, max_videos, K, D) per admitted slot with videos: all their videos in one program."""
-        clips = [(slot, v) for slot, h in admitted for v in h.request.videos]
-        if not clips:
-            return {}
-        n = pow2(len(clips))
+    def _prepare_videos(self, admitted: list[int]) -> None:
+        """Each admitted request's video tokens (device (max_videos * K, D)) for the videos its chunks still have
+        to read: from the video cache, else encoded, every admitted request's together."""
+        if not self.has_vision:
+            return
+        k = self.num_video_tokens
+        need: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        wanted = {}
+        for slot in admitted:
+            a = self.slots[slot]
+            slots = np.flatnonzero(a.keys < 0)
+            for i, (h, video) in enumerate(zip(a.video_hashes, a.handle.request.videos)):
+                if slots[(i + 1) * k - 1] >= a.filled:  # the span is not all in the cached prefix
+                    wanted.setdefault(slot, []).append((i, h))
+                    if h not in self.video_tokens:
+                        need[h] = video
+                    else:
+                        self.stats.video_cache_hits += 1
+        if need:
+            self._encode(need)
+        for slot, videos in wanted.items():
+            flat = np.zeros(self._video_tokens_shape[1:], self.video_tokens[videos[0][1]].dtype)
+            for i, h in videos:
+                flat[i] = self.video_tokens[h]
+                self.video_tokens.move_to_end(h)
+            self.slots[slot].video_flat = jax.device_put(flat.reshape(-1, flat.shape[-1]))
+        budget = self.cfg.video_cache_mb * 2**20
+        while self.video_tokens and sum(t.nbytes for t in self.video_tokens.values()) > budget:
+            self.video_tokens.popitem(last=False)  # least recently used
+
+    def _encode(self, videos: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Encode ``videos`` ({hash: (frames, mask)}) in one program (N padded to a power of two) into the cache."""
+        n = pow2(len(videos))
         frames = np.zeros((n, *self._frame_shape), np.uint8)
         mask = np.zeros((n, self._frame_shape[0]), bool)
-        for j, (_, (f, m)) in enumerate(clips):
+        for j, (f, m) in enumerate(videos.values()):
             frames[j], mask[j] = f, m
         tokens = np.asarray(self.programs.encode(self.state, jax.device_put(frames), jax.device_put(mask)))
-        self.stats.encoded_videos += len(clips)
-        out: dict[int, np.ndarray] = {}
-        for j, (slot, _) in enumerate(clips):
-            out.setdefault(slot, []).append(tokens[j])
-        padded = {}
-        for slot, toks in out.items():
-            arr = np.zeros(self._video_tokens_shape, tokens.dtype)
-            arr[0, :len(toks)] = np.stack(toks)
-            padded[slot] = arr
-        return padded
+        self.stats.encoded_videos += len(videos)
+        for j, h in enumerate(videos):
+            self.video_tokens[h] = tokens[j]
 
     def _bucket(self, n: int) -> int:
-        return min(max(self.cfg.min_bucket, pow2(n)), self.cfg.max_length)
+        return min(max(self.cfg.min_bucket, pow2(n)), pow2(self.cfg.prefill_chunk), self.cfg.max_length)
 
-    def _prefill(self, admitted) -> None:
-        try:
-            video_tokens = self._encode_videos(admitted) if self.has_vision else {}
-        except Exception as e:  # noqa: BLE001 - the admitted requests fail; the others go on
-            for slot, _ in admitted:
-                self._fail(slot, e)
-            self._recover()
-            return
-        for slot, handle in admitted:
-            try:
-                self._prefill_one(slot, handle, video_tokens)
-            except Exception as e:  # noqa: BLE001 - this request fails; the others go on
-                if self.slots[slot] is not None and self.slots[slot].handle is handle:
+    def _prefill_round(self) -> None:
+        """Prompt chunks, oldest request first: up to ``prefill_chunk`` tokens while others decode (so they keep
+        streaming), every waiting one when none does."""
+        decoding = any(a is not None and not a.prefilling for a in self.slots)
+        budget = self.cfg.prefill_chunk
+        order = sorted((i for i, a in enumerate(self.slots) if a is not None and a.prefilling),
+                       key=lambda i: self.slots[i].handle.submitted)
+        for slot in order:
+            while self.slots[slot] is not None and self.slots[slot].prefilling and (budget > 0 or not decoding):
+                try:
+                    budget -= self._chunk(slot, budget if decoding else self.cfg.prefill_chunk)
+                except Exception as e:  # noqa: BLE001 - this request fails; the others go on
                     self._fail(slot, e)
-                self._recover()
+                    self._recover()
 
-    def _prefill_one(self, slot: int, handle: RequestHandle, video_tokens: dict) -> None:
-        req = handle.request
+    def _chunk(self, slot: int, most: int) -> int:
+        """Prefill the next chunk (at most ``most`` tokens) of the request in ``slot``; its first token is taken
+        after its last chunk. Returns the chunk's tokens."""
+        a = self.slots[slot]
+        req, start = a.handle.request, a.filled
         ids = np.asarray(req.prompt_ids, np.int32)
-        bucket = self._bucket(len(ids))
+        count = max(1, min(len(ids) - start, most, self.cfg.prefill_chunk))
+        bucket = self._bucket(count)
+        count = min(count, bucket)
         padded = np.zeros((1, bucket), np.int32)
-        padded[0, :len(ids)] = ids
-        vt = None
-        if self.has_vision:
-            vt = video_tokens.get(slot)
-            vt = jnp.zeros(self._video_tokens_shape, self._dtype) if vt is None else jax.device_put(vt)
+        padded[0, :count] = ids[start:start + count]
+        rows = np.full((1, bucket), -1, np.int32)
+        video = ids < 0
+        order = np.cumsum(video) - 1  # each video slot's row in the request's video tokens
+        rows[0, :count] = np.where(video[start:start + count], order[start:start + count], -1)
         s = req.sampling
-        self.ds = self.programs.prefill_insert(
-            self.state, self.ds, jax.device_put(padded), vt, jnp.int32(len(ids)), jnp.int32(slot),
-            jnp.uint32(req.seed % 2**32), jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p),
-            jnp.int32(req.video_prefix))
-        self.stats.prefills += 1
-        tokens, logprobs = jax.device_get((self.ds.tokens, self.ds.logprobs))
-        self._take(slot, int(tokens[slot]), float(logprobs[slot]), time.perf_counter())
+        self.ds = self.programs.extend(
+            self.state, self.ds, jax.device_put(padded), jax.device_put(rows),
+            a.video_flat if a.video_flat is not None else self._no_videos(), jnp.int32(start), jnp.int32(count),
+            jnp.int32(a.src if start == a.first else slot), jnp.int32(slot), jnp.uint32(req.seed % 2**32),
+            jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p), jnp.int32(req.video_prefix))
+        a.filled += count
+        self.stats.prefill_chunks += 1
+        self.stats.prefill_tokens += count
+        if not a.prefilling:
+            a.video_flat = None
+            self.stats.prefills += 1
+            tokens, logprobs = jax.device_get((self.ds.tokens, self.ds.logprobs))
+            self._take(slot, int(tokens[slot]), float(logprobs[slot]), time.perf_counter())
+        return count
 
     def _take(self, slot: int, token: int, logprob: float, now: float) -> None:
         """Record one new token of the request in ``slot``; finish it if a stop rule says so (or fail it, if its
@@ -617,6 +759,10 @@ class Engine:
     def _finish(self, slot: int, reason: str) -> None:
         a = self.slots[slot]
         self.slots[slot] = None
+        if self.cfg.prefix_cache and (a.filled > a.first or a.src == slot):  # its row holds what its keys say
+            self.retained[slot] = a.cached_keys()
+        self._clock += 1
+        self.last_used[slot] = self._clock
         self._deliver(a.handle, a, reason)
 
     def _deliver(self, handle: RequestHandle, a: _Active, reason: str, *, error: str | None = None) -> None:

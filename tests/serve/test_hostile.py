@@ -222,15 +222,15 @@ def test_a_request_the_engine_fails_is_a_500_and_the_others_go_on(world, tmp_pat
     running = Running(_server(world, tmp_path))
     try:
         programs = running.server.engine.programs
-        real = programs.prefill_insert
+        real = programs.extend
         hello = len(running.server.engine_request(_call(HELLO["messages"]), []).prompt_ids)
 
-        def poisoned(state, ds, ids, vt, n, *rest):
-            if int(n) > hello + 20:  # the long request's prefill fails, as a bug would
+        def poisoned(state, ds, ids, rows, flat, start, n, *rest):
+            if int(start) + int(n) > hello + 20:  # the long request's prefill fails, as a bug would
                 raise OverflowError("Python int too large to convert to C int")
-            return real(state, ds, ids, vt, n, *rest)
+            return real(state, ds, ids, rows, flat, start, n, *rest)
 
-        programs.prefill_insert = poisoned
+        programs.extend = poisoned
         long_one = {**HELLO, "messages": [{"role": "user", "content": "red " * 60}]}
         r = _post(running, long_one)
         assert r.status_code == 500 and r.json()["error"]["message"].startswith("internal error: the engine failed")
