@@ -56,12 +56,14 @@ Image folders
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
 import os
 import re
 import stat
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -445,6 +447,42 @@ def _load_video_file(path: str, num_frames: int, size: int, sampling: str, resiz
         wanted = sample_frame_indices(decoded, num_frames, sampling)
         kept, _ = _decode_video_at(path, wanted, size, resize, deadline)
     return kept
+
+
+class ClipCache:
+    """Decoded clips (or anything holding them) kept by a key the caller chooses (a content hash, or a file's path,
+    size and time), least recently used evicted past ``max_bytes``; thread-safe. A server then decodes a video that a
+    conversation sends again in every turn once."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.hits = self.misses = 0
+        self._items: collections.OrderedDict = collections.OrderedDict()  # key -> (value, bytes)
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key, value, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > self.max_bytes or key in self._items:
+                return
+            self._items[key] = (value, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes:
+                _, (_, old) = self._items.popitem(last=False)
+                self._bytes -= old
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def _natural_key(name: str) -> list[tuple[int, int | str]]:

@@ -10,7 +10,8 @@ e.g. ``cpu_offload=true``) and ``--t2v-setting KEY=VALUE`` (over the model famil
 ``--detector DIR`` (the world's learned input
 detector) or ``--safety-checker DIR`` (the SD safety checker) for the input gate and the output check;
 ``--media-dir DIR`` (file:// video URLs inside it), ``--output-dir DIR``; ``--slots``, ``--max-length``,
-``--max-queue`` (the engine), ``--max-body-mb``, ``--max-videos``, ``--max-video-mb``, ``--max-video-frames``,
+``--max-queue``, ``--prefix-cache``/``--no-prefix-cache``, ``--prefill-chunk``, ``--video-cache-mb`` (the engine),
+``--clip-cache-mb`` (decoded videos), ``--max-body-mb``, ``--max-videos``, ``--max-video-mb``, ``--max-video-frames``,
 ``--decode-timeout``, ``--max-video-pixels``, ``--max-decodes``, ``--body-timeout`` (untrusted input); ``--api-key KEY`` (or
 ``$G4V_API_KEY``: every ``/v1/*`` route then needs ``Authorization: Bearer KEY``), ``--allowed-origins`` (CORS; none by
 default); ``--keep-videos N`` / ``--video-max-age-h H`` (generated videos kept on disk); ``--grace S`` (on SIGTERM or
@@ -62,6 +63,11 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=0, help="cache positions per slot (default: the context)")
     ap.add_argument("--max-queue", type=int, default=256)
+    ap.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep finished requests' KV in their slots for the next turn of the conversation")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled between decode steps")
+    ap.add_argument("--video-cache-mb", type=float, default=64, help="encoded video tokens kept by content")
+    ap.add_argument("--clip-cache-mb", type=float, default=256, help="decoded videos kept by content")
     ap.add_argument("--max-body-mb", type=float, default=96)
     ap.add_argument("--max-videos", type=int, default=4, help="videos per request")
     ap.add_argument("--max-video-mb", type=float, default=64, help="size of one video")
@@ -94,14 +100,15 @@ def build_server(args):
     tokenizer = load_tokenizer(args.tokenizer or ckpt)
     context = getattr(getattr(model, "cfg", None), "llm", getattr(model, "cfg", None)).max_position_embeddings
     engine = EngineConfig(num_slots=args.slots, max_length=args.max_length or context, max_queue=args.max_queue,
-                          max_videos=args.max_videos)
+                          max_videos=args.max_videos, prefix_cache=args.prefix_cache,
+                          prefill_chunk=args.prefill_chunk, video_cache_mb=args.video_cache_mb)
     api_key = args.api_key if args.api_key is not None else os.environ.get("G4V_API_KEY", "")
     cfg = ServeConfig(model_name=args.model_name or ckpt.resolve().name, media_dir=args.media_dir, output_dir=args.output_dir,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_videos=args.max_videos,
                       max_tokens=args.max_tokens, engine=engine, api_key=api_key,
                       allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
                       body_timeout_s=args.body_timeout, keep_videos=args.keep_videos,
-                      max_concurrent_decodes=args.max_decodes,
+                      max_concurrent_decodes=args.max_decodes, clip_cache_mb=args.clip_cache_mb,
                       video_max_age_s=args.video_max_age_h * 3600,
                       limits=MediaLimits(max_video_bytes=int(args.max_video_mb * 2**20),
                                          max_video_frames=args.max_video_frames,

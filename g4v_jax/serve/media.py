@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import os
 import re
 import tempfile
@@ -22,7 +23,8 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from g4v_jax.data.video import VideoClip, VideoReadError, check_video_path, declared_video_shape, load_video
+from g4v_jax.data.video import (ClipCache, VideoClip, VideoReadError, check_video_path, declared_video_shape,
+                                load_video)
 
 
 class MediaError(ValueError):
@@ -92,19 +94,30 @@ def _from_file_url(url: str, where: str, media_dir: Path | None) -> Path:
 
 def load_video_part(url: str, where: str, *, media_dir: Path | None, upload_dir: Path, limits: MediaLimits,
                     num_frames: int, size: int, sampling: str, resize: str,
-                    gate: Callable[[str], bool] | None = None) -> tuple[VideoClip, bool]:
+                    gate: Callable[[str], bool] | None = None, cache: ClipCache | None = None
+                    ) -> tuple[VideoClip, bool]:
     """One ``video_url`` -> (clip, flagged by ``gate(path)``, the input safety gate). ``MediaError`` (a 400) names
-    ``where``. An uploaded video's file is removed once read."""
+    ``where``. An uploaded video's file is removed once read. With ``cache``, a video seen before (the same data
+    URL bytes, or the same file by path, size and modification time) is not decoded or gated again."""
     if not isinstance(url, str) or not url:
         raise MediaError(f"{where}: the video URL must be a non-empty string")
     if "\x00" in url:
         raise MediaError(f"{where}: the video URL holds a NUL character")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     uploaded = False
+    settings = (num_frames, size, sampling, resize, gate is not None)
+    key = None
     if scheme == "data":
+        key = ("data", hashlib.sha256(url.encode("utf-8")).hexdigest(), settings)
+        if cache is not None and (hit := cache.get(key)) is not None:
+            return hit
         path, uploaded = _from_data_url(url, where, upload_dir, limits), True
     elif scheme == "file":
         path = _from_file_url(url, where, media_dir)
+        info = path.stat()
+        key = ("file", str(path), info.st_size, info.st_mtime_ns, settings)
+        if cache is not None and (hit := cache.get(key)) is not None:
+            return hit
     elif scheme in ("http", "https", "ftp", "s3", "gs"):
         raise MediaError(f"{where}: this server does not fetch remote URLs; send the video as a data: URL "
                          f"(base64) or a file:// path inside its media directory")
@@ -131,6 +144,8 @@ def load_video_part(url: str, where: str, *, media_dir: Path | None, upload_dir:
     finally:
         if uploaded:
             path.unlink(missing_ok=True)
+    if cache is not None:
+        cache.put(key, (clip, flagged), clip.frames.nbytes)
     return clip, flagged
 
 

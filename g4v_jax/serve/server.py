@@ -17,6 +17,7 @@ from pathlib import Path
 
 from g4v_jax.config import EngineConfig
 from g4v_jax.data.template import SYSTEM_PROMPT, tokenize_chat_template, tokenize_conversation
+from g4v_jax.data.video import ClipCache
 from g4v_jax.inference.engine import Engine, EngineRequest
 from g4v_jax.inference.generate import SamplingConfig
 from g4v_jax.inference.session import STOP_STRING, check_vocab, model_info, with_stops
@@ -45,6 +46,7 @@ class ServeConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS: none unless origins are named ("*" for any)
     body_timeout_s: float = 60.0  # the whole request body must arrive within this
     max_concurrent_decodes: int = 2  # videos decoded at once (each may hold a frame of max_frame_pixels)
+    clip_cache_mb: float = 256.0  # decoded videos kept by content hash (the frames route and the chat route share it)
     keep_videos: int = 200  # generated videos kept on disk (the oldest finished ones are deleted)
     video_max_age_s: float = 24 * 3600.0  # and none older than this (0: no age limit)
     chat_template: bool = True  # a text-only LLM whose tokenizer has a chat template is served with it
@@ -69,6 +71,7 @@ class Metrics:
         Gauge("g4v_slots_busy", "decode slots in use", registry=r).set_function(
             lambda: engine.cfg.num_slots - engine.free_slots())
         Gauge("g4v_slots_total", "decode slots", registry=r).set_function(lambda: engine.cfg.num_slots)
+        r.register(_EngineCounters(server))
         jobs = server.jobs
         if jobs is not None:
             for status in ("queued", "running", "succeeded", "refused", "failed"):
@@ -79,6 +82,27 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """The engine's and the clip cache's running counts as Prometheus counters (read at each scrape)."""
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        stats, clips = self.server.engine.stats, self.server.clips
+        for name, doc, value in (
+                ("g4v_prefill_tokens", "prompt tokens computed", stats.prefill_tokens),
+                ("g4v_prefix_cache_hit_tokens", "prompt tokens read from the prefix cache", stats.prefix_hit_tokens),
+                ("g4v_encoded_videos", "videos run through the vision tower and abstractor", stats.encoded_videos),
+                ("g4v_video_token_cache_hits", "videos whose tokens came from the video cache",
+                 stats.video_cache_hits),
+                ("g4v_decoded_video_cache_hits", "videos not decoded again (clip cache)", clips.hits),
+                ("g4v_decode_steps", "decode steps", stats.steps)):
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 class Server:
@@ -106,6 +130,7 @@ class Server:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._decoding = threading.BoundedSemaphore(cfg.max_concurrent_decodes)
+        self.clips = ClipCache(int(cfg.clip_cache_mb * 2**20))  # decoded videos by content: a chat resends them
 
     @staticmethod
     def _mkdir(path: Path) -> Path:
@@ -141,7 +166,7 @@ class Server:
             return load_video_part(url, where, media_dir=self.media_dir, upload_dir=self.upload_dir,
                                    limits=self.cfg.limits, num_frames=self.info.num_frames, size=self.info.image_size,
                                    sampling=self.info.sampling, resize=self.info.resize,
-                                   gate=self.video_gate if gate else None)
+                                   gate=self.video_gate if gate else None, cache=self.clips)
 
     def load_videos(self, call: api.ChatCall) -> tuple[list, bool]:
         """Decode every video part -> (clips, any flagged by the input gate)."""

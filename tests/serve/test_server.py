@@ -198,6 +198,32 @@ def test_models_health_and_metrics(served):
         assert name in text, name
 
 
+def _metric(url: str, name: str) -> float:
+    for line in _get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_conversation_resent_each_turn_decodes_and_encodes_its_video_once(world, tmp_path):
+    """Three turns over one video, the whole conversation resent each turn (as OpenAI clients and the page do): the
+    video is decoded once (clip cache), encoded once (video token cache), and turns 2-3 prefill only what is new."""
+    running = Running(_server(world, tmp_path))
+    try:
+        messages = [_video_message(_data_url(world["media"] / "a.mp4"))]
+        for question in ("And then?", "What colour is it?", "done"):
+            out = running.client.chat.completions.create(model="tiny", messages=messages, max_tokens=5)
+            messages += [{"role": "assistant", "content": out.choices[0].message.content or "ok"},
+                         {"role": "user", "content": question}]
+        url = running.url
+        assert _metric(url, "g4v_decoded_video_cache_hits_total") == 2
+        assert _metric(url, "g4v_encoded_videos_total") == 1
+        hit, computed = _metric(url, "g4v_prefix_cache_hit_tokens_total"), _metric(url, "g4v_prefill_tokens_total")
+        assert hit > computed  # turns 2 and 3 reuse the system prompt, the video and the earlier turns
+    finally:
+        running.stop()
+
+
 def test_a_flagged_video_gets_the_polite_refusal(served, world):
     out = served.client.chat.completions.create(
         model="tiny", messages=[_video_message(_data_url(world["media"] / "white.mp4"))], max_tokens=8)
