@@ -54,3 +54,20 @@ def test_t2v_bench_runs_on_tiny_pipelines(tmp_path):
     assert not any("->" in n for r in rows for n in r["notes"])
     assert (tmp_path / "t.md").read_text().count("\n| ") == len(rows)  # a line per row after the header
 
+
+
+def test_multiturn_bench_runs_on_the_tiny_model(tmp_path):
+    """``bench/multiturn.py --tiny``: conversations resent every turn through our engine with and without its caches
+    and through transformers' continuous batching; the caches change no token and skip most of the prompt."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "multiturn.py"), "--tiny", "--users", "2", "--turns",
+                          "3", "--answer", "4", "--json", str(tmp_path / "m.json")],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["conversations_identical"] == "2/2"
+    on, off, peer = report["paths"]
+    assert [p["path"] for p in report["paths"]] == ["ours, caches", "ours, no caches", "HF CB"]
+    assert on["encoded_videos"] == 2 and off["encoded_videos"] == 6
+    assert on["prefix_hit_tokens"] > on["prefill_tokens"] and off["prefix_hit_tokens"] == 0
+    assert all(len(p["ttft_by_turn_s"]) == 3 and p["tokens_per_s"] > 0 for p in report["paths"])
+    assert "TTFT on turns >= 3 with the caches" in out.stdout
