@@ -1,7 +1,7 @@
 """Continuous batching: many requests decoded together by one compiled step, each in its own slot of one KV cache.
 
-(~570 lines: the slot table, the compiled programs and the host loop are one state machine; split, each part would
-reach into the others' private state.)
+(~790 lines: the slot table, the prefix cache, the compiled programs and the host loop are one state machine; split,
+each part would reach into the others' private state.)
 
     engine = Engine(model, tokenizer, EngineConfig(num_slots=8, max_length=1024))
     handle = engine.submit(EngineRequest(prompt_ids, clips, SamplingConfig(64, temperature=0.7), seed=1),
