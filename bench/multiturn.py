@@ -1,11 +1,13 @@
 """Conversations about one video, the whole conversation resent every turn (as OpenAI clients and our page send it):
 our engine with its caches, the same engine without them, and transformers' continuous batching, in one run.
 
-    python bench/multiturn.py [--users 4] [--turns 5] [--answer 16] [--tiny] [--json out.json]
+    python bench/multiturn.py [--model smollm-vitb16|world|tiny] [--users 4] [--turns 5] [--answer 16] [--json out.json]
 
 Model (random weights, fp32, CPU): a GPT4Video whose LLM has SmolLM2-135M's shape (vocab 49152, hidden 576, 30 layers,
 9 heads, 3 KV heads) and whose tower has CLIP ViT-B/16's (768 wide, 12 layers, patch 16, 224 px), the paper's
-abstractor (64 + 64 tokens, 6 layers) and 4 frames; ``--tiny``: ``configs/model/tiny.yaml`` (what CI runs).
+abstractor (64 + 64 tokens, 6 layers) and 4 frames; ``--model world``: the world demo's shapes (``configs/world.yaml``,
+a 256-token context: use at most 4 turns); ``--model tiny`` (or ``--tiny``): ``configs/model/tiny.yaml`` (what CI
+runs).
 Workload: ``--users`` users at once, each with its own video and system text; a turn is every user's next question
 (12-20 tokens) submitted together, answered greedily with ``--answer`` new tokens (no EOS); the next turn's prompt is
 the last prompt, the answer and the next question.
@@ -124,14 +126,18 @@ def main(argv=None) -> int:
     ap.add_argument("--users", type=int, default=4)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--answer", type=int, default=16)
-    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--model", choices=("smollm-vitb16", "world", "tiny"), default="smollm-vitb16")
+    ap.add_argument("--tiny", action="store_true", help="--model tiny")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    cfg = load_config("tiny", [] if args.tiny else SMOLLM_VIT_B16).model
+    if args.tiny:
+        args.model = "tiny"
+    cfg = {"tiny": lambda: load_config("tiny").model, "world": lambda: load_config("world").model,
+           "smollm-vitb16": lambda: load_config("tiny", SMOLLM_VIT_B16).model}[args.model]()
     model = build_model(cfg)
     k = cfg.num_video_tokens
     frames_shape = (cfg.num_frames, cfg.vision.image_size, cfg.vision.image_size, 3)
@@ -165,7 +171,8 @@ def main(argv=None) -> int:
         results.append(summary("HF CB", run_peer(manager, conversations, args.answer, "timed"), args.answer))
     on, off, peer = results
     report = {"machine": platform.node(), "cpus": os.cpu_count(), "load": os.getloadavg(), "date":
-              time.strftime("%Y-%m-%d %H:%M"), "model": "tiny" if args.tiny else "SmolLM2-135M shape + ViT-B/16",
+              time.strftime("%Y-%m-%d %H:%M"), "model": {"tiny": "tiny", "world": "the world model's shapes (random)",
+                                                        "smollm-vitb16": "SmolLM2-135M shape + ViT-B/16"}[args.model],
               "users": args.users, "turns": args.turns, "answer": args.answer, "video_tokens": k, "paths": results,
               "ttft_3plus_ratio": on["ttft_turns_3plus_s"] / off["ttft_turns_3plus_s"],
               "tokens_per_s_vs_hf": on["tokens_per_s"] / peer["tokens_per_s"],
