@@ -1,6 +1,6 @@
 """Load on the OpenAI-compatible server: 1, 4 and 16 concurrent clients on loopback, the server's own metrics beside.
 
-    python bench/serve_load.py [--ckpt runs/world/stage2/final] [--requests 64] [--max-seconds 120]
+    python bench/serve_load.py [--ckpt runs/world/stage2/final] [--requests 64] [--max-seconds 120] [--turns N]
 
 Starts ``g4v_jax.serve`` on a free 127.0.0.1 port in this process (engine warmed up first: compile time is not
 load), then for each concurrency level sends ``--requests`` streamed chat completions through the official
@@ -8,6 +8,10 @@ load), then for each concurrency level sends ``--requests`` streamed chat comple
 half ask for a video; ``max_tokens`` 48, greedy. Bounded in count and in time (a level stops sending after
 ``--max-seconds``). Reports requests/s, time to first token (first content chunk) and latency p50/p99, and the
 server's ``/metrics`` for the level (slot occupancy, TTFT histogram mean). Loopback only; not a timed test.
+
+``--turns N``: conversations instead: 1, then 4 users at once, each asking about one of the world's test videos and
+then N - 1 follow-up questions, the whole history resent every turn; reports TTFT by turn and what the server's
+caches saved (prefix-cache hit against computed prompt tokens, videos encoded, decodes saved).
 """
 
 from __future__ import annotations
@@ -67,6 +71,56 @@ def one_request(client, i: int, videos: list[str]) -> tuple[float, float, int]:
     return first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0, n
 
 
+FOLLOW_UPS = ["What colour is it?", "How many objects are there?", "What shape is it?", "And the background?",
+              "Describe the video."]
+
+
+def conversation(client, i: int, videos: list[str], turns: int) -> list[tuple[float, float, int]]:
+    """One user's conversation about one video, the whole history resent every turn (as OpenAI clients do): the
+    (TTFT, latency, chunks) of each turn."""
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": f"file://{videos[i % len(videos)]}"}},
+        {"type": "text", "text": "What happens in this video?"}]}]
+    out = []
+    for t in range(turns):
+        t0 = time.perf_counter()
+        first, n, text = None, 0, []
+        for chunk in client.chat.completions.create(model="world", messages=messages, max_tokens=48, temperature=0,
+                                                    stream=True):
+            for c in chunk.choices:
+                if c.delta.content:
+                    first = time.perf_counter() - t0 if first is None else first
+                    n += 1
+                    text.append(c.delta.content)
+        out.append((first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0, n))
+        messages += [{"role": "assistant", "content": "".join(text) or "ok"},
+                     {"role": "user", "content": FOLLOW_UPS[(i + t) % len(FOLLOW_UPS)]}]
+    return out
+
+
+def conversations_level(url: str, clients: int, turns: int, videos: list[str]) -> dict:
+    """``clients`` users at once, each one conversation of ``turns`` turns: TTFT by turn, and the caches' counts."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    before = metrics(url)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        runs = list(pool.map(lambda i: conversation(client, i, videos, turns), range(clients)))
+    wall = time.perf_counter() - t0
+    after = metrics(url)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    return {"clients": clients, "turns": turns, "wall_s": wall,
+            "ttft_by_turn_s": [float(np.mean([r[t][0] for r in runs])) for t in range(turns)],
+            "prefix_hit_tokens": delta("g4v_prefix_cache_hit_tokens_total"),
+            "prefill_tokens": delta("g4v_prefill_tokens_total"), "encoded_videos": delta("g4v_encoded_videos_total"),
+            "decoded_video_cache_hits": delta("g4v_decoded_video_cache_hits_total"),
+            "server_tokens": delta("g4v_generation_tokens_total")}
+
+
 def metrics(url: str) -> dict[str, float]:
     out = {}
     for line in urllib.request.urlopen(url + "/metrics").read().decode().splitlines():
@@ -117,6 +171,8 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=120)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--json", default="")
+    ap.add_argument("--turns", type=int, default=0, help="instead: conversations of this many turns over one video "
+                                                           "each, 1 and 4 users at once")
     args = ap.parse_args()
     if not (Path(args.ckpt) / "config.yaml").is_file():
         sys.exit(f"bench/serve_load.py: no model at {args.ckpt}; run `python3 dev.py demo` first or pass --ckpt")
@@ -127,6 +183,20 @@ def main() -> None:
     print(f"# bench/serve_load.py: {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.slots} slots, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, {url}", flush=True)
     rows = []
+    if args.turns:
+        for clients in (1, 4):
+            rows.append(conversations_level(url, clients, args.turns, videos))
+            print(json.dumps(rows[-1]), flush=True)
+        print("\n| users | turns | TTFT by turn (s) | prefix-cache hit / computed prompt tokens | videos encoded | "
+              "decodes saved | wall (s) |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['clients']} | {r['turns']} | {' '.join(f'{t:.3f}' for t in r['ttft_by_turn_s'])} | "
+                  f"{int(r['prefix_hit_tokens'])} / {int(r['prefill_tokens'])} | {int(r['encoded_videos'])} | "
+                  f"{int(r['decoded_video_cache_hits'])} | {r['wall_s']:.1f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        uv.should_exit = True
+        return
     for clients in (1, 4, 16):
         rows.append(level(url, clients, args.requests, args.max_seconds, videos))
         print(json.dumps(rows[-1]), flush=True)
