@@ -1,9 +1,12 @@
 """The OpenAI chat-completions schema, as vLLM and SGLang take it, in and out.
 
-In: ``{"model", "messages": [{"role": "system"|"user"|"assistant", "content": str | [part]}], "max_tokens"
-(or "max_completion_tokens"), "temperature", "top_p", "seed", "stop": str | [str], "n": 1, "stream",
-"stream_options": {"include_usage"}}``; a part is ``{"type": "text", "text"}`` or ``{"type": "video_url",
-"video_url": {"url"}}``. A user message's videos precede its text in the conversation, as the template puts them.
+In: ``{"model", "messages": [{"role": "system"|"developer"|"user"|"assistant", "content": str | [part]}],
+"max_tokens" (or "max_completion_tokens"), "temperature", "top_p", "top_k" (vLLM's), "seed", "stop": str | [str],
+"n": 1, "stream", "stream_options": {"include_usage"}, "user"}``; a part is ``{"type": "text", "text"}`` or
+``{"type": "video_url", "video_url": {"url"}}``. A user message's videos precede its text in the conversation, as the
+template puts them. ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs`` and ``top_logprobs``
+are accepted only at their neutral values (this server does not implement them); every list and string is bounded
+by ``RequestLimits`` before any work that grows with it.
 
 Out: ``chat.completion`` / ``chat.completion.chunk`` objects. The model's ``<video>`` requests stay in the text as
 generated; the extension field ``choices[0].message.video_generations`` (in the last stream chunk:
