@@ -10,13 +10,15 @@ half ask for a video; ``max_tokens`` 48, greedy. Bounded in count and in time (a
 server's ``/metrics`` for the level (slot occupancy, TTFT histogram mean). Loopback only; not a timed test.
 
 ``--turns N``: conversations instead: 1, then 4 users at once, each asking about one of the world's test videos and
-then N - 1 follow-up questions, the whole history resent every turn; reports TTFT by turn and what the server's
+then N - 1 follow-up questions (24 new tokens at most a turn: the world model's context is 256 tokens, 3 turns fit), the
+whole history resent every turn; reports TTFT by turn and what the server's
 caches saved (prefix-cache hit against computed prompt tokens, videos encoded, decodes saved).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import socket
 import sys
@@ -53,6 +55,12 @@ def start(args):
     return server, uv, f"http://127.0.0.1:{sock.getsockname()[1]}", world / "data" / "videos"
 
 
+@functools.lru_cache(maxsize=4)
+def served(client) -> str:
+    """The model the server serves (another name is a 404)."""
+    return client.models.list().data[0].id
+
+
 def one_request(client, i: int, videos: list[str]) -> tuple[float, float, int]:
     if i % 2 == 0 and videos:
         content = [{"type": "video_url", "video_url": {"url": f"file://{videos[i % len(videos)]}"}},
@@ -62,7 +70,7 @@ def one_request(client, i: int, videos: list[str]) -> tuple[float, float, int]:
         content = "Show me a video of a big red square moving right on a gray background."
     t0 = time.perf_counter()
     first, n = None, 0
-    for chunk in client.chat.completions.create(model="world", messages=[{"role": "user", "content": content}],
+    for chunk in client.chat.completions.create(model=served(client), messages=[{"role": "user", "content": content}],
                                                 max_tokens=48, temperature=0, stream=True):
         for c in chunk.choices:
             if c.delta.content and first is None:
@@ -85,8 +93,8 @@ def conversation(client, i: int, videos: list[str], turns: int) -> list[tuple[fl
     for t in range(turns):
         t0 = time.perf_counter()
         first, n, text = None, 0, []
-        for chunk in client.chat.completions.create(model="world", messages=messages, max_tokens=48, temperature=0,
-                                                    stream=True):
+        for chunk in client.chat.completions.create(model=served(client), messages=messages, max_tokens=24,
+                                                    temperature=0, stream=True):
             for c in chunk.choices:
                 if c.delta.content:
                     first = time.perf_counter() - t0 if first is None else first
