@@ -190,34 +190,44 @@ def main() -> None:
     videos = sorted(p.name for p in video_dir.glob("test-*.mp4"))[:16] if video_dir.is_dir() else []
     print(f"# bench/serve_load.py: {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.slots} slots, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, {url}", flush=True)
-    rows = []
     if args.turns:
-        for clients in (1, 4):
-            rows.append(conversations_level(url, clients, args.turns, videos))
-            print(json.dumps(rows[-1]), flush=True)
-        print("\n| users | turns | TTFT by turn (s) | prefix-cache hit / computed prompt tokens | videos encoded | "
-              "decodes saved | wall (s) |\n|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['clients']} | {r['turns']} | {' '.join(f'{t:.3f}' for t in r['ttft_by_turn_s'])} | "
-                  f"{int(r['prefix_hit_tokens'])} / {int(r['prefill_tokens'])} | {int(r['encoded_videos'])} | "
-                  f"{int(r['decoded_video_cache_hits'])} | {r['wall_s']:.1f} |")
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
-        uv.should_exit = True
-        return
-    for clients in (1, 4, 16):
-        rows.append(level(url, clients, args.requests, args.max_seconds, videos))
+        levels, header, row = (1, 4), CONVERSATION_HEADER, conversation_row
+
+        def measure(clients):
+            return conversations_level(url, clients, args.turns, videos)
+    else:
+        levels, header, row = (1, 4, 16), LOAD_HEADER, load_row
+
+        def measure(clients):
+            return level(url, clients, args.requests, args.max_seconds, videos)
+    rows = []
+    for clients in levels:
+        rows.append(measure(clients))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| clients | requests | req/s | TTFT p50 / p99 (s) | latency p50 / p99 (s) | server TTFT mean (s) | "
-          "tokens |\n|---|---|---|---|---|---|---|")
+    print("\n" + header)
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['ttft_p50_s']:.3f} / "
-              f"{r['ttft_p99_s']:.3f} | {r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} | "
-              f"{r['server_ttft_mean_s']:.3f} | {int(r['server_tokens'])} |")
+        print(row(r))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     uv.should_exit = True
 
+
+LOAD_HEADER = ("| clients | requests | req/s | TTFT p50 / p99 (s) | latency p50 / p99 (s) | server TTFT mean (s) | "
+               "tokens |\n|---|---|---|---|---|---|---|")
+CONVERSATION_HEADER = ("| users | turns | TTFT by turn (s) | prefix-cache hit / computed prompt tokens | videos encoded | "
+                       "decodes saved | wall (s) |\n|---|---|---|---|---|---|---|")
+
+
+def load_row(r: dict) -> str:
+    return (f"| {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['ttft_p50_s']:.3f} / "
+            f"{r['ttft_p99_s']:.3f} | {r['latency_p50_s']:.3f} / {r['latency_p99_s']:.3f} | "
+            f"{r['server_ttft_mean_s']:.3f} | {int(r['server_tokens'])} |")
+
+
+def conversation_row(r: dict) -> str:
+    return (f"| {r['clients']} | {r['turns']} | {' '.join(f'{t:.3f}' for t in r['ttft_by_turn_s'])} | "
+            f"{int(r['prefix_hit_tokens'])} / {int(r['prefill_tokens'])} | {int(r['encoded_videos'])} | "
+            f"{int(r['decoded_video_cache_hits'])} | {r['wall_s']:.1f} |")
 
 if __name__ == "__main__":
     main()
