@@ -297,6 +297,43 @@ def test_prefix_cache_workloads_compile_nothing_after_warmup(model):
     assert seen == [] and engine.stats.prefix_hit_tokens > 0
 
 
+def test_a_failed_scheduling_round_drops_every_retained_prefix(model):
+    """``serve_forever`` survives a round that raises: the requests in it fail, the decode state is fresh, and no
+    slot claims a prefix the fresh cache no longer holds (the next turn gets a cold engine's tokens)."""
+    import threading
+
+    (first, video, questions), = _conversations(model, users=1, turns=2, seed=6)
+    cfg = EngineConfig(num_slots=2, max_length=256, min_bucket=16)
+    engine = Engine(model, None, cfg, eos_id=-1)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        answer = engine.submit(EngineRequest(first, [video], SamplingConfig(6))).result(timeout=120).tokens
+        assert any(r is not None for r in engine.retained)
+        real = engine._prefill_round
+        calls = []
+
+        def broken():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a bug in the loop")
+            return real()
+
+        engine._prefill_round = broken
+        second = np.concatenate([first, answer, questions[0]]).astype(np.int32)
+        failed = engine.submit(EngineRequest(second, [video], SamplingConfig(6))).result(timeout=120)
+        assert failed.finish_reason == "error" and all(r is None for r in engine.retained)
+        again = engine.submit(EngineRequest(second, [video], SamplingConfig(6))).result(timeout=120)
+    finally:
+        engine.close(stop)
+        thread.join(timeout=30)
+    cold = Engine(model, None, dataclasses.replace(cfg, prefix_cache=False), eos_id=-1)
+    h = cold.submit(EngineRequest(second, [video], SamplingConfig(6)))
+    cold.run()
+    assert again.tokens == h.result().tokens and again.finish_reason == "length"
+
+
 def test_requests_that_cannot_fit_are_refused_alone(model):
     engine = Engine(model, None, EngineConfig(num_slots=2, max_length=64, max_videos=1, max_queue=3), eos_id=-1)
     k = model.cfg.num_video_tokens

@@ -127,6 +127,8 @@ class RequestHandle:
         self._result: EngineResult | None = None
         self.cancelled = False
         self.submitted = time.perf_counter()
+        self.video_hashes: list[int] = []  # the videos' content hashes and the prompt's prefix-cache keys (submit)
+        self.keys: np.ndarray | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -292,7 +294,6 @@ class _Active:
         self.decoder = decoder
         self.keys = keys
         self.filled, self.src, self.first = start, src, start
-        self.video_hashes: list[int] = []
         self.video_flat = None  # device (max_videos * K, D) video tokens for the chunks, when they need any
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -379,6 +380,9 @@ class Engine:
             size = model.cfg.vision.image_size
             self._frame_shape = (model.cfg.num_frames, size, size, 3)
         self._check_memory()
+        # the video tokens of a chunk that reads none (None for a text-only model)
+        self._zeros_flat = (jnp.zeros((cfg.max_videos * self.num_video_tokens, self.lm_cfg.hidden_size), self._dtype)
+                            if self.has_vision else None)
         self.ds = self._empty_state()
         self.slots: list[_Active | None] = [None] * cfg.num_slots
         # per slot: the keys of the prefix a free slot still holds, and when it was last used (LRU eviction)
@@ -458,6 +462,9 @@ class Engine:
         """Queue ``request``; ``RequestError`` if it can never be served, or if the queue is full."""
         self.check(request)
         handle = RequestHandle(request, on_text, on_done, self)
+        # the prompt's prefix-cache keys, hashed here on the caller's thread rather than in the engine's loop
+        handle.video_hashes = [_video_hash(f, m) for f, m in request.videos]
+        handle.keys = prompt_keys(request.prompt_ids, handle.video_hashes, self.num_video_tokens)
         with self._lock:
             if len(self.queue) >= self.cfg.max_queue + self.free_slots():
                 raise RequestError(f"the queue is full ({len(self.queue)} waiting; engine.max_queue)")
@@ -485,21 +492,12 @@ class Engine:
         for bucket in buckets:
             self.ds = self.programs.extend(
                 self.state, self.ds, jnp.zeros((1, bucket), jnp.int32), jnp.full((1, bucket), -1, jnp.int32),
-                self._no_videos(), jnp.int32(0), jnp.int32(1), jnp.int32(0), jnp.int32(0), jnp.uint32(0),
+                self._zeros_flat, jnp.int32(0), jnp.int32(1), jnp.int32(0), jnp.int32(0), jnp.uint32(0),
                 jnp.float32(0), jnp.int32(0), jnp.float32(1), jnp.int32(0))
         self.ds = self.programs.step(self.state, self.ds, jnp.zeros((self.cfg.num_slots,), bool))
         jax.block_until_ready(self.ds)
         self.ds = self._empty_state()
         self.retained = [None] * self.cfg.num_slots
-
-    def _no_videos(self):
-        """The ``video_flat`` argument of a chunk that needs no video tokens (None for a text-only model)."""
-        if not self.has_vision:
-            return None
-        if getattr(self, "_zeros_flat", None) is None:
-            self._zeros_flat = jnp.zeros(self._video_tokens_shape[1:], self._dtype).reshape(
-                -1, self._video_tokens_shape[-1])
-        return self._zeros_flat
 
     def free_slots(self) -> int:
         return sum(a is None for a in self.slots)
@@ -530,10 +528,7 @@ class Engine:
                     self.run_once()
                 except Exception:  # noqa: BLE001 - a bug of the loop itself: its requests fail, the engine goes on
                     logger.exception("the engine's scheduling round failed")
-                    for i, a in enumerate(self.slots):
-                        if a is not None:
-                            self._fail(i, RuntimeError("the engine's scheduling round failed"))
-                    self.ds = self._empty_state()
+                    self._reset("the engine's scheduling round failed")
 
     def close(self, stop: threading.Event) -> None:
         """End ``serve_forever(stop)`` now, even while it waits for work."""
@@ -581,11 +576,15 @@ class Engine:
         """After a failed program: a decode state whose buffers a donating call consumed is rebuilt (every slot's
         request must then go: their caches are gone)."""
         if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.ds)):
-            for i, a in enumerate(self.slots):
-                if a is not None:
-                    self._fail(i, RuntimeError("the decode state was lost to another request's failure"))
-            self.ds = self._empty_state()
-            self.retained = [None] * self.cfg.num_slots
+            self._reset("the decode state was lost to another request's failure")
+
+    def _reset(self, why: str) -> None:
+        """A fresh decode state: every request in a slot fails with ``why``, and no slot holds a prefix any more."""
+        for i, a in enumerate(self.slots):
+            if a is not None:
+                self._fail(i, RuntimeError(why))
+        self.ds = self._empty_state()
+        self.retained = [None] * self.cfg.num_slots
 
     # ------------------------------------------------------------------------------------------- admission, prefill
 
@@ -598,12 +597,8 @@ class Engine:
                 if handle.cancelled:
                     self._deliver(handle, _Active(handle, None), "cancelled")
                     continue
-                req = handle.request
-                hashes = [_video_hash(f, m) for f, m in req.videos]
-                keys = prompt_keys(req.prompt_ids, hashes, self.num_video_tokens)
-                slot, src, start = self._place(keys)
-                self.slots[slot] = _Active(handle, self._decoder(req), keys, start, src)
-                self.slots[slot].video_hashes = hashes
+                slot, src, start = self._place(handle.keys)
+                self.slots[slot] = _Active(handle, self._decoder(handle.request), handle.keys, start, src)
                 self.retained[slot] = None
                 self.stats.prefix_hit_tokens += start
                 admitted.append(slot)
@@ -646,7 +641,7 @@ class Engine:
         for slot in admitted:
             a = self.slots[slot]
             slots = np.flatnonzero(a.keys < 0)
-            for i, (h, video) in enumerate(zip(a.video_hashes, a.handle.request.videos)):
+            for i, (h, video) in enumerate(zip(a.handle.video_hashes, a.handle.request.videos)):
                 if slots[(i + 1) * k - 1] >= a.filled:  # the span is not all in the cached prefix
                     wanted.setdefault(slot, []).append((i, h))
                     if h not in self.video_tokens:
@@ -713,7 +708,7 @@ class Engine:
         s = req.sampling
         self.ds = self.programs.extend(
             self.state, self.ds, jax.device_put(padded), jax.device_put(rows),
-            a.video_flat if a.video_flat is not None else self._no_videos(), jnp.int32(start), jnp.int32(count),
+            a.video_flat if a.video_flat is not None else self._zeros_flat, jnp.int32(start), jnp.int32(count),
             jnp.int32(a.src if start == a.first else slot), jnp.int32(slot), jnp.uint32(req.seed % 2**32),
             jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p), jnp.int32(req.video_prefix))
         a.filled += count
