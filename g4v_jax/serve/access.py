@@ -27,7 +27,7 @@ def key_matches(header: str | None, key: str) -> bool:
                                key.encode("utf-8"))
 
 
-def _error(status: int, message: str, code: str) -> bytes:
+def _error(message: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                  "code": code}}).encode()
 
@@ -61,7 +61,7 @@ class AccessMiddleware:
             headers = dict(scope.get("headers") or ())
             auth = headers.get(b"authorization", b"").decode("latin-1")
             if not key_matches(auth, self.api_key):
-                body = _error(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                body = _error("a valid API key is required: send 'Authorization: Bearer <key>'",
                               "invalid_api_key")
                 await logged_send({"type": "http.response.start", "status": 401,
                                    "headers": [(b"content-type", b"application/json"),

@@ -101,28 +101,24 @@ def load_video_part(url: str, where: str, *, media_dir: Path | None, upload_dir:
     URL bytes, or the same file by path, size and modification time) is not decoded or gated again."""
     if not isinstance(url, str) or not url:
         raise MediaError(f"{where}: the video URL must be a non-empty string")
-    if "\x00" in url:
-        raise MediaError(f"{where}: the video URL holds a NUL character")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     uploaded = False
     settings = (num_frames, size, sampling, resize, gate is not None)
-    key = None
-    if scheme == "data":
+    if scheme == "data":  # keyed by its bytes before anything is written
         key = ("data", hashlib.sha256(url.encode("utf-8")).hexdigest(), settings)
-        if cache is not None and (hit := cache.get(key)) is not None:
-            return hit
-        path, uploaded = _from_data_url(url, where, upload_dir, limits), True
     elif scheme == "file":
         path = _from_file_url(url, where, media_dir)
         info = path.stat()
         key = ("file", str(path), info.st_size, info.st_mtime_ns, settings)
-        if cache is not None and (hit := cache.get(key)) is not None:
-            return hit
     elif scheme in ("http", "https", "ftp", "s3", "gs"):
         raise MediaError(f"{where}: this server does not fetch remote URLs; send the video as a data: URL "
                          f"(base64) or a file:// path inside its media directory")
     else:
         raise MediaError(f"{where}: unsupported URL scheme {scheme or url[:20]!r}; use data: or file://")
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return hit
+    if scheme == "data":
+        path, uploaded = _from_data_url(url, where, upload_dir, limits), True
     try:
         if path.stat().st_size > limits.max_video_bytes:
             raise MediaError(f"{where}: the video is over the limit of {limits.max_video_bytes // 2**20} MiB")

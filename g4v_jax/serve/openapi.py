@@ -34,7 +34,7 @@ def chat_request_schema(limits: RequestLimits, max_videos: int, model_name: str)
 
     messages = {"oneOf": [message(["system", "developer", "assistant"], [text_part]),
                           message(["user"], [text_part, video_part])]}
-    neutral = {key: {"enum": [v for v in values]} if not isinstance(values[0], dict)
+    neutral = {key: {"enum": list(values)} if not isinstance(values[0], dict)
                else {"type": "object", "maxProperties": 0} for key, values in UNSUPPORTED.items()}
     return {
         "type": "object", "required": ["messages"], "additionalProperties": False,
