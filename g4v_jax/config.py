@@ -390,8 +390,8 @@ class DataConfig:
 class EngineConfig:
     """The continuous-batching inference engine (``g4v_jax.inference.engine``): its decode slots and KV cache.
 
-    The cache is preallocated at (layers, num_slots, max_length, kv heads, head size) in the compute dtype; a request
-    fits when its prompt plus its token budget fit ``max_length`` (and the model's context)."""
+    The cache is preallocated (every layer's keys and values for num_slots x max_length positions) in the compute
+    dtype; a request fits when its prompt plus its token budget fit ``max_length`` (and the model's context)."""
 
     num_slots: int = 8  # requests decoded together by one step program
     max_length: int = 2048  # cache positions per slot: prompt + generated tokens

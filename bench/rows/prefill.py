@@ -20,7 +20,6 @@ def prefill_row(suite: Suite, hf, ours, reps: int) -> dict:
     import torch
     from flax import nnx
 
-    from g4v_jax.models.llama import init_cache
 
     batch, length = suite.prefill
     ids = token_ids(suite, (batch, length), 0)
@@ -29,7 +28,7 @@ def prefill_row(suite: Suite, hf, ours, reps: int) -> dict:
     @jax.jit
     def prefill(state, ids):
         model = nnx.merge(graphdef, state)
-        cache = init_cache(model.cfg, batch, length, jnp.dtype(suite.dtype))
+        cache = model.init_cache(batch, length, jnp.dtype(suite.dtype))
         return model(ids, cache=cache, logits_at=jnp.full((batch,), length - 1, jnp.int32))
 
     tids = torch.from_numpy(ids).long().to(suite.device)

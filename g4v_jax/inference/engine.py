@@ -67,7 +67,7 @@ from g4v_jax.config import ConfigError, EngineConfig
 from g4v_jax.inference.generate import NEG_INF, SamplingConfig, pow2
 from g4v_jax.inference.text import StreamDecoder
 from g4v_jax.models.gpt4video import language_model, model_kind
-from g4v_jax.models.llama import KVCache, init_cache
+from g4v_jax.models.llama import KVCache
 
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class RequestHandle:
 class DecodeState(NamedTuple):
     """Everything ``step`` reads and writes, one row per slot."""
 
-    cache: KVCache  # k, v (layers, slots, S, H_kv, Dh); valid (slots, S); index (slots,)
+    cache: KVCache  # per layer k (slots, H_kv, S, Dh), v (slots, H_kv, Dh, S); valid (slots, S); index (slots,)
     tokens: jax.Array  # (slots,) int32: each slot's last token (the next step's input)
     logprobs: jax.Array  # (slots,) float32: its log-probability under the slot's sampling distribution
     count: jax.Array  # (slots,) int32: tokens generated so far (folds the sampling key)
@@ -216,15 +216,11 @@ def _extend(graphdef, state, ds: DecodeState, ids, video_rows, video_flat, start
         video = video_flat[jnp.clip(video_rows, 0)].astype(embeds.dtype)
         embeds = jnp.where((video_rows >= 0)[..., None], video, embeds)
     cache = ds.cache
-    row = KVCache(jax.lax.dynamic_slice_in_dim(cache.k, src, 1, axis=1),
-                  jax.lax.dynamic_slice_in_dim(cache.v, src, 1, axis=1),
-                  (jnp.arange(cache.max_length) < start)[None], start[None])
+    row = cache.rows(src, 1)._replace(valid=(jnp.arange(cache.max_length) < start)[None], index=start[None])
     adapter_mask = ((start + jnp.arange(chunk)) >= video_prefix)[None] if lm.skip_video_span else None
     logits, row = lm(inputs_embeds=embeds, attention_mask=(jnp.arange(chunk) < n)[None], cache=row,
                      logits_at=(n - 1)[None], adapter_mask=adapter_mask)
-    at = (0, slot, 0, 0, 0)
-    cache = KVCache(jax.lax.dynamic_update_slice(cache.k, row.k, at), jax.lax.dynamic_update_slice(cache.v, row.v, at),
-                    cache.valid.at[slot].set(row.valid[0]), cache.index.at[slot].set(start + n))
+    cache = cache.put_rows(row._replace(index=(start + n)[None]), slot)
     token, logp = sample_rows(logits[:, 0], temperature[None], top_k[None], top_p[None], seed[None],
                               jnp.zeros((1,), jnp.int32))
     return DecodeState(cache, ds.tokens.at[slot].set(token[0]), ds.logprobs.at[slot].set(logp[0]),
@@ -364,7 +360,8 @@ class Engine:
             raise TypeError(f"the engine needs a gpt4video or llm model, got a {kind} model")
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.lm_cfg = language_model(model).cfg
+        self._lm = language_model(model)
+        self.lm_cfg = self._lm.cfg
         self.has_vision = kind == "gpt4video"
         self.num_video_tokens = model.cfg.num_video_tokens if self.has_vision else 0
         if eos_id is None:
@@ -415,7 +412,7 @@ class Engine:
 
     def _empty_state(self) -> DecodeState:
         s = self.cfg.num_slots
-        cache = init_cache(self.lm_cfg, s, self.cfg.max_length, self._dtype)
+        cache = self._lm.init_cache(s, self.cfg.max_length, self._dtype)
         cache = cache._replace(index=jnp.zeros((s,), jnp.int32))
         return DecodeState(cache, jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.float32),
                            jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.uint32), jnp.zeros((s,), jnp.float32),

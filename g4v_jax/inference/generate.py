@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from g4v_jax.models.gpt4video import language_model
-from g4v_jax.models.llama import KVCache, init_cache
+from g4v_jax.models.llama import KVCache
 
 NEG_INF = -1e30
 
@@ -128,7 +128,7 @@ def _prefill(model, batch: Mapping[str, jax.Array], key, cfg: SamplingConfig, eo
     lm = language_model(model)
     ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
     b, l = ids.shape
-    cache = init_cache(lm.cfg, b, l + cfg.max_new_tokens, cache_dtype)
+    cache = lm.init_cache(b, l + cfg.max_new_tokens, cache_dtype)
     last = jnp.full((b,), l - 1, jnp.int32)  # left padding: the last column is every row's last token
     adapter_mask = None
     if lm.skip_video_span:  # pad_batch's mask; without one (a text prompt) the adapters act everywhere

@@ -5,14 +5,16 @@ permuted for it; Meta ``.pth`` weights are interleaved and would need the invers
 grouped-query attention (``num_kv_heads`` < ``num_heads``), tied or untied output embeddings.
 
 Shapes: token ids (B, L) -> logits (B, L, V). Decoding uses a preallocated ``KVCache`` (keys/values for every layer,
-(layers, B, S, H_kv, Dh)) written at slot ``index``: one slot for the whole batch (), or one per row (B,) when rows
+keys (B, H_kv, S, Dh) and values transposed (B, H_kv, Dh, S) per layer, so that both of a query's products with the
+cache are plain batched matmuls over (B, H_kv) that read it in place) written at slot ``index``: one slot for the whole batch (), or one per row (B,) when rows
 are at different points of their sequences (the continuous-batching engine). ``valid`` marks the slots that hold
 real tokens, so left- or right-padded prompts share one cache. A query at slot q attends to valid slots s <= q.
 Positions for RoPE default to the number of real tokens before each token, so padding never shifts a sequence's
 positions. Each layer writes its new keys/values into the stacked cache in place (a scatter of L tokens), so a
 decode step moves O(B·L) cache bytes, not the whole cache.
 
-Attention goes through ``jax.nn.dot_product_attention`` (cuDNN on GPU when ``attention_impl`` allows).
+Attention without a cache (training, scoring) goes through ``jax.nn.dot_product_attention`` (cuDNN on GPU when
+``attention_impl`` allows); with a cache, through ``cached_attention`` on the head-major layout.
 """
 
 from __future__ import annotations
@@ -30,20 +32,55 @@ from g4v_jax.models.lora import LoRALinear
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # (layers, B, S, H_kv, Dh)
-    v: jax.Array  # (layers, B, S, H_kv, Dh)
+    """Keys and values of every layer, head-major: keys (B, H_kv, S, Dh) and values (B, H_kv, Dh, S), one array per
+    layer (a tuple), or, for a model with ``scan_layers``, one stacked array (layers, ...) each that the scan carries.
+    Separate arrays let each unrolled layer's attention read its cache in place (a slice of a stacked array is copied
+    out first), and the values' transposed layout makes probabilities @ values a matmul the CPU's fast kernels take
+    (the other layout fell back to a naive loop): bench/NOTES.md has the measurements."""
+
+    k: tuple[jax.Array, ...] | jax.Array  # per layer (B, H_kv, S, Dh), or stacked (layers, B, H_kv, S, Dh)
+    v: tuple[jax.Array, ...] | jax.Array  # per layer (B, H_kv, Dh, S), or stacked (layers, B, H_kv, Dh, S)
     valid: jax.Array  # (B, S) bool: slot holds a real token
     index: jax.Array  # () or (B,) int32: next slot to write (for all rows, or per row)
 
     @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, (tuple, list))
+
+    @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return (self.k if self.stacked else self.k[0]).shape[-2]  # keys: (..., S, Dh)
+
+    def rows(self, start, size: int) -> "KVCache":
+        """Rows ``start`` .. ``start + size`` of the batch (``start`` may be traced)."""
+        axis = 1 if self.stacked else 0
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)  # noqa: E731
+        index = self.index if self.index.ndim == 0 else jax.lax.dynamic_slice_in_dim(self.index, start, size)
+        return KVCache(*jax.tree.map(take, (self.k, self.v)), jax.lax.dynamic_slice_in_dim(self.valid, start, size),
+                       index)
+
+    def put_rows(self, rows: "KVCache", start) -> "KVCache":
+        """This cache with ``rows`` (a ``rows(start, n)`` of it, changed) written back at ``start``; per-row
+        ``index`` only."""
+        axis = 1 if self.stacked else 0
+        put = lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, start, axis=axis)  # noqa: E731
+        k, v = jax.tree.map(put, (self.k, self.v), (rows.k, rows.v))
+        return KVCache(k, v, jax.lax.dynamic_update_slice_in_dim(self.valid, rows.valid, start, axis=0),
+                       jax.lax.dynamic_update_slice_in_dim(self.index, rows.index, start, axis=0))
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_size)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_length), bool),
-                   jnp.zeros((), jnp.int32))
+def init_cache(cfg: LlamaConfig, batch: int, max_length: int, dtype=jnp.float32, *, stacked: bool = False
+               ) -> KVCache:
+    """An empty cache; ``stacked`` for a model built with ``scan_layers`` (``LlamaForCausalLM.init_cache``)."""
+    k_shape = (batch, cfg.num_kv_heads, max_length, cfg.head_size)
+    v_shape = (batch, cfg.num_kv_heads, cfg.head_size, max_length)
+    if stacked:
+        k = jnp.zeros((cfg.num_layers, *k_shape), dtype)
+        v = jnp.zeros((cfg.num_layers, *v_shape), dtype)
+    else:
+        k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(k, v, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -92,23 +129,49 @@ def _lora_for(name: str, lora: LoraConfig | None) -> LoraConfig | None:
 
 
 class LayerCache(NamedTuple):
-    """The stacked keys/values (layers, B, S, H_kv, Dh) seen by layer ``layer``, which writes at ``index``."""
+    """What one layer reads and writes: its own keys (B, H_kv, S, Dh) and values (B, H_kv, Dh, S) (``layer`` None),
+    or the stacked ones and its number in the stack (``scan_layers``); new entries go at ``index``."""
 
     k: jax.Array
     v: jax.Array
-    layer: int
+    layer: int | jax.Array | None
     index: jax.Array  # () or (B,)
+
+    def read(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys (B, H_kv, S, Dh) and values (B, H_kv, Dh, S)."""
+        return (self.k, self.v) if self.layer is None else (self.k[self.layer], self.v[self.layer])
 
     def write(self, k: jax.Array, v: jax.Array) -> "LayerCache":
         """Write this layer's new k, v (B, L, H_kv, Dh) at ``index`` (in place under jit)."""
         b, l = k.shape[:2]
+        lead = () if self.layer is None else (self.layer,)
         if self.index.ndim == 0:
-            at = (self.layer, 0, self.index, 0, 0)
-            return self._replace(k=jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at),
-                                 v=jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at))
+            def put(cache, new, order, at):
+                new = new.transpose(order).astype(cache.dtype)
+                return jax.lax.dynamic_update_slice(cache, new if self.layer is None else new[None], (*lead, *at))
+
+            return self._replace(k=put(self.k, k, (0, 2, 1, 3), (0, 0, self.index, 0)),
+                                 v=put(self.v, v, (0, 2, 3, 1), (0, 0, 0, self.index)))
+        # advanced indices for row and position around slices: the indexed view is (B, L, H_kv, Dh) in both
+        # layouts, the new entries' own
         rows, cols = jnp.arange(b)[:, None], self.index[:, None] + jnp.arange(l)[None, :]
-        return self._replace(k=self.k.at[self.layer, rows, cols].set(k.astype(self.k.dtype), mode="drop"),
-                             v=self.v.at[self.layer, rows, cols].set(v.astype(self.v.dtype), mode="drop"))
+        whole = slice(None)
+        return self._replace(k=self.k.at[(*lead, rows, whole, cols)].set(k.astype(self.k.dtype), mode="drop"),
+                             v=self.v.at[(*lead, rows, whole, whole, cols)].set(v.astype(self.v.dtype), mode="drop"))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention against a head-major cache: q (B, L, H, Dh), k (B, H_kv, S, Dh), v (B, H_kv, Dh, S),
+    mask (B, 1, L, S) bool -> (B, L, H, Dh). Scores and softmax in float32; query head h reads kv head h // (H / H_kv),
+    as ``jax.nn.dot_product_attention`` (and HF's ``repeat_kv``) group them."""
+    b, l, h, dh = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, l, hkv, h // hkv, dh)
+    scores = jnp.einsum("blkgd,bksd->bkgls", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores * (1.0 / np.sqrt(dh)), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgls,bkds->blkgd", probs, v.astype(q.dtype), preferred_element_type=jnp.float32)
+    return out.reshape(b, l, h, dh).astype(q.dtype)
 
 
 class LlamaAttention(nnx.Module):
@@ -139,9 +202,10 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x, adapter_mask).reshape(b, l, self.num_kv_heads, self.head_dim)
         if kv is not None:
             kv = kv.write(k, v)
-            k, v = kv.k[kv.layer], kv.v[kv.layer]
-        impl = self.implementation if q.dtype != jnp.float32 else "xla"  # cuDNN needs fp16/bf16
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=impl)
+            out = cached_attention(q, *kv.read(), mask)
+        else:
+            impl = self.implementation if q.dtype != jnp.float32 else "xla"  # cuDNN needs fp16/bf16
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
         return self.o_proj(out.reshape(b, l, -1), adapter_mask), kv
 
 
@@ -272,6 +336,12 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else param(
             rngs, normal_init(0.02), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
 
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache of the form this model reads (per layer, or stacked under ``scan_layers``), in ``dtype``
+        (default: the compute dtype)."""
+        return init_cache(self.cfg, batch, max_length, self.dtype if dtype is None else dtype,
+                          stacked=self.scan_layers)
+
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """(B, L) ids -> (B, L, D) embeddings in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
@@ -307,6 +377,10 @@ class LlamaForCausalLM(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         if positions is None:
             positions = default_positions(attention_mask, cache)
+        if cache is not None and cache.stacked != self.scan_layers:
+            raise ValueError(f"a {'stacked' if cache.stacked else 'per-layer'} KV cache for a model with "
+                             f"scan_layers={self.scan_layers}: build it with init_cache(..., "
+                             f"stacked={self.scan_layers})")
         mask, new_valid = _attention_mask(attention_mask, cache, segment_ids)
         if self.scan_layers:
             kv = None if cache is None else LayerCache(cache.k, cache.v, 0, cache.index)
@@ -319,9 +393,11 @@ class LlamaForCausalLM(nnx.Module):
             for layer in self.layers:
                 x = layer(x, positions, mask, None, adapter_mask)[0]
         else:
-            kv = LayerCache(cache.k, cache.v, 0, cache.index)
+            ks, vs = list(cache.k), list(cache.v)
             for i, layer in enumerate(self.layers):
-                x, kv = layer(x, positions, mask, kv._replace(layer=i), adapter_mask)
+                x, out = layer(x, positions, mask, LayerCache(ks[i], vs[i], None, cache.index), adapter_mask)
+                ks[i], vs[i] = out.k, out.v
+            kv = LayerCache(tuple(ks), tuple(vs), None, cache.index)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
         logits = self.logits(self.norm(x))
