@@ -4,14 +4,14 @@ Pre-RMSNorm decoder blocks, rotary position embeddings in HF's rotate-half layou
 permuted for it; Meta ``.pth`` weights are interleaved and would need the inverse permutation), SwiGLU MLP,
 grouped-query attention (``num_kv_heads`` < ``num_heads``), tied or untied output embeddings.
 
-Shapes: token ids (B, L) -> logits (B, L, V). Decoding uses a preallocated ``KVCache`` (keys/values for every layer,
-keys (B, H_kv, S, Dh) and values transposed (B, H_kv, Dh, S) per layer, so that both of a query's products with the
-cache are plain batched matmuls over (B, H_kv) that read it in place) written at slot ``index``: one slot for the whole batch (), or one per row (B,) when rows
-are at different points of their sequences (the continuous-batching engine). ``valid`` marks the slots that hold
-real tokens, so left- or right-padded prompts share one cache. A query at slot q attends to valid slots s <= q.
-Positions for RoPE default to the number of real tokens before each token, so padding never shifts a sequence's
-positions. Each layer writes its new keys/values into the stacked cache in place (a scatter of L tokens), so a
-decode step moves O(B·L) cache bytes, not the whole cache.
+Shapes: token ids (B, L) -> logits (B, L, V). Decoding uses a preallocated ``KVCache`` (per layer, keys
+(B, H_kv, S, Dh) and values transposed (B, H_kv, Dh, S), so that both of a query's products with the cache are
+batched matmuls over (B, H_kv) that read it in place) written at slot ``index``: one slot for the whole batch (), or
+one per row (B,) when rows are at different points of their sequences (the continuous-batching engine). ``valid``
+marks the slots that hold real tokens, so left- or right-padded prompts share one cache. A query at slot q attends to
+valid slots s <= q. Positions for RoPE default to the number of real tokens before each token, so padding never
+shifts a sequence's positions. Each layer writes its new keys/values into its cache in place (a scatter of L tokens),
+so a decode step moves O(B·L) cache bytes, not the whole cache.
 
 Attention without a cache (training, scoring) goes through ``jax.nn.dot_product_attention`` (cuDNN on GPU when
 ``attention_impl`` allows); with a cache, through ``cached_attention`` on the head-major layout.
