@@ -576,8 +576,16 @@ def _even_frames(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
-def _add_video_stream(container: av.container.OutputContainer, fps: int):
-    """libx264 when FFmpeg has it (small, near-lossless at crf 18), else the always-built-in mpeg4 encoder."""
+def _add_video_stream(container: av.container.OutputContainer, fps: int, lossless: bool = False):
+    """libx264 when FFmpeg has it (small, near-lossless at crf 18; ``lossless``: libx264rgb at quantiser 0), else the
+    always-built-in mpeg4 encoder."""
+    if lossless:
+        try:
+            stream = container.add_stream("libx264rgb", rate=Fraction(fps))
+            stream.options = {"qp": "0", "preset": "veryfast"}
+            return stream
+        except (av.error.FFmpegError, ValueError):
+            pass
     try:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.options = {"crf": "18", "preset": "veryfast"}
@@ -587,13 +595,17 @@ def _add_video_stream(container: av.container.OutputContainer, fps: int):
     return stream
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, full_chroma: bool = False) -> str:
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, full_chroma: bool = False,
+                lossless: bool = False) -> str:
     """Write uint8 RGB frames (N, H, W, 3) as an H.264 (or MPEG-4 part 2) yuv420p video; returns the path.
 
     Odd H or W is padded by one edge pixel, since yuv420p needs even sizes. ``full_chroma`` writes H.264 yuv444p
     instead (colour at full resolution; yuv420p keeps it at half, which at a few dozen pixels blurs the outline of
     an object that differs from its background in colour more than in brightness). Players that only know 4:2:0
-    may not show such a file; FFmpeg (and so ``load_video``) reads it.
+    may not show such a file; FFmpeg (and so ``load_video``) reads it. ``lossless``: H.264 in RGB at quantiser 0
+    (libx264rgb), so decoding gives back exactly ``frames``; libx264's lossy output is not the same from one process
+    to the next (the same frames and options: decoded pixels apart by up to 19 levels in about one video in fifty), so
+    data that training must reproduce is written lossless. Without libx264 it falls back to the lossy encoders.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
@@ -602,7 +614,14 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, fu
         raise ValueError(f"fps must be >= 1, got {fps}")
     out = os.fspath(path)
     with av.open(out, mode="w") as container:
-        stream = _add_video_stream(container, fps)
+        stream = _add_video_stream(container, fps, lossless)
+        if stream.codec_context.name == "libx264rgb":
+            stream.height, stream.width = frames.shape[1:3]
+            stream.pix_fmt = "rgb24"
+            for rgb in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            container.mux(stream.encode())
+            return out
         full_chroma = full_chroma and stream.codec_context.name == "libx264"  # mpeg4 knows 4:2:0 only
         if not full_chroma:
             frames = _even_frames(frames)

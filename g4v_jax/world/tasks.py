@@ -116,9 +116,10 @@ class _VideoJob:
 
 def _write_jobs(jobs: Sequence[_VideoJob], num_frames: int, size: int) -> None:
     for job in jobs:
-        # full chroma: at 48 px, 4:2:0 blurs the outline of a green shape on gray (nearly equal brightness)
+        # full chroma: at 48 px, 4:2:0 blurs the outline of a green shape on gray (nearly equal brightness);
+        # lossless: the decoded frames are the rendered ones in every run (lossy x264 output varies by process)
         write_video(job.path, render(job.scene, num_frames=num_frames, size=size, seed=job.seed), fps=FPS,
-                    full_chroma=True)
+                    full_chroma=True, lossless=True)
 
 
 def _render_all(jobs: Sequence[_VideoJob], num_frames: int, size: int, workers: int) -> None:
