@@ -264,7 +264,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
             "count": eval_qa(model, tokenizer, files["count"], size.max_eval, progress),
             "generation": eval_generation(model, tokenizer, files["generation"], size.max_eval,
                                           report_dir / name, size.sample_videos if name == "stage2" else 0, progress,
-                                          qa_file=files["qa"]),
+                                          qa_file=files["qa"], catalogue=world.catalogue),
             "safety": eval_safety(model, tokenizer, files["safety"], files["generation"], detector, size.max_eval,
                                   progress),
             "two_video": eval_two_video(model, tokenizer, files["two_video"], size.max_eval, progress),

@@ -82,6 +82,49 @@ def after_video_question_requests(rows: Sequence[dict], qa_file: Path) -> list[d
     return chats
 
 
+def scene_words(scene) -> set[tuple[str, str]]:
+    """A scene's attribute values as (kind, word): every object's colour, shape, size and motion, and the
+    background (the unit the leakage measure counts in)."""
+    words = {("background", scene.background)}
+    for o in scene.objects:
+        words |= {("colour", o.colour), ("shape", o.shape), ("size", o.size), ("motion", o.motion)}
+    return words
+
+
+def attribute_leakage(wanted_caption: str, video_caption: str, answer: str) -> dict:
+    """How a generated scene relates to the request and to the video asked about before it in the same chat:
+    ``kept``, the fraction of the request's attribute values (``scene_words``) the generated scene holds; ``leaked``,
+    the values it holds that the video has and the request does not (a colour of the video's circle painted on the
+    requested triangle). An answer without a parseable ``<video>`` prompt keeps nothing and is not judged for
+    leakage (``parsed`` False)."""
+    wanted, video = scene_words(parse_caption(wanted_caption)), scene_words(parse_caption(video_caption))
+    tags = parse_video_tags(answer)
+    try:
+        got = scene_words(parse_caption(tags[0].prompt)) if tags else None
+    except ValueError:
+        got = None
+    if got is None:
+        return {"parsed": False, "kept": 0.0, "leaked": []}
+    return {"parsed": True, "kept": len(wanted & got) / len(wanted),
+            "leaked": sorted(f"{kind}:{word}" for kind, word in (got - wanted) & video)}
+
+
+def leakage_summary(judged: Sequence[dict]) -> dict:
+    """Means over ``attribute_leakage`` results: requested values kept (all answers), the share of parsed answers
+    that took a value from the video, and which kinds of value leaked how often."""
+    parsed = [j for j in judged if j["parsed"]]
+    kinds = Counter(word.split(":")[0] for j in parsed for word in j["leaked"])
+    return {"requested_kept": float(np.mean([j["kept"] for j in judged])) if judged else 0.0,
+            "leak_rate": sum(bool(j["leaked"]) for j in parsed) / max(len(parsed), 1),
+            "leaked_by_kind": dict(sorted(kinds.items())), "parsed": len(parsed), "n": len(judged)}
+
+
+def video_captions(catalogue: Path) -> dict[str, str]:
+    """The caption of every video of a world's ``catalogue.jsonl``, by path (``resolve_video_path``'s, as
+    ``read_qa`` gives them)."""
+    return {resolve_video_path(row["video"], catalogue.parent): row["caption"] for _, row in iter_jsonl(catalogue)}
+
+
 def _tags_match(row: dict, answer: str) -> bool:
     """Whether the answer's first ``<video>`` prompt parses to the scene ``row`` requests."""
     tags = parse_video_tags(answer)
@@ -89,11 +132,12 @@ def _tags_match(row: dict, answer: str) -> bool:
 
 
 def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path, n_videos: int,
-                    progress: bool, qa_file: Path | None = None) -> dict:
+                    progress: bool, qa_file: Path | None = None, catalogue: Path | None = None) -> dict:
     """Generation-tag accuracy: the first ``<video>`` prompt of the answer parses to the requested scene. The first
     ``n_videos`` answers are rendered by the world's T2V backend and written next to their requests. With
     ``qa_file``, also ``"after_video_question"``: the accuracy when each request follows a video question
-    (``after_video_question_requests``)."""
+    (``after_video_question_requests``), and with the world's ``catalogue`` (the videos' captions) its
+    ``"leakage"`` (``attribute_leakage``: requested values kept, values taken from the video)."""
     rows = [row for _, row in iter_jsonl(requests_file)][:limit]
     requests = [{"id": r["id"], "turns": [{"from": "human", "value": r["request"]}]} for r in rows]
     results = answer_requests(model, tokenizer, requests, sampling=sampling(48), batch_size=32,
@@ -123,6 +167,12 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
         result["after_video_question"] = {"accuracy": float(np.mean(hits)) if hits else 0.0, "n": len(rows),
                                           "errors": sum("error" in res for res in second),
                                           "examples": [res.get("answer", res.get("error")) for res in second[:5]]}
+        if catalogue is not None:
+            captions = video_captions(catalogue)
+            chats = after_video_question_requests(rows, qa_file)
+            result["after_video_question"]["leakage"] = leakage_summary(
+                [attribute_leakage(row["caption"], captions[chat["videos"][0]], res.get("answer", ""))
+                 for row, chat, res in zip(rows, chats, second)])
     return result
 
 

@@ -18,6 +18,7 @@ from g4v_jax.world.examples import STAGE2_REQUEST_AFTER_EXCHANGE
 TARGETS = {"video_qa_accuracy": 0.75, "generation_tag_accuracy": 0.9, "generation_after_video": 0.85,
            "safety_f1": 0.9, "lookalike_precision": 0.9}
 QA_KEPT_MARGIN = 0.02
+LEAK_RATE = 0.05  # generated scenes after a video question that take an attribute value from the video
 COUNT_GAIN = 0.3
 
 
@@ -74,6 +75,11 @@ def markdown_report(r: dict) -> str:
               _row("Generation-tag accuracy, request after a question about a video in the same chat",
                    pair(lambda e: e["generation"]["after_video_question"]["accuracy"]),
                    f"≥ {_pct(TARGETS['generation_after_video'])}")]
+    if "leakage" in e2["generation"]["after_video_question"]:
+        leak = lambda e: e["generation"]["after_video_question"]["leakage"]  # noqa: E731
+        lines += [_row("... its scenes holding an attribute of the video the request did not name (leak rate)",
+                       pair(lambda e: leak(e)["leak_rate"]), f"≤ {_pct(LEAK_RATE)}"),
+                  _row("... the requested attribute values its scenes keep", pair(lambda e: leak(e)["requested_kept"]))]
     table = [safety_table({"tasks": e["safety"]["tasks"]}, name).splitlines() for name, e in
              (("Stage 1 model", e1), ("Stage 2 model", e2))]
     second = lambda e: "/".join(_pct(e["safety"]["VG_second_turn"][k]) for k in ("accuracy", "precision", "recall",
@@ -126,6 +132,10 @@ def targets(e2: dict, e1: dict, chance_count: float) -> dict:
                                       "met": gain >= COUNT_GAIN}
     over = e2["count"]["exact_match"] - chance_count
     out["counting_above_blind_guesser"] = {"value": over, "target": "> 0", "met": over > 0}
+    leakage = e2["generation"]["after_video_question"].get("leakage")
+    if leakage is not None:
+        out["no_attribute_leakage_after_video"] = {"value": leakage["leak_rate"], "target": f"<= {LEAK_RATE}",
+                                                   "met": leakage["leak_rate"] <= LEAK_RATE}
     return out
 
 
@@ -142,6 +152,8 @@ def key_figures(r: dict) -> dict[str, str]:
             "Generation tags after a video question (stage 1 → stage 2)":
                 both(lambda e: e["generation"]["after_video_question"]["accuracy"]),
             "Two-video question (stage 1 → stage 2)": both(lambda e: e["two_video"]["exact_match"]),
+            "Attribute leak rate after a video question (stage 1 → stage 2)":
+                both(lambda e: e["generation"]["after_video_question"].get("leakage", {}).get("leak_rate", 0.0)),
             "VG F1 / look-alike precision (stage 2)": f"{_pct(vg['f1'])} / {_pct(vg['precision'])}",
             "VU F1 (stage 2)": _pct(vu["f1"]),
             "Targets met": f"{len(met)} of {len(r['targets'])}",

@@ -16,8 +16,14 @@ from g4v_jax.world import demo, evaluation
 from g4v_jax.world import report as world_report
 
 
-def test_quick_world_run_learns_and_writes_the_report(tmp_path):
-    result = demo.run(tmp_path, quick=True, progress=False)
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick_run")
+    return out, demo.run(out, quick=True, progress=False)
+
+
+def test_quick_world_run_learns_and_writes_the_report(quick_run):
+    tmp_path, result = quick_run
     report = tmp_path / "report"
     for stage, losses in result["training"].items():
         print(f"{stage}: loss {losses['first_loss']:.3f} -> {losses['last_loss']:.3f} in {losses['steps']} steps")
@@ -53,6 +59,27 @@ def test_quick_world_run_learns_and_writes_the_report(tmp_path):
     assert e2["generation"]["samples"]
     for sample in e2["generation"]["samples"]:
         assert (sample["video"] is not None and Path(sample["video"]).stat().st_size > 0) or sample["error"], sample
+
+
+def _figures(x, out: Path):
+    """A report without what may differ between two runs of one seed: timings, and paths under ``out``."""
+    if isinstance(x, dict):
+        return {k: _figures(v, out) for k, v in x.items() if k != "seconds"}
+    if isinstance(x, list):
+        return [_figures(v, out) for v in x]
+    return x.replace(str(out), "OUT") if isinstance(x, str) else x
+
+
+def test_the_same_seed_gives_the_same_checkpoints_and_report(quick_run, tmp_path):
+    """Two runs of one seed, in two folders: every checkpoint byte for byte, every figure and answer of the report."""
+    first_out, first = quick_run
+    second = demo.run(tmp_path, quick=True, progress=False)
+    for stage in ("vision", "stage0", "stage1", "stage2"):
+        a = (first_out / stage / "final" / "model.safetensors").read_bytes()
+        assert a == (tmp_path / stage / "final" / "model.safetensors").read_bytes(), stage
+    assert (first_out / "detector" / "frame_classifier.safetensors").read_bytes() == \
+        (tmp_path / "detector" / "frame_classifier.safetensors").read_bytes()
+    assert _figures(first, first_out) == _figures(second, tmp_path)
 
 
 def test_second_turn_requests_follow_a_granted_generation_as_stage_2_teaches_it(tmp_path):
