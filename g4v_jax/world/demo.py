@@ -54,8 +54,8 @@ from g4v_jax.models.gpt4video import build_model
 from g4v_jax.safety.frame_classifier import load_frame_classifier, save_frame_classifier, train_frame_classifier
 from g4v_jax.train import Interrupted, fit
 from g4v_jax.weights import save_pretrained
-from g4v_jax.world.evaluation import (chance_accuracy, chat_transcript, eval_generation, eval_qa, eval_safety,
-                                      eval_two_video, split_files)
+from g4v_jax.world.evaluation import (chance_accuracy, chat_transcript, eval_generation, eval_multi_turn, eval_qa,
+                                      eval_safety, eval_two_video, split_files)
 from g4v_jax.world.language import SYSTEM_PROMPT
 from g4v_jax.world.report import markdown_report, seeds_report, targets
 from g4v_jax.world.tasks import build_world, world_text
@@ -268,6 +268,7 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
             "safety": eval_safety(model, tokenizer, files["safety"], files["generation"], detector, size.max_eval,
                                   progress),
             "two_video": eval_two_video(model, tokenizer, files["two_video"], size.max_eval, progress),
+            "multi_turn": eval_multi_turn(model, tokenizer, files["qa"], world.catalogue, size.max_eval, progress),
         }
     chat = chat_transcript(model, tokenizer, detector, world, report_dir, eval_split)
     t = lap("eval", t)

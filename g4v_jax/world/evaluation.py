@@ -22,7 +22,7 @@ from g4v_jax.safety.gates import make_video_gate
 from g4v_jax.t2v.base import T2VSettings, make_backend, render_requests
 from g4v_jax.tags import parse_video_tags
 from g4v_jax.world.backend import match_request
-from g4v_jax.world.language import COUNT_WORDS, SYSTEM_PROMPT, generation_answer
+from g4v_jax.world.language import COUNT_WORDS, SYSTEM_PROMPT, generation_answer, ordinary_questions
 from g4v_jax.world.scene import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, parse_caption
 
 RENDER_SETTINGS = T2VSettings(num_frames=16, height=64, width=64)  # what the world's T2V backend renders
@@ -174,6 +174,58 @@ def eval_generation(model, tokenizer, requests_file: Path, limit: int, out: Path
                 [attribute_leakage(row["caption"], captions[chat["videos"][0]], res.get("answer", ""))
                  for row, chat, res in zip(rows, chats, second)])
     return result
+
+
+MULTI_TURN_QUESTIONS = 6  # the longest chat about one video the metric asks (the issue's 6-turn chat)
+
+
+def eval_multi_turn(model, tokenizer, qa_file: Path, catalogue: Path, limit: int, progress: bool) -> dict:
+    """Questions about one video asked one after another in a chat (the model's own answers in the history) against
+    the same questions asked alone. For each of the first ``limit`` videos of ``qa_file``: every unambiguous question
+    of its scene (``language.ordinary_questions``, at most ``MULTI_TURN_QUESTIONS``, rotated by the video's index so
+    that no question kind always comes first). ``turns_2plus`` and ``alone_2plus`` score the same questions (those of
+    turns >= 2), in the chat and alone; ``by_turn`` is the chat's exact match per turn."""
+    captions = video_captions(catalogue)
+    videos = list(dict.fromkeys(it.video for it in read_qa(qa_file)))[:limit]
+    chats = []
+    for j, video in enumerate(videos):
+        qs = ordinary_questions(parse_caption(captions[video]))
+        qs = (qs[j % len(qs):] + qs[:j % len(qs)])[:MULTI_TURN_QUESTIONS]
+        chats.append((video, qs))
+
+    def ask(requests):
+        return [r.get("answer", "").strip() for r in answer_requests(
+            model, tokenizer, requests, sampling=sampling(16), batch_size=32, system_prompt=SYSTEM_PROMPT,
+            progress=progress)]
+
+    alone = ask([{"id": f"{j}-{k}", "videos": [v], "turns": [{"from": "human", "video": 0},
+                                                               {"from": "human", "value": q}]}
+                 for j, (v, qs) in enumerate(chats) for k, (q, _) in enumerate(qs)])
+    alone_hit = {}
+    i = 0
+    for j, (_, qs) in enumerate(chats):
+        for k, (_, a) in enumerate(qs):
+            alone_hit[j, k] = alone[i] == a
+            i += 1
+    history = [[{"from": "human", "video": 0}] for _ in chats]
+    chat_hit = {}
+    for k in range(MULTI_TURN_QUESTIONS):
+        live = [j for j, (_, qs) in enumerate(chats) if k < len(qs)]
+        if not live:
+            break
+        for j in live:
+            history[j].append({"from": "human", "value": chats[j][1][k][0]})
+        answers = ask([{"id": f"{j}-{k}", "videos": [chats[j][0]], "turns": list(history[j])} for j in live])
+        for j, answer in zip(live, answers):
+            history[j].append({"from": "ai", "value": answer})
+            chat_hit[j, k] = answer == chats[j][1][k][1]
+    later = [key for key in chat_hit if key[1] >= 1]
+    mean = lambda keys, hits: float(np.mean([hits[key] for key in keys])) if keys else 0.0  # noqa: E731
+    return {"turns_2plus": mean(later, chat_hit), "alone_2plus": mean(later, alone_hit),
+            "turn_1": mean([key for key in chat_hit if key[1] == 0], chat_hit),
+            "by_turn": [mean([key for key in chat_hit if key[1] == k], chat_hit) for k in range(MULTI_TURN_QUESTIONS)],
+            "n_chats": len(chats), "n_questions": len(chat_hit),
+            "example": history[0] if history else []}
 
 
 def two_video_requests(two_video_file: Path) -> list[dict]:

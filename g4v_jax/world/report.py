@@ -19,6 +19,7 @@ TARGETS = {"video_qa_accuracy": 0.75, "generation_tag_accuracy": 0.9, "generatio
            "safety_f1": 0.9, "lookalike_precision": 0.9}
 QA_KEPT_MARGIN = 0.02
 LEAK_RATE = 0.05  # generated scenes after a video question that take an attribute value from the video
+KEPT_MARGIN = 0.05  # later chat turns against the same questions alone; two-video questions, stage 2 against 1
 COUNT_GAIN = 0.3
 
 
@@ -69,7 +70,7 @@ def markdown_report(r: dict) -> str:
                    f"≥ stage 1 + {_pct(COUNT_GAIN)} and above the blind guesser"),
               _row("Counting, blind guesser", [_pct(r["chance"]["count"])] * 2),
               _row("Two-video question, exact match (the background colour of each video)",
-                   pair(lambda e: e["two_video"]["exact_match"])),
+                   pair(lambda e: e["two_video"]["exact_match"]), f"stage 2 ≥ stage 1 − {_pct(KEPT_MARGIN)}"),
               _row("Generation-tag accuracy (the <video> prompt is the requested scene)",
                    pair(lambda e: e["generation"]["accuracy"]), f"≥ {_pct(TARGETS['generation_tag_accuracy'])}"),
               _row("Generation-tag accuracy, request after a question about a video in the same chat",
@@ -80,6 +81,13 @@ def markdown_report(r: dict) -> str:
         lines += [_row("... its scenes holding an attribute of the video the request did not name (leak rate)",
                        pair(lambda e: leak(e)["leak_rate"]), f"≤ {_pct(LEAK_RATE)}"),
                   _row("... the requested attribute values its scenes keep", pair(lambda e: leak(e)["requested_kept"]))]
+    if "multi_turn" in e2:
+        turns = lambda e: e["multi_turn"]  # noqa: E731
+        lines += [_row("Video questions in turns 2-6 of a chat about one video",
+                       pair(lambda e: turns(e)["turns_2plus"]), f"≥ the same questions alone − {_pct(KEPT_MARGIN)}"),
+                  _row("... the same questions asked alone", pair(lambda e: turns(e)["alone_2plus"])),
+                  _row("... the chat's exact match by turn (1 to 6)",
+                       [" ".join(_pct(x) for x in turns(e)["by_turn"]) for e in (e1, e2)])]
     table = [safety_table({"tasks": e["safety"]["tasks"]}, name).splitlines() for name, e in
              (("Stage 1 model", e1), ("Stage 2 model", e2))]
     second = lambda e: "/".join(_pct(e["safety"]["VG_second_turn"][k]) for k in ("accuracy", "precision", "recall",
@@ -132,6 +140,12 @@ def targets(e2: dict, e1: dict, chance_count: float) -> dict:
                                       "met": gain >= COUNT_GAIN}
     over = e2["count"]["exact_match"] - chance_count
     out["counting_above_blind_guesser"] = {"value": over, "target": "> 0", "met": over > 0}
+    if "multi_turn" in e2:
+        drop = e2["multi_turn"]["turns_2plus"] - e2["multi_turn"]["alone_2plus"]
+        out["chat_turns_2plus_kept"] = {"value": drop, "target": f">= -{KEPT_MARGIN} (against the same questions "
+                                        "alone)", "met": drop >= -KEPT_MARGIN}
+    two = e2["two_video"]["exact_match"] - e1["two_video"]["exact_match"]
+    out["two_video_kept_from_stage1"] = {"value": two, "target": f">= -{KEPT_MARGIN}", "met": two >= -KEPT_MARGIN}
     leakage = e2["generation"]["after_video_question"].get("leakage")
     if leakage is not None:
         out["no_attribute_leakage_after_video"] = {"value": leakage["leak_rate"], "target": f"<= {LEAK_RATE}",
@@ -152,6 +166,9 @@ def key_figures(r: dict) -> dict[str, str]:
             "Generation tags after a video question (stage 1 → stage 2)":
                 both(lambda e: e["generation"]["after_video_question"]["accuracy"]),
             "Two-video question (stage 1 → stage 2)": both(lambda e: e["two_video"]["exact_match"]),
+            "Video questions in chat turns 2-6 / alone (stage 2)":
+                f"{_pct(e2.get('multi_turn', {}).get('turns_2plus', 0.0))} / "
+                f"{_pct(e2.get('multi_turn', {}).get('alone_2plus', 0.0))}",
             "Attribute leak rate after a video question (stage 1 → stage 2)":
                 both(lambda e: e["generation"]["after_video_question"].get("leakage", {}).get("leak_rate", 0.0)),
             "VG F1 / look-alike precision (stage 2)": f"{_pct(vg['f1'])} / {_pct(vg['precision'])}",

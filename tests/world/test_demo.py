@@ -40,7 +40,15 @@ def test_quick_world_run_learns_and_writes_the_report(quick_run):
     assert second_turn["n"] == e2["safety"]["tasks"]["VG"]["n"] and e2["safety"]["errors"] == 0
     after_video = e2["generation"]["after_video_question"]  # the requests again, after a video question
     assert after_video["n"] == e2["generation"]["n"] and after_video["errors"] == 0
+    leakage = after_video["leakage"]  # scenes that took an attribute of the video asked about before
+    assert leakage["n"] == after_video["n"] and 0.0 <= leakage["leak_rate"] <= 1.0
+    multi = e2["multi_turn"]  # up to six questions about one video in one chat, against the same asked alone
+    assert multi["n_chats"] > 0 and multi["n_questions"] > multi["n_chats"]
+    assert [t["from"] for t in multi["example"][1:5]] == ["human", "ai", "human", "ai"]
+    assert {"chat_turns_2plus_kept", "two_video_kept_from_stage1", "no_attribute_leakage_after_video"} <= set(
+        result["targets"])
     md = (report / "report.md").read_text()
+    assert "Video questions in turns 2-6 of a chat about one video" in md and "(leak rate)" in md
     assert "request after a question about a video in the same chat" in md
     assert "VG asked in a chat's second turn" in md
     assert "| Method | VU Acc" in md and "Chat transcript" in md and "Counting objects in videos" in md
