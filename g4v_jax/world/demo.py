@@ -123,9 +123,10 @@ def train_stage(stage: int, out: Path, manifest: Path, tokenizer: Path, steps: i
                 seed: int, progress: bool, batch_size: int = 32, extra: Sequence[str] = ()) -> dict:
 
     # stage 0 packs its text rows; stage 1's rows hold up to two videos (examples.stage1_two_video_examples); stage 2
-    # keeps the real video of examples.stage2_video_examples, so its rows are not packed (packing is for text rows)
+    # keeps the real videos of examples.stage2_video_examples and stage2_two_video_examples, so its rows are not
+    # packed (packing is for text rows)
     rows = {0: [f"data.seq_len={TEXT_SEQ_LEN}", "data.pack_sequences=true"], 1: ["data.max_videos_per_example=2"],
-            2: ["data.stage2_keep_videos=true"]}[stage]
+            2: ["data.stage2_keep_videos=true", "data.max_videos_per_example=2"]}[stage]
     extra = [f"train.global_batch_size={batch_size}", *rows, *extra]
     cfg = stage_config(stage, out, manifest, tokenizer, steps, init_from, seed, extra)
     if (out / f"stage{stage}" / "final").is_dir():  # a finished stage of an interrupted demo is kept

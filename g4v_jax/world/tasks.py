@@ -95,9 +95,9 @@ from g4v_jax.world.language import (
     harmful_requests, harmful_training_requests, ordinary_questions, two_video_answer, video_text
 )
 from g4v_jax.world.examples import (
-    REWRITE_INSTRUCTION, STAGE2_VIDEO_FRACTION, TWO_VIDEO_FRACTION, _pick, _rng, held_out_questions, held_out_scene,
-    stage0_examples, stage0_two_video_examples, stage1_example, stage1_two_video_examples, stage2_examples,
-    stage2_video_examples
+    REWRITE_INSTRUCTION, STAGE2_TWO_VIDEO_FRACTION, STAGE2_VIDEO_FRACTION, TWO_VIDEO_FRACTION, _pick, _rng,
+    held_out_questions, held_out_scene, stage0_examples, stage0_two_video_examples, stage1_example, stage1_two_video_examples, stage2_examples,
+    stage2_two_video_examples, stage2_video_examples
 )
 
 
@@ -314,6 +314,8 @@ def build_world(
     detector = _detector_part(seed, max(2, n_train // 8), stage1, videos)
     stage2_videos = stage2_video_examples(_rng(seed, "stage2-video"), stage1, round(n_text * STAGE2_VIDEO_FRACTION),
                                           harmful_training_requests())
+    stage2_videos += stage2_two_video_examples(_rng(seed, "stage2-two-video"), stage1,
+                                               round(n_text * STAGE2_TWO_VIDEO_FRACTION))
     stage1 = stage1 + stage1_two_video_examples(_rng(seed, "stage1-two-video"), stage1,
                                                 round(n_train * TWO_VIDEO_FRACTION))
     test_qa, test_count, test_videos = _test_part(seed, n_test, videos)

@@ -16,7 +16,7 @@ from g4v_jax.tags import parse_video_tags
 from g4v_jax.world import examples as world_examples
 from g4v_jax.world import language
 from g4v_jax.world.scene import HELD_OUT_PAIRS, caption, parse_caption, parse_noun_phrase, random_scene, same_scene
-from g4v_jax.world.examples import STAGE2_VIDEO_FRACTION, detector_examples
+from g4v_jax.world.examples import STAGE2_TWO_VIDEO_FRACTION, STAGE2_VIDEO_FRACTION, detector_examples
 from g4v_jax.world.language import (
     BACKGROUND_QUESTION,
     COUNT_QUESTION,
@@ -32,6 +32,7 @@ from g4v_jax.world.language import (
     generation_answer,
     ordinary_questions,
     parse_request,
+    two_video_answer,
 )
 from g4v_jax.world.tasks import build_world, world_text
 
@@ -223,8 +224,17 @@ def test_stage2_video_examples_keep_a_stage1_video_and_never_ask_to_count(world)
     """examples.stage2_video_examples: a stage-1 training video (its caption with it), at most a true answer about it,
     then a generation request (whose answer test_generation_answers_hold_the_requested_scene checks)."""
     stage1 = {ex.videos[0]: ex.captions[0] for ex in read_manifest(world.stage1) if len(ex.videos) == 1}
-    rows = [ex for ex in read_manifest(world.stage2) if ex.videos]
-    assert len(rows) == round(world.counts["stage2"] * STAGE2_VIDEO_FRACTION / (1 + STAGE2_VIDEO_FRACTION)) > 0
+    stage2 = read_manifest(world.stage2)
+    rows = [ex for ex in stage2 if len(ex.videos) == 1]
+    twos = [ex for ex in stage2 if len(ex.videos) == 2]
+    n_text = len(stage2) - len(rows) - len(twos)
+    assert len(rows) == round(n_text * STAGE2_VIDEO_FRACTION) > 0
+    # examples.stage2_two_video_examples: stage 1's two-video question, about two of its videos, kept in stage 2
+    assert len(twos) == round(n_text * STAGE2_TWO_VIDEO_FRACTION) > 0
+    for ex in twos:
+        assert [stage1[v] for v in ex.videos] == list(ex.captions) and ex.id.startswith("stage2-two-")
+        assert [t.video for t in ex.turns[:2]] == [0, 1] and ex.turns[2].text == TWO_VIDEO_QUESTION
+        assert ex.turns[3].text == two_video_answer(*map(parse_caption, ex.captions))
     for ex in rows:
         assert len(ex.videos) == 1 and stage1[ex.videos[0]] == ex.captions[0] and ex.turns[0].video == 0
         truth = {**dict(ordinary_questions(parse_caption(ex.captions[0]))), DESCRIBE_INSTRUCTION: ex.captions[0]}
