@@ -39,7 +39,6 @@ import numpy as np
 
 import g4v_jax
 from g4v_jax.config import load_config
-from g4v_jax.data.io import iter_jsonl, resolve_video_path
 from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.eval.caption import CaptionItem, caption_videos, score_captions
 from g4v_jax.eval.qa import read_qa
@@ -48,6 +47,7 @@ from g4v_jax.train.metrics import read_metrics
 from g4v_jax.train import Interrupted
 from g4v_jax.weights import assign_params, load, load_model_config, named_params, param_shapes, save_pretrained
 from g4v_jax.world.demo import FULL, QUICK, RunSize, make_world, pretrain_vision, train_stage, vision_feature_cache
+from g4v_jax.world.evaluation import video_captions
 from g4v_jax.world.evaluation import eval_qa, sampling, split_files
 from g4v_jax.world.language import DESCRIBE_INSTRUCTION, SYSTEM_PROMPT
 
@@ -116,8 +116,7 @@ def step_seconds(metrics_file: Path, skip: int = 3) -> float:
 
 def caption_items(qa_file: Path, catalogue: Path, limit: int):
     """One ``CaptionItem`` per video of ``qa_file`` (at most ``limit``), its reference its own caption."""
-    captions = {str(resolve_video_path(row["video"], catalogue.parent)): row["caption"]
-                for _, row in iter_jsonl(catalogue)}
+    captions = video_captions(catalogue)
     videos = list(dict.fromkeys(it.video for it in read_qa(qa_file)))[:limit]
     return [CaptionItem(Path(v).stem, v, (captions[str(Path(v))],)) for v in videos]
 
