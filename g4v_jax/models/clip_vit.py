@@ -78,14 +78,21 @@ class VisionEmbeddings(nnx.Module):
         return x + self.position_embedding[...].astype(self.dtype)
 
 
+def _in_proj_std(cfg: VisionConfig) -> float:
+    """CLIP's own initialisation (transformers' ``CLIPPreTrainedModel._init_weights``), which scales with width and
+    depth; a flat 0.02 left a tower trained from scratch at chance on shape for hundreds of steps (docs/world.md)."""
+    return cfg.hidden_size**-0.5 * (2 * cfg.num_layers) ** -0.5
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, param_dtype, dtype, attention_impl: str, rngs: nnx.Rngs):
         d = cfg.hidden_size
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.q_proj = Dense(d, d, ("embed", "heads"), **kw)
-        self.k_proj = Dense(d, d, ("embed", "heads"), **kw)
-        self.v_proj = Dense(d, d, ("embed", "heads"), **kw)
-        self.out_proj = Dense(d, d, ("heads", "embed"), **kw)
+        in_std, out_std = _in_proj_std(cfg), d**-0.5
+        self.q_proj = Dense(d, d, ("embed", "heads"), init_std=in_std, **kw)
+        self.k_proj = Dense(d, d, ("embed", "heads"), init_std=in_std, **kw)
+        self.v_proj = Dense(d, d, ("embed", "heads"), init_std=in_std, **kw)
+        self.out_proj = Dense(d, d, ("heads", "embed"), init_std=out_std, **kw)
         self.num_heads = cfg.num_heads
         self.implementation = attention_implementation(attention_impl)
 
@@ -102,8 +109,9 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"),
+                         init_std=(2 * cfg.hidden_size) ** -0.5, **kw)
+        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), init_std=_in_proj_std(cfg), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(quick_gelu(self.fc1(x)))

@@ -89,7 +89,7 @@ class RunSize:
 # FULL's steps are the fewest that reach the demo's figures on the 2-core dev machine; its run times and what
 # fewer steps cost: docs/world.md.
 FULL = RunSize(n_train_videos=2000, n_test_videos=200, n_text=4000, n_stage0_text=4000, vision_clips=4000,
-               vision_steps=600, stage0_steps=600, stage1_steps=600, stage2_steps=400, detector_steps=200,
+               vision_steps=1500, stage0_steps=600, stage1_steps=600, stage2_steps=400, detector_steps=200,
                max_eval=200, sample_videos=4)
 QUICK = RunSize(n_train_videos=160, n_test_videos=32, n_text=800, n_stage0_text=800, vision_clips=320,
                 vision_steps=100, stage0_steps=120, stage1_steps=60, stage2_steps=60, detector_steps=40, max_eval=32,

@@ -35,11 +35,9 @@ Why every pair, measured (full world, seed 0, test videos' patches): trained on 
 held-out pair), the 64-wide tower's shape read-out followed the colour, every training colour appearing with only two
 shapes: 0.28 over all test patches after 1,000 steps and 0.0-0.03 on the held-out pairs' own patches, so the abstractor
 had no shape to pass on for exactly the objects the test asks about (shape QA 9-17%). On rendered clips of every pair
-the same tower reads 0.43 (600 steps, all patches) and the held-out objects no worse than the others. Width decides
-motion: at 600 steps the 64-wide tower read motion at 0.42, 96 wide (this config) 0.83, 128 wide 0.89, with shape
-0.43-0.46 in all three. Shape stays the weak read-out: a patch inside an object is one flat colour, and a
-two-hidden-layer MLP (256 wide) on single 8x8 patches reaches 0.69 on held-out objects after 1,500 steps, so most of
-the outline is there to see but this tower learns it slowly (4 px patches: 0.44 after 600 steps, at 5x the time).
+the tower reads the held-out objects' shapes no worse than the others'. Width decides motion (at 600 steps 64 wide:
+0.42, 96: 0.83, 128: 0.89); how the tower came to read shape at all (its initialisation and step count; at 600 steps
+it read 0.47, near chance): docs/world.md.
 """
 
 from __future__ import annotations

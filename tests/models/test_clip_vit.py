@@ -1,5 +1,7 @@
 """CLIP vision tower vs HF transformers CLIPVisionModel on the same weights (fp32, CPU)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -70,3 +72,30 @@ def test_vit_l14_shapes_and_parameter_count():
                          jax.ShapeDtypeStruct((2, 4, 224, 224, 3), np.uint8))
     assert out.last_hidden_state.shape == (2, 4, 257, 1024)
     assert out.pooled.shape == (2, 4, 1024)
+
+
+def test_a_new_tower_is_initialised_as_transformers_initialises_clip():
+    """Trained from scratch (the world's tower), the initial scale decides how soon shape is learnt at all
+    (docs/world.md): every weight matrix starts with the standard deviation HF's ``CLIPVisionModel`` gives it."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    d, layers = 128, 3
+    cfg = load_config("tiny").model.vision
+    cfg = dataclasses.replace(cfg, hidden_size=d, intermediate_size=4 * d, num_layers=layers, num_heads=4,
+                              temporal_adapter=False)
+    ours = CLIPVisionTower(cfg, rngs=nnx.Rngs(0))
+    torch.manual_seed(0)
+    hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
+                                          num_attention_heads=4, image_size=cfg.image_size,
+                                          patch_size=cfg.patch_size))
+    hf_std = {k: float(v.std()) for k, v in hf.state_dict().items() if k.endswith("weight") and v.ndim >= 2}
+    pairs = {"embeddings.patch_embedding.weight": ours.embeddings.patch_embedding,
+             "embeddings.position_embedding.weight": ours.embeddings.position_embedding}
+    for i, layer in enumerate(ours.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            pairs[f"encoder.layers.{i}.self_attn.{name}.weight"] = getattr(layer.self_attn, name).kernel
+        pairs[f"encoder.layers.{i}.mlp.fc1.weight"] = layer.mlp.fc1.kernel
+        pairs[f"encoder.layers.{i}.mlp.fc2.weight"] = layer.mlp.fc2.kernel
+    for hf_name, p in pairs.items():
+        theirs = hf_std.get(hf_name, hf_std.get("vision_model." + hf_name))
+        assert abs(float(np.std(np.asarray(p[...]))) / theirs - 1) < 0.05, hf_name
