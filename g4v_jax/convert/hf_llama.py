@@ -113,16 +113,21 @@ def load_hf_llama(src: str | Path, overrides=(), *, progress: bool = False) -> t
     """Convert an HF LLaMA checkpoint into a ready ``LlamaForCausalLM`` (LoRA adapters freshly initialised)."""
     tensors = open_checkpoint(src)
     cfg = model_config_for_llm(llama_config_from_hf(read_hf_config(src)), overrides)
+    prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
+    return cfg, build_llama(cfg, tensors, source=str(src), prefix=prefix, progress=progress)
+
+
+def build_llama(cfg: ModelConfig, tensors, *, source: str, prefix: str, progress: bool) -> LlamaForCausalLM:
+    """The ``LlamaForCausalLM`` of ``cfg`` holding ``tensors`` (HF names, decoder under ``prefix``), LoRA fresh."""
     target = abstract_model(cfg)
     shapes = {k: s for k, (s, _) in param_shapes(target).items()}
-    prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
     # a tied checkpoint may still carry lm_head.weight (a copy of the embedding)
     ignore = LLAMA_IGNORE + ((r"^lm_head\.weight$",) if cfg.llm.tie_word_embeddings else ())
-    arrays = convert_llm_params(tensors, shapes, ours="", theirs=prefix, lm_head="lm_head", source=str(src),
+    arrays = convert_llm_params(tensors, shapes, ours="", theirs=prefix, lm_head="lm_head", source=source,
                                 ignore=ignore, progress=progress)
-    model = assign_params(target, {**arrays, **fresh_lora_arrays(target)}, str(src))
+    model = assign_params(target, {**arrays, **fresh_lora_arrays(target)}, source)
     model.eval()  # LoRA dropout off until training asks for it, as g4v_jax.load does
-    return cfg, model
+    return model
 
 
 def export_llama(params: dict[str, np.ndarray], *, ours: str = "", tied: bool = False) -> dict[str, np.ndarray]:
