@@ -121,11 +121,11 @@ def _transformers(path: Path):
 
 
 def _greedy(model, ids: list[int], n: int) -> list[int]:
-    """Our model's greedy continuation, recomputing the whole prefix each token (the reference's plain loop)."""
-    ids = list(ids)
-    for _ in range(n):
-        ids.append(int(np.asarray(model(np.asarray([ids]))[0])[0, -1].argmax()))
-    return ids
+    """``ids`` and our model's greedy continuation of ``n`` tokens (the jitted generation loop, no early stop)."""
+    from g4v_jax.inference.generate import SamplingConfig, generate
+
+    batch = {"input_ids": np.asarray([ids], np.int32), "attention_mask": np.ones((1, len(ids)), bool)}
+    return list(ids) + generate(model, batch, SamplingConfig(max_new_tokens=n), eos_id=-1).tokens[0].tolist()
 
 
 def test_tiny_gguf_matches_transformers_logits_and_greedy_tokens(gguf_file):
