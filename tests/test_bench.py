@@ -61,7 +61,7 @@ def test_multiturn_bench_runs_on_the_tiny_model(tmp_path):
     and through transformers' continuous batching; the caches change no token and skip most of the prompt."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "multiturn.py"), "--tiny", "--users", "2", "--turns",
                           "3", "--answer", "4", "--json", str(tmp_path / "m.json")],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+                         capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads((tmp_path / "m.json").read_text())
     assert report["conversations_identical"] == "2/2"
