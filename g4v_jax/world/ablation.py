@@ -47,8 +47,7 @@ from g4v_jax.train.metrics import read_metrics
 from g4v_jax.train import Interrupted
 from g4v_jax.weights import assign_params, load, load_model_config, named_params, param_shapes, save_pretrained
 from g4v_jax.world.demo import FULL, QUICK, RunSize, make_world, pretrain_vision, train_stage, vision_feature_cache
-from g4v_jax.world.evaluation import video_captions
-from g4v_jax.world.evaluation import eval_qa, sampling, split_files
+from g4v_jax.world.evaluation import eval_qa, sampling, split_files, video_captions
 from g4v_jax.world.language import DESCRIBE_INSTRUCTION, SYSTEM_PROMPT
 
 # the world's abstractor has 32 queries (configs/world/model.yaml); the paper's, 64. Table 5's Q-Formers have 1x and
