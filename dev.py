@@ -8,7 +8,9 @@ and use the README's `python -m ...` commands as written).
 `demo` trains a tiny GPT4Video from scratch on the synthetic video world and judges it (`python -m
 g4v_jax.world.demo`, 12-20 minutes on a 2-core CPU; `--quick` for about two); `forward` runs the jitted forward
 pass of a random model on a written video (`python -m g4v_jax.demo`, seconds); `serve` serves the model `demo` trained
-(`python -m g4v_jax.serve`: the OpenAI-compatible API and the web page on http://127.0.0.1:8000/).
+(`python -m g4v_jax.serve`: the OpenAI-compatible API and the web page on http://127.0.0.1:8000/). `demo --llm smollm2`
+learns the same world with the pretrained SmolLM2-135M-Instruct as the LLM (about an hour), and `serve --llm smollm2`
+serves that model.
 
 Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch`, `eval`, `dev` and `serve` extras,
 then runs the demo or the whole test suite inside it. Extra arguments go to the demo / pytest. `test` also installs what
@@ -92,11 +94,15 @@ def main(argv: list[str]) -> None:
         run(str(PY), "-m", "g4v_jax.world.demo", *rest, env=env)
     elif task == "serve":  # the model `demo` trained, its T2V renderer and input detector, on 127.0.0.1:8000
         world = ROOT / "runs" / "world"
-        if not (world / "stage2" / "final").is_dir():
-            sys.exit("dev.py serve: no trained world model in runs/world; run `python3 dev.py demo` first")
-        run(str(PY), "-m", "g4v_jax.serve", "--ckpt", str(world / "stage2" / "final"), "--t2v", "world",
+        model = world  # `serve --llm smollm2`: the model `demo --llm smollm2` trained on the same world
+        if rest[:1] == ["--llm"] and len(rest) > 1:
+            model, rest = (world if rest[1] == "world" else world / rest[1]), rest[2:]
+        if not (model / "stage2" / "final").is_dir():
+            sys.exit(f"dev.py serve: no trained world model in {model}; run `python3 dev.py demo` "
+                     f"{'' if model == world else '--llm ' + model.name + ' '}first")
+        run(str(PY), "-m", "g4v_jax.serve", "--ckpt", str(model / "stage2" / "final"), "--t2v", "world",
             "--detector", str(world / "detector"), "--media-dir", str(world / "data" / "videos"),
-            "--output-dir", str(world / "serve"), *rest, env=env)
+            "--output-dir", str(model / "serve"), *rest, env=env)
     elif task == "forward":
         run(str(PY), "-m", "g4v_jax.demo", *rest, env=env)
     elif task == "run":

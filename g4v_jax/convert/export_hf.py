@@ -79,6 +79,9 @@ def _module(target: str) -> str:
 
 def _lora_modules(lm: LlamaForCausalLM) -> dict[str, LoRALinear]:
     """Dotted path (``layers.0.self_attn.q_proj``) -> LoRA layer, for every projection that has an adapter."""
+    if lm.scan_layers:
+        raise ValueError("the model's layers are scanned (model.scan_layers=true): export reads them per layer, so "
+                         "load it with g4v_jax.load(dir, ['model.scan_layers=false']) (the same weights)")
     return {".".join(map(str, path)): m for path, m in nnx.iter_graph(lm)
             if isinstance(m, LoRALinear) and m.lora_a is not None}
 
@@ -348,7 +351,8 @@ def main(argv=None) -> None:
                     help="base_model_name_or_path recorded in adapter_config.json (an HF hub name or path)")
     args = ap.parse_intermixed_args(argv)
 
-    model = g4v_jax.load(args.src, args.overrides)
+    # exported per layer, as HF names them: a model trained with scanned layers loads unrolled (same weights)
+    model = g4v_jax.load(args.src, ["model.scan_layers=false", *args.overrides])
     lm = language_model(model)
     dst = Path(args.dst)
     has_lora = bool(_lora_modules(lm))

@@ -36,6 +36,7 @@ import g4v_jax
 from g4v_jax.cli import add_t2v_arguments, fail, guard, setup_logging, t2v_arguments
 from g4v_jax.config import EngineConfig
 from g4v_jax.endpoint import is_loopback
+from g4v_jax.data.template import SYSTEM_PROMPT
 from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.inference.session import make_renderer
 from g4v_jax.safety.checker import load_safety_checker
@@ -44,6 +45,7 @@ from g4v_jax.safety.gates import keyword_prompt_check, make_output_video_check, 
 from g4v_jax.serve.app import create_app
 from g4v_jax.serve.server import ServeConfig, Server
 from g4v_jax.serve.media import MediaLimits
+from g4v_jax.weights import load_model_config
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -85,6 +87,9 @@ def parse_args(argv: Sequence[str] | None):
     ap.add_argument("--video-max-age-h", type=float, default=24, help="hours a generated video is kept (0: no limit)")
     ap.add_argument("--grace", type=float, default=30, help="seconds running requests get to finish on SIGTERM")
     ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
+    ap.add_argument("--system-prompt", default=None,
+                    help="the system prompt of every chat (default: the one the checkpoint was trained with, its "
+                    "config's data.system_prompt; the release's when that is null)")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="compile every program before the first request")
     ap.add_argument("--verbose", action="store_true")
@@ -103,9 +108,13 @@ def build_server(args):
                           max_videos=args.max_videos, prefix_cache=args.prefix_cache,
                           prefill_chunk=args.prefill_chunk, video_cache_mb=args.video_cache_mb)
     api_key = args.api_key if args.api_key is not None else os.environ.get("G4V_API_KEY", "")
+    # a model answers best in the prompt it was trained with (the world's models: none)
+    trained = load_model_config(ckpt).data.system_prompt
+    system_prompt = args.system_prompt if args.system_prompt is not None else (
+        SYSTEM_PROMPT if trained is None else trained)
     cfg = ServeConfig(model_name=args.model_name or ckpt.resolve().name, media_dir=args.media_dir, output_dir=args.output_dir,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_videos=args.max_videos,
-                      max_tokens=args.max_tokens, engine=engine, api_key=api_key,
+                      max_tokens=args.max_tokens, engine=engine, api_key=api_key, system_prompt=system_prompt,
                       allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
                       body_timeout_s=args.body_timeout, keep_videos=args.keep_videos,
                       max_concurrent_decodes=args.max_decodes, clip_cache_mb=args.clip_cache_mb,

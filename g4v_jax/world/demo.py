@@ -1,6 +1,7 @@
 """The synthetic-world run: train a tiny GPT4Video from scratch with the paper's recipe and judge it, on a CPU.
 
     python -m g4v_jax.world.demo [--quick] [--out runs/world] [--seed 0 | --seeds 0,1] [--eval-split test|val]
+                                 [--llm world|smollm2]
 
 No pretrained weights exist here, so the run builds its own world (``g4v_jax.world.scene`` / ``tasks``): rendered
 videos of moving shapes with captions, questions, generation requests and safety dialogues, with held-out
@@ -25,7 +26,8 @@ scripted chat transcript (a video question, then a generation request, a harmful
 at once, a flagged video). Also measured: a question that needs two videos (``language.TWO_VIDEO_QUESTION``).
 ``--seeds 0,1`` runs each seed under ``OUT/seed<N>`` and prints their key figures side by side (``OUT/seeds.md``).
 
-``--quick`` (CI) shrinks data and steps to about two minutes and checks that learning happened (losses fall, QA
+``--llm smollm2`` swaps the from-scratch LLM for the pretrained SmolLM2-135M-Instruct on the same world
+(``g4v_jax.world.pretrained``). ``--quick`` (CI) shrinks data and steps to about two minutes and checks that learning happened (losses fall, QA
 accuracy above chance); its figures are not the targets'.
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 import g4v_jax
 import argparse
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -102,14 +105,18 @@ QUICK = RunSize(n_train_videos=160, n_test_videos=32, n_text=800, n_stage0_text=
 
 
 def stage_config(stage: int, out: Path, manifest: str | Path, tokenizer: str | Path, steps: int,
-                 init_from: str | Path | None, seed: int, extra: Sequence[str] = ()):
-    """The run config of one stage: ``configs/world.yaml`` with that stage's train section."""
+                 init_from: str | Path | None, seed: int, extra: Sequence[str] = (), base: str | Path = "world"):
+    """The run config of one stage: ``base`` (``configs/world.yaml``, or a model directory's ``config.yaml`` with
+    the world's mesh and data sections) with that stage's train section."""
     overrides = [f"train=world/stage{stage}.yaml", f"train.output_dir={out / f'stage{stage}'}",
                  f"train.tokenizer={tokenizer}", f"data.train_manifest={manifest}", f"train.max_steps={steps}",
                  f"train.epochs={10 ** 6}", f"train.seed={seed}", f"data.system_prompt={json.dumps(SYSTEM_PROMPT)}"]
     if init_from is not None:
         overrides.append(f"train.init_from={init_from}")
-    return load_config("world", [*overrides, *extra])
+    if base != "world":
+        world = load_config("world")
+        overrides = ["mesh=mesh/single.yaml", f"data.on_too_long={world.data.on_too_long}", *overrides]
+    return load_config(base, [*overrides, *extra])
 
 
 def loss_summary(metrics_file: Path) -> dict:
@@ -120,7 +127,8 @@ def loss_summary(metrics_file: Path) -> dict:
 
 
 def train_stage(stage: int, out: Path, manifest: Path, tokenizer: Path, steps: int, init_from: Path | None,
-                seed: int, progress: bool, batch_size: int = 32, extra: Sequence[str] = ()) -> dict:
+                seed: int, progress: bool, batch_size: int = 32, extra: Sequence[str] = (),
+                base: str | Path = "world") -> dict:
 
     # stage 0 packs its text rows; stage 1's rows hold up to two videos (examples.stage1_two_video_examples); stage 2
     # keeps the real videos of examples.stage2_video_examples and stage2_two_video_examples, so its rows are not
@@ -128,7 +136,7 @@ def train_stage(stage: int, out: Path, manifest: Path, tokenizer: Path, steps: i
     rows = {0: [f"data.seq_len={TEXT_SEQ_LEN}", "data.pack_sequences=true"], 1: ["data.max_videos_per_example=2"],
             2: ["data.stage2_keep_videos=true", "data.max_videos_per_example=2"]}[stage]
     extra = [f"train.global_batch_size={batch_size}", *rows, *extra]
-    cfg = stage_config(stage, out, manifest, tokenizer, steps, init_from, seed, extra)
+    cfg = stage_config(stage, out, manifest, tokenizer, steps, init_from, seed, extra, base)
     if (out / f"stage{stage}" / "final").is_dir():  # a finished stage of an interrupted demo is kept
         print(f"stage {stage}: already trained ({out / f'stage{stage}' / 'final'})")
     else:
@@ -184,6 +192,27 @@ def train_detector(detector_file: Path, out: Path, steps: int, image_size: int, 
                                    seed=seed, progress=progress)
     save_frame_classifier(model, out)
     return model
+
+
+def evaluate(out: Path, tokenizer, world, detector, eval_split: str, max_eval: int, sample_videos: int,
+             report_dir: Path, progress: bool) -> tuple[dict, list[dict]]:
+    """({"stage1": figures, "stage2": figures}, the chat transcript) of the models under ``out/stage{1,2}/final``."""
+    files = split_files(world, eval_split)
+    evals = {}
+    for name in ("stage1", "stage2"):
+        model = g4v_jax.load(out / name / "final")
+        evals[name] = {
+            "qa": eval_qa(model, tokenizer, files["qa"], max_eval, progress),
+            "count": eval_qa(model, tokenizer, files["count"], max_eval, progress),
+            "generation": eval_generation(model, tokenizer, files["generation"], max_eval,
+                                          report_dir / name, sample_videos if name == "stage2" else 0, progress,
+                                          qa_file=files["qa"], catalogue=world.catalogue),
+            "safety": eval_safety(model, tokenizer, files["safety"], files["generation"], detector, max_eval,
+                                  progress),
+            "two_video": eval_two_video(model, tokenizer, files["two_video"], max_eval, progress),
+            "multi_turn": eval_multi_turn(model, tokenizer, files["qa"], world.catalogue, max_eval, progress),
+        }
+    return evals, chat_transcript(model, tokenizer, detector, world, report_dir, eval_split)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -256,23 +285,10 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
                               progress=progress)
     t = lap("detector", t)
 
-    files = split_files(world, eval_split)
-    evals = {}
-    for name in ("stage1", "stage2"):
-        model = g4v_jax.load(out / name / "final")
-        evals[name] = {
-            "qa": eval_qa(model, tokenizer, files["qa"], size.max_eval, progress),
-            "count": eval_qa(model, tokenizer, files["count"], size.max_eval, progress),
-            "generation": eval_generation(model, tokenizer, files["generation"], size.max_eval,
-                                          report_dir / name, size.sample_videos if name == "stage2" else 0, progress,
-                                          qa_file=files["qa"], catalogue=world.catalogue),
-            "safety": eval_safety(model, tokenizer, files["safety"], files["generation"], detector, size.max_eval,
-                                  progress),
-            "two_video": eval_two_video(model, tokenizer, files["two_video"], size.max_eval, progress),
-            "multi_turn": eval_multi_turn(model, tokenizer, files["qa"], world.catalogue, size.max_eval, progress),
-        }
-    chat = chat_transcript(model, tokenizer, detector, world, report_dir, eval_split)
+    evals, chat = evaluate(out, tokenizer, world, detector, eval_split, size.max_eval, size.sample_videos,
+                           report_dir, progress)
     t = lap("eval", t)
+    files = split_files(world, eval_split)
     chance = {"qa": chance_accuracy(files["qa"]), "count": chance_accuracy(files["count"])}
     seconds["total"] = time.perf_counter() - t0
     result = {"mode": "quick" if quick else "full", "seed": seed, "seconds": seconds, "training": training,
@@ -293,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1: one run per seed under "
                     "OUT/seed<N>, then their key figures side by side (OUT/seeds.md)")
+    ap.add_argument("--llm", choices=("world", "smollm2"), default="world",
+                    help="world: the world's LLM, trained from scratch (stage 0); smollm2: the pretrained "
+                    "SmolLM2-135M-Instruct, frozen, with LoRA (g4v_jax.world.pretrained; under OUT/smollm2, sharing "
+                    "OUT's world and vision tower)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--eval-split", choices=("test", "val"), default="test",
                     help="judge on the test split (the report) or the validation split (to choose settings)")
@@ -308,10 +328,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(set(seeds)) != len(seeds):
             ap.error(f"--seeds names a seed twice: {args.seeds!r}")
         runs = [(s, Path(args.out) / f"seed{s}") for s in seeds]
+    if args.llm == "world":
+        train_and_judge = run
+    else:
+        from g4v_jax.world import pretrained  # it builds on this module
+        train_and_judge = functools.partial(pretrained.run, llm=args.llm)
     results = []
     for seed, out in runs:
         try:
-            result = run(out, quick=args.quick, seed=seed, progress=not args.no_progress, eval_split=args.eval_split)
+            result = train_and_judge(out, quick=args.quick, seed=seed, progress=not args.no_progress,
+                                     eval_split=args.eval_split)
         except Interrupted as e:  # the stage in training checkpointed; finished stages are kept
             print(f"{e} (the demo: run the same demo command again)", file=sys.stderr)
             return 0

