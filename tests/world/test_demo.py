@@ -210,3 +210,16 @@ def test_the_world_on_smollm2_quick_trains_the_right_parts_exports_and_serves(qu
         assert reply.finish_reason in ("stop", "length") and reply.message.content is not None
     finally:
         running.stop()
+
+
+def test_the_page_script_asks_about_a_world_video_then_for_a_video(quick_run):
+    """``python -m g4v_jax.world.page``: the trained model behind the real server, the page in headless Chromium."""
+    from g4v_jax.world import page
+
+    out, _ = quick_run
+    assert page.main(["--run", str(out), "--video", "test-00000.mp4", "--timeout", "300"]) == 0
+    shown = json.loads((out / "report" / "page.json").read_text())
+    assert shown["caption"] and shown["question"] == page.DEFAULT_QUESTION and shown["request"] == page.DEFAULT_REQUEST
+    assert isinstance(shown["answer"], str) and isinstance(shown["reply"], str)
+    assert not shown["answer"].startswith("error:") and not shown["reply"].startswith("error:")
+    assert (out / "report" / "page.png").stat().st_size > 0
