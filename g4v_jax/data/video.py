@@ -406,6 +406,27 @@ def declared_video_shape(path: str | os.PathLike, timeout_s: float = DECODE_TIME
         return _claimed_frames(container, stream), int(ctx.height or 0), int(ctx.width or 0)
 
 
+def declared_frame_rate(path: str | os.PathLike, timeout_s: float = DECODE_TIMEOUT_S) -> float:
+    """Frames per second as a video file's header states them (0.0 if it states none), read without decoding."""
+    source = check_video_path(path)
+    container = _open(source, _Deadline(source, timeout_s))
+    with container, _reading(source, "reading the video's header"):
+        if not container.streams.video:
+            raise VideoReadError(f"{source!r}: contains no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        return float(rate) if rate else 0.0
+
+
+def pad_clip(clip: VideoClip, num_frames: int) -> VideoClip:
+    """``clip``'s real frames in a clip of ``num_frames`` slots (>= its real frames), the rest masked as a short
+    video's are (the last frame repeated)."""
+    real = [f for f, m in zip(clip.frames, clip.frame_mask) if m]
+    if len(real) > num_frames:
+        raise ValueError(f"a clip of {len(real)} frames does not fit {num_frames} slots")
+    return _assemble_clip(real, num_frames, clip.frames.shape[1], "repeat_last", clip.source)
+
+
 def _decode_video_at(path: str, wanted: np.ndarray, size: int, resize: str,
                      deadline: _Deadline) -> tuple[list[np.ndarray], int]:
     """Decode up to the last wanted index, keeping only wanted frames (already resized, so memory stays small).

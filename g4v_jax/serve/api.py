@@ -2,9 +2,13 @@
 
 In: ``{"model", "messages": [{"role": "system"|"developer"|"user"|"assistant", "content": str | [part]}],
 "max_tokens" (or "max_completion_tokens"), "temperature", "top_p", "top_k" (vLLM's), "seed", "stop": str | [str],
-"n": 1, "stream", "stream_options": {"include_usage"}, "user"}``; a part is ``{"type": "text", "text"}`` or
-``{"type": "video_url", "video_url": {"url"}}``. A user message's videos precede its text in the conversation, as the
-template puts them. ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs`` and ``top_logprobs``
+"n": 1, "stream", "stream_options": {"include_usage"}, "user", "media_io_kwargs", "mm_processor_kwargs"}``; a part is
+``{"type": "text", "text"}``, ``{"type": "video_url", "video_url": {"url"}}`` or ``{"type": "image_url", "image_url":
+{"url"}}``. Consecutive ``image_url`` parts of one message are one video's frames, in order (what lmms-eval's and
+VLMEvalKit's OpenAI clients send), as is vLLM's ``data:video/jpeg;base64,<frame>,<frame>,...``. A user message's
+videos precede its text in the conversation, as the template puts them. vLLM's per-request frame sampling,
+``media_io_kwargs: {"video": {"num_frames", "fps"}}`` or ``mm_processor_kwargs: {"num_frames", "fps"}``, is honoured
+or refused, never ignored (``VideoOptions``). ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs`` and ``top_logprobs``
 are accepted only at their neutral values (this server does not implement them); every list and string is bounded
 by ``RequestLimits`` before any work that grows with it.
 
@@ -26,7 +30,8 @@ from g4v_jax.data.template import Turn
 
 KNOWN_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
               "stream", "stream_options", "user", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
-              "top_logprobs", "top_k"}
+              "top_logprobs", "top_k", "media_io_kwargs", "mm_processor_kwargs"}
+MAX_FPS = 240.0
 # Accepted only at their neutral value: this server does not implement them, and a request that asks for them gets a
 # 400 rather than an answer that silently ignored them.
 UNSUPPORTED = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
@@ -67,11 +72,32 @@ class APIError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoPart:
+    """One video of a request: a video URL, or the URLs of its frames (consecutive ``image_url`` parts, or a
+    ``data:video/jpeg`` URL of base64 frames, split later), and where it sits in the request."""
+
+    urls: tuple[str, ...]
+    frames: bool  # True: ``urls`` are images, one per frame
+    where: str  # "messages[i].content[j]" (the first part of a frame run)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoOptions:
+    """vLLM's per-request frame sampling: read ``num_frames`` frames (at most the model's T; fewer are masked as a
+    short video is) or the frames at ``fps`` per second (a video file only: frames sent as images have no time);
+    ``None``: the model's own sampling of T frames. ``where`` names the field the values came from."""
+
+    num_frames: int | None = None
+    fps: float | None = None
+    where: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class ChatCall:
     """A parsed request: the conversation as template turns, the video URLs in order, and the settings."""
 
     turns: list[Turn]
-    video_urls: list[tuple[str, str]]  # (url, where: "messages[i].content[j]")
+    videos: list[VideoPart]
     system_prompt: str | None
     max_tokens: int | None
     temperature: float
@@ -82,6 +108,7 @@ class ChatCall:
     stream: bool
     include_usage: bool
     messages: tuple[dict, ...] = ()  # the conversation as {"role", "content": text} (a chat template's input)
+    video_options: VideoOptions = VideoOptions()
 
 
 def _number(obj: Mapping, key: str, default: float, low: float, high: float) -> float:
@@ -149,7 +176,7 @@ def parse_chat(obj: Any, *, max_videos: int, default_temperature: float = 0.0,
                        param="messages")
     turns: list[Turn] = []
     plain: list[dict] = []
-    urls: list[tuple[str, str]] = []
+    urls: list[VideoPart] = []
     system = None
     chars = 0
     for i, m in enumerate(messages):
@@ -177,9 +204,9 @@ def parse_chat(obj: Any, *, max_videos: int, default_temperature: float = 0.0,
                 turns.append(Turn("ai", text))
             plain.append({"role": "assistant", "content": text})
             continue
-        for url, part_where in videos:
+        for part in videos:
             turns.append(Turn("human", video=len(urls)))
-            urls.append((url, part_where))
+            urls.append(part)
         if text.strip():
             turns.append(Turn("human", text))
         plain.append({"role": "user", "content": text})
@@ -205,7 +232,51 @@ def parse_chat(obj: Any, *, max_videos: int, default_temperature: float = 0.0,
     top_k = _integer(obj, "top_k", -1)  # vLLM's convention: -1 or 0 turn it off
     return ChatCall(turns, urls, system, max_tokens, _number(obj, "temperature", default_temperature, 0.0, 2.0),
                     _number(obj, "top_p", 1.0, 1e-6, 1.0), max(top_k or 0, 0), seed or 0, stop, bool(stream),
-                    bool(options.get("include_usage", False)), tuple(plain))
+                    bool(options.get("include_usage", False)), tuple(plain), video_options(obj))
+
+
+def _sampling_fields(value: Any, where: str) -> tuple[int | None, float | None]:
+    """(num_frames, fps) of a ``{"num_frames", "fps"}`` object; any other key is a 400 naming it."""
+    if value is None:
+        return None, None
+    if not isinstance(value, Mapping):
+        raise APIError(400, f"'{where}' must be an object", param=where)
+    other = sorted(str(k) for k in value if k not in ("num_frames", "fps"))
+    if other:
+        raise APIError(400, f"'{where}': {[show_value(k) for k in other[:5]]} not supported; this server's video "
+                            "sampling takes num_frames and fps", param=where)
+    n, fps = value.get("num_frames"), value.get("fps")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise APIError(400, f"'{where}.num_frames' must be an integer >= 1, got {show_value(n)}",
+                       param=f"{where}.num_frames")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS):
+        raise APIError(400, f"'{where}.fps' must be a number in (0, {MAX_FPS:g}], got {show_value(fps)}",
+                       param=f"{where}.fps")
+    return n, None if fps is None else float(fps)
+
+
+def video_options(obj: Mapping) -> VideoOptions:
+    """``media_io_kwargs.video`` / ``mm_processor_kwargs`` (vLLM's names) -> ``VideoOptions``; both at once, or
+    num_frames and fps at once, is a 400 (which would win is not obvious; vLLM's models differ)."""
+    media = obj.get("media_io_kwargs")
+    if media is not None:
+        if not isinstance(media, Mapping) or set(media) - {"video"}:
+            raise APIError(400, "'media_io_kwargs' takes {\"video\": {\"num_frames\", \"fps\"}} here (this "
+                                "model reads videos only)", param="media_io_kwargs")
+        media = media.get("video")
+    found = [(where, _sampling_fields(value, where)) for where, value in
+             (("media_io_kwargs.video", media), ("mm_processor_kwargs", obj.get("mm_processor_kwargs")))
+             if value is not None]
+    found = [(w, f) for w, f in found if f != (None, None)]
+    if not found:
+        return VideoOptions()
+    if len(found) > 1:
+        raise APIError(400, "give the frame sampling in media_io_kwargs.video or in mm_processor_kwargs, not both",
+                       param="mm_processor_kwargs")
+    where, (n, fps) = found[0]
+    if n is not None and fps is not None:
+        raise APIError(400, f"'{where}': give num_frames or fps, not both", param=where)
+    return VideoOptions(n, fps, where)
 
 
 def _stops(stop: Any, limits: RequestLimits) -> tuple[str, ...]:
@@ -221,7 +292,7 @@ def _stops(stop: Any, limits: RequestLimits) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _content(content: Any, where: str, limits: RequestLimits) -> tuple[list[str], list[tuple[str, str]]]:
+def _content(content: Any, where: str, limits: RequestLimits) -> tuple[list[str], list[VideoPart]]:
     if isinstance(content, str):
         return [_string(content, f"{where}.content")], []
     if content is None:
@@ -231,21 +302,35 @@ def _content(content: Any, where: str, limits: RequestLimits) -> tuple[list[str]
     if len(content) > limits.max_parts:
         raise APIError(400, f"{where}.content has {len(content)} parts; this server takes at most "
                             f"{limits.max_parts}", param=f"{where}.content")
-    texts, videos = [], []
+    texts: list[str] = []
+    videos: list[VideoPart] = []
+    frames: list[str] = []  # the image_url run being read
+    first = where
     for j, part in enumerate(content):
         pw = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind != "image_url" and frames:
+            videos.append(VideoPart(tuple(frames), True, first))
+            frames = []
         if kind == "text":
             texts.append(_string(part.get("text"), f"{pw}.text"))
-        elif kind == "video_url":
-            ref = part.get("video_url")
+        elif kind in ("video_url", "image_url"):
+            ref = part.get(kind)
             url = ref.get("url") if isinstance(ref, Mapping) else ref
             if not isinstance(url, str):
-                raise APIError(400, f"{pw}: video_url must be {{\"url\": string}}", param=pw)
-            videos.append((_string(url, f"{pw}.video_url.url"), pw))
+                raise APIError(400, f"{pw}: {kind} must be {{\"url\": string}}", param=pw)
+            url = _string(url, f"{pw}.{kind}.url")
+            if kind == "video_url":
+                videos.append(VideoPart((url,), url[:16].lower().startswith("data:video/jpeg"), pw))
+            else:
+                if not frames:
+                    first = pw
+                frames.append(url)
         else:
-            raise APIError(400, f"{pw}: unsupported content part type {show_value(kind)} (this model takes 'text' and "
-                                "'video_url')", param=pw)
+            raise APIError(400, f"{pw}: unsupported content part type {show_value(kind)} (this model takes 'text', "
+                                "'video_url' and 'image_url': consecutive images are one video's frames)", param=pw)
+    if frames:
+        videos.append(VideoPart(tuple(frames), True, first))
     return texts, videos
 
 
@@ -261,9 +346,13 @@ def completion_id() -> str:
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "refused": "stop"}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, video_frames: list[int] | None = None) -> dict:
+    """OpenAI's usage, and ``video_frames``: the frames the model read of each video of the request, in order."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if video_frames is not None:
+        out["video_frames"] = list(video_frames)
+    return out
 
 
 def completion(cid: str, model: str, text: str, finish: str, use: dict, jobs: list[dict], *,

@@ -5,7 +5,7 @@ name the field in OpenAI's error shape, which FastAPI's own validation would not
 
 from __future__ import annotations
 
-from g4v_jax.serve.api import UNSUPPORTED, RequestLimits
+from g4v_jax.serve.api import MAX_FPS, UNSUPPORTED, RequestLimits
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
@@ -26,6 +26,21 @@ def chat_request_schema(limits: RequestLimits, max_videos: int, model_name: str)
                       "properties": {"url": {"type": "string", "minLength": 1,
                                              "description": "data:video/<type>;base64,... or file://<name> inside "
                                                             "the media directory"}}}}}
+    image_part = {"type": "object", "required": ["type", "image_url"], "additionalProperties": False,
+                  "properties": {"type": {"const": "image_url"}, "image_url": {
+                      "type": "object", "required": ["url"], "additionalProperties": False,
+                      "properties": {"url": {"type": "string", "minLength": 1,
+                                             "description": "one frame: data:image/<type>;base64,... or "
+                                                            "file://<name> inside the media directory; consecutive "
+                                                            "image parts are one video's frames"},
+                                                     "detail": {"enum": ["auto", "low", "high"],
+                                                                "description": "accepted; every frame is resized to "
+                                                                               "the model's input"}}}}}
+    sampling = {"type": ["object", "null"], "additionalProperties": False,
+                "properties": {"num_frames": {"type": "integer", "minimum": 1,
+                                              "description": "at most the model's frames a video"},
+                               "fps": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_FPS}}}
+
     def message(roles: list[str], parts: list[dict]) -> dict:
         content = {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": limits.max_parts,
                                                   "items": {"oneOf": parts}}]}
@@ -33,7 +48,7 @@ def chat_request_schema(limits: RequestLimits, max_videos: int, model_name: str)
                 "properties": {"role": {"enum": roles}, "content": content, "name": {"type": "string"}}}
 
     messages = {"oneOf": [message(["system", "developer", "assistant"], [text_part]),
-                          message(["user"], [text_part, video_part])]}
+                          message(["user"], [text_part, video_part, image_part])]}
     neutral = {key: {"enum": list(values)} if not isinstance(values[0], dict)
                else {"type": "object", "maxProperties": 0} for key, values in UNSUPPORTED.items()}
     return {
@@ -58,6 +73,10 @@ def chat_request_schema(limits: RequestLimits, max_videos: int, model_name: str)
             "stream_options": {"type": ["object", "null"], "additionalProperties": False,
                                "properties": {"include_usage": {"type": "boolean"}}},
             "user": {"type": ["string", "null"], "maxLength": limits.max_user_chars},
+            "media_io_kwargs": {"type": ["object", "null"], "additionalProperties": False,
+                                "properties": {"video": sampling},
+                                "description": "vLLM's: the frames to read of each video (num_frames or fps)"},
+            "mm_processor_kwargs": {**sampling, "description": "vLLM's: num_frames or fps, as media_io_kwargs.video"},
             **neutral,
         },
     }

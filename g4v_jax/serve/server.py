@@ -24,7 +24,7 @@ from g4v_jax.inference.session import STOP_STRING, check_vocab, model_info, with
 from g4v_jax.inference.text import finish_answer
 from g4v_jax.serve import api
 from g4v_jax.serve.jobs import VideoJobs
-from g4v_jax.serve.media import MediaLimits, load_video_part
+from g4v_jax.serve.media import FrameRequest, MediaLimits, load_frames_part, load_video_part
 
 logger = logging.getLogger(__name__)
 
@@ -158,19 +158,26 @@ class Server:
 
     # ------------------------------------------------------------------------------------------------ one request
 
-    def load_video(self, url: str, where: str, gate: bool = True):
-        """One video part -> (clip, flagged by the input gate), on a worker thread; ``MediaError`` names the part.
-        At most ``max_concurrent_decodes`` decode at once: even a header probe decodes one frame at the declared
-        size (up to ``max_frame_pixels``), so concurrency, not only each video, must be bounded."""
+    def load_video(self, url: str, where: str, gate: bool = True, *, frames: tuple[str, ...] | None = None,
+                   read: FrameRequest = FrameRequest()):
+        """One video part (or, with ``frames``, the image URLs of one video's frames) -> (clip, flagged by the input
+        gate), on a worker thread; ``MediaError`` names the part. At most ``max_concurrent_decodes`` decode at once:
+        even a header probe decodes one frame at the declared size (up to ``max_frame_pixels``), so concurrency, not
+        only each video, must be bounded."""
+        common = dict(media_dir=self.media_dir, upload_dir=self.upload_dir, limits=self.cfg.limits,
+                      num_frames=self.info.num_frames, size=self.info.image_size, sampling=self.info.sampling,
+                      resize=self.info.resize, gate=self.video_gate if gate else None, cache=self.clips, read=read)
         with self._decoding:
-            return load_video_part(url, where, media_dir=self.media_dir, upload_dir=self.upload_dir,
-                                   limits=self.cfg.limits, num_frames=self.info.num_frames, size=self.info.image_size,
-                                   sampling=self.info.sampling, resize=self.info.resize,
-                                   gate=self.video_gate if gate else None, cache=self.clips)
+            if frames is not None:
+                return load_frames_part(frames, where, **common)
+            return load_video_part(url, where, **common)
 
     def load_videos(self, call: api.ChatCall) -> tuple[list, bool]:
-        """Decode every video part -> (clips, any flagged by the input gate)."""
-        out = [self.load_video(url, where) for url, where in call.video_urls]
+        """Decode every video of the request -> (clips, any flagged by the input gate)."""
+        o = call.video_options
+        read = FrameRequest(o.num_frames, o.fps, o.where)
+        out = [self.load_video(v.urls[0], v.where, frames=v.urls if v.frames else None, read=read)
+               for v in call.videos]
         return [clip for clip, _ in out], any(flagged for _, flagged in out)
 
     def engine_request(self, call: api.ChatCall, clips: list) -> EngineRequest:

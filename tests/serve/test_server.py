@@ -292,8 +292,8 @@ BAD_INPUTS = [
     ("a FIFO", lambda w: _with_video("file://fifo.mp4"), 400, "is a FIFO"),
     ("a remote URL", lambda w: _with_video("https://example.com/v.mp4"), 400, "does not fetch remote URLs"),
     ("an unknown content-part type", lambda w: {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400,
-     "unsupported content part type 'image_url'"),
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}, 400,
+     "unsupported content part type 'input_audio'"),
     ("too many videos", lambda w: {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "file://a.mp4"}}] * 5 + [{"type": "text", "text": "?"}]}]}, 400,
      "5 videos in one request; this server takes at most 4"),

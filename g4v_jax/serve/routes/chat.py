@@ -34,12 +34,13 @@ async def chat_completions(request: Request):
     server = server_of(request)
     call, clips, flagged = await _read_call(request, server)
     cid = api.completion_id()
+    frames = [c.num_real_frames for c in clips]  # usage.video_frames: what the model read of each video
     if flagged:  # the model never sees the video
         server.metrics.requests.labels("refused_input").inc()
-        return _refusal(cid, server.cfg.model_name, call.stream, call.include_usage)
+        return _refusal(cid, server.cfg.model_name, call.stream, call.include_usage, frames)
     events: asyncio.Queue = asyncio.Queue()
     handle = _submit(server, call, clips, events)
-    answer = _Answer(server, request, cid)
+    answer = _Answer(server, request, cid, frames)
     if not call.stream:
         return await answer.whole(handle, events)
     return StreamingResponse(answer.stream(handle, events, call.include_usage), media_type="text/event-stream",
@@ -81,8 +82,8 @@ def _submit(server: Server, call: api.ChatCall, clips: list, events: asyncio.Que
 class _Answer:
     """The engine's answer to one request, as a ``chat.completion`` or as a stream of chunks."""
 
-    def __init__(self, server: Server, request: Request, cid: str) -> None:
-        self.server, self.request, self.cid = server, request, cid
+    def __init__(self, server: Server, request: Request, cid: str, video_frames: list[int]) -> None:
+        self.server, self.request, self.cid, self.video_frames = server, request, cid, video_frames
         self.model = server.cfg.model_name
 
     def account(self, result) -> dict:
@@ -94,7 +95,7 @@ class _Answer:
         if result.token_times:
             m.ttft.observe(result.ttft)
             m.latency.observe(result.token_times[-1] - result.submitted)
-        use = api.usage(result.prompt_tokens, len(result.tokens))
+        use = api.usage(result.prompt_tokens, len(result.tokens), self.video_frames)
         self.request.state.usage = use
         if result.finish_reason == "error":
             logger.error("the engine failed request %s: %s", self.cid, result.error)
@@ -170,17 +171,17 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _refusal(cid: str, model_name: str, stream: bool, include_usage: bool):
+def _refusal(cid: str, model_name: str, stream: bool, include_usage: bool, video_frames: list[int]):
     if not stream:
-        return JSONResponse(api.completion(cid, model_name, POLITE_REFUSAL, "refused", api.usage(0, 0), [],
-                                           refusal=True))
+        return JSONResponse(api.completion(cid, model_name, POLITE_REFUSAL, "refused",
+                                           api.usage(0, 0, video_frames), [], refusal=True))
 
     async def sse():
         yield _sse(api.chunk(cid, model_name, {"role": "assistant", "content": ""}))
         yield _sse(api.chunk(cid, model_name, {"content": POLITE_REFUSAL}))
         yield _sse(api.chunk(cid, model_name, {"refusal": POLITE_REFUSAL}, "refused"))
         if include_usage:
-            yield _sse(api.chunk(cid, model_name, {}, use=api.usage(0, 0), choices=False))
+            yield _sse(api.chunk(cid, model_name, {}, use=api.usage(0, 0, video_frames), choices=False))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream")
