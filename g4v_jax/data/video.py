@@ -392,28 +392,29 @@ def _claimed_frames(container, stream) -> int:
     return int(round(seconds * float(rate)))
 
 
-def declared_video_shape(path: str | os.PathLike, timeout_s: float = DECODE_TIMEOUT_S) -> tuple[int, int, int]:
-    """(frames, height, width) as a video file's header states them (frames 0 if it states none), read without
-    decoding: what a server checks before it agrees to decode an upload. ``VideoReadError`` if the file cannot be
-    opened."""
+@contextlib.contextmanager
+def _video_header(path: str | os.PathLike, timeout_s: float):
+    """(container, its first video stream), opened for reading the header only."""
     source = check_video_path(path)
     container = _open(source, _Deadline(source, timeout_s))
     with container, _reading(source, "reading the video's header"):
         if not container.streams.video:
             raise VideoReadError(f"{source!r}: contains no video stream")
-        stream = container.streams.video[0]
+        yield container, container.streams.video[0]
+
+
+def declared_video_shape(path: str | os.PathLike, timeout_s: float = DECODE_TIMEOUT_S) -> tuple[int, int, int]:
+    """(frames, height, width) as a video file's header states them (frames 0 if it states none), read without
+    decoding: what a server checks before it agrees to decode an upload. ``VideoReadError`` if the file cannot be
+    opened."""
+    with _video_header(path, timeout_s) as (container, stream):
         ctx = stream.codec_context
         return _claimed_frames(container, stream), int(ctx.height or 0), int(ctx.width or 0)
 
 
 def declared_frame_rate(path: str | os.PathLike, timeout_s: float = DECODE_TIMEOUT_S) -> float:
     """Frames per second as a video file's header states them (0.0 if it states none), read without decoding."""
-    source = check_video_path(path)
-    container = _open(source, _Deadline(source, timeout_s))
-    with container, _reading(source, "reading the video's header"):
-        if not container.streams.video:
-            raise VideoReadError(f"{source!r}: contains no video stream")
-        stream = container.streams.video[0]
+    with _video_header(path, timeout_s) as (_, stream):
         rate = stream.average_rate or stream.guessed_rate
         return float(rate) if rate else 0.0
 
