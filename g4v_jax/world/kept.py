@@ -84,13 +84,13 @@ def _hit(answer: str, keyword: str) -> bool:
 
 
 def chat_prompts(tokenizer) -> list[list[int]]:
-    """Each general prompt as a user turn in the tokenizer's own chat template, ready for the answer."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
-                                          add_generation_prompt=True) for q, _ in GENERAL_PROMPTS]
-
-
-def _ids(prompt) -> list[int]:
-    return list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+    """Each general prompt's ids as a user turn in the tokenizer's own chat template, ready for the answer."""
+    out = []
+    for q, _ in GENERAL_PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                            add_generation_prompt=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))  # transformers 5 returns a mapping
+    return out
 
 
 def text_batch(tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +122,7 @@ def measure_ours(model, tokenizer) -> dict:
     lm = language_model(model)
     ids, mask = text_batch(tokenizer, HELD_OUT_TEXT)
     ppl = perplexity_from_logits(np.asarray(_logits(lm, jnp.asarray(ids), jnp.asarray(mask)), np.float64), ids, mask)
-    prompts = [_ids(p) for p in chat_prompts(tokenizer)]
+    prompts = chat_prompts(tokenizer)
     width = max(map(len, prompts))
     batch = {"input_ids": np.zeros((len(prompts), width), np.int32),
              "attention_mask": np.zeros((len(prompts), width), bool)}
@@ -149,7 +149,6 @@ def measure_transformers(base_dir: str | Path, adapter_dir: str | Path | None, t
                        attention_mask=torch.tensor(mask, dtype=torch.long)).logits.double().numpy()
         tokens = []
         for p in chat_prompts(tokenizer):
-            p = _ids(p)
             gen = model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                  max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
