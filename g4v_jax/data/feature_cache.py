@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ META = "meta.json"
 
 
 def entry_path(cache_dir: str | Path, video_path: str) -> Path:
-    key = hashlib.sha1(str(Path(video_path).absolute()).encode()).hexdigest()
+    # abspath also folds "a/../b": two manifests that spell one file differently share its entry
+    key = hashlib.sha1(os.path.abspath(video_path).encode()).hexdigest()
     return Path(cache_dir) / f"{key}.npz"
 
 
