@@ -199,11 +199,15 @@ class ChatSession:
                                                                  pow2(conv.num_videos), self._info)
         return turns, conv, batch
 
-    def _engine(self, num_videos: int):
-        """The session's one-slot engine (cache = the model's context), rebuilt only if a prompt holds more videos
-        than it was sized for."""
-        if self._engine_obj is None or self._engine_obj.cfg.max_videos < num_videos:
-            cfg = EngineConfig(num_slots=1, max_length=self._info.context, max_videos=max(4, pow2(num_videos)))
+    def _engine(self, num_videos: int, need: int):
+        """The session's one-slot engine. Its cache holds ``need`` positions (prompt + answer budget) rounded up to
+        a power of two, at least 512 and at most the context. It is rebuilt, re-reading the conversation once, only
+        when a prompt outgrows it or holds more videos than it was sized for: a decode step reads the whole cache,
+        so a cache of the full context made every step of a short chat read 8192 positions on SmolLM2."""
+        cfg = None if self._engine_obj is None else self._engine_obj.cfg
+        if cfg is None or cfg.max_videos < num_videos or cfg.max_length < need:
+            cfg = EngineConfig(num_slots=1, max_length=min(self._info.context, max(512, pow2(need))),
+                               max_videos=max(4, pow2(num_videos)))
             self._engine_obj = Engine(self.model, self.tokenizer, cfg, eos_id=self._info.eos_id)
         return self._engine_obj
 
@@ -221,7 +225,7 @@ class ChatSession:
             self.pending = []
             return Answer(POLITE_REFUSAL, [], 0)
         turns, conv = self.conversation(text)
-        engine = self._engine(conv.num_videos)
+        engine = self._engine(conv.num_videos, len(conv) + self.sampling.max_new_tokens)
         clips = [(c.frames, c.frame_mask) for c in self.clips[:conv.num_videos]]
         handle = engine.submit(EngineRequest.from_conversation(
                                    conv, clips, self.sampling, seed=self.seed + self._asked if seed is None else seed),
