@@ -17,6 +17,11 @@ from g4v_jax.world import demo, evaluation
 from g4v_jax.world import report as world_report
 
 
+# The tests on one quick run share a worker under `pytest -n 2 --dist loadgroup` (as dev.py runs them): a
+# module-scoped fixture is otherwise built once per worker, and this one trains a whole world.
+pytestmark = pytest.mark.xdist_group("quick_world")
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick_run")
