@@ -89,6 +89,30 @@ def test_session_history_streaming_and_determinism(world):
     assert session.turns == [] and session.clips == [] and session.pending == []
 
 
+def test_session_cache_grows_with_the_conversation_and_answers_as_a_full_context_cache(world):
+    """The session's cache starts at 512 positions and is rebuilt larger only when a prompt outgrows it; the answers
+    are those of a session whose cache holds the whole context from the start."""
+    from g4v_jax.inference.engine import Engine, EngineConfig
+
+    cfg = load_config("tiny", ["model.llm.max_position_embeddings=2048"]).model
+    model = build_model(cfg)
+    long_question = "What happens in this video? " * 100
+    answers = {}
+    for cache in ("grows", "whole context"):
+        session = inference.ChatSession(model, world["tokenizer"], SamplingConfig(max_new_tokens=8))
+        if cache == "whole context":
+            session._engine_obj = Engine(model, world["tokenizer"], EngineConfig(num_slots=1, max_length=2048))
+        lengths, texts = [], []
+        for question in ("What happens in this video?", long_question, "And then?"):
+            texts.append(session.ask(question).text)
+            lengths.append(session._engine_obj.cfg.max_length)
+        answers[cache] = texts
+        if cache == "grows":
+            assert lengths[0] == 512 and lengths[1] == lengths[2] > 512, lengths
+            assert len(session.last_prompt_ids) + 8 <= lengths[2]
+    assert answers["grows"] == answers["whole context"]
+
+
 def test_session_errors(world, tmp_path):
     session = inference.ChatSession(world["model"], world["tokenizer"], SamplingConfig(max_new_tokens=8))
     with pytest.raises(VideoReadError, match="broken.mp4"):
