@@ -235,6 +235,29 @@ def make_world(out: Path, size: RunSize, seed: int):
     return world, tok_dir
 
 
+class Laps:
+    """Seconds per named step of a run: ``t = laps("stage1", t)`` closes the step begun at ``t``."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, start: float) -> float:
+        self.seconds[name] = time.perf_counter() - start
+        return time.perf_counter()
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": time.perf_counter() - self.start}
+
+
+def judged(world, evals: dict, eval_split: str) -> dict:
+    """The report's verdict on ``evals`` ({"stage1", "stage2"} figures on ``eval_split``): the blind guesser's
+    accuracies and the targets met."""
+    files = split_files(world, eval_split)
+    chance = {"qa": chance_accuracy(files["qa"]), "count": chance_accuracy(files["count"])}
+    return {"chance": chance, "targets": targets(evals["stage2"], evals["stage1"], chance["count"])}
+
+
 def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = True, eval_split: str = "test"
         ) -> dict:
     """The whole run of the module docstring; ``eval_split="val"`` judges on the validation videos and requests
@@ -247,15 +270,9 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     report_dir = out / "report"
     report_dir.mkdir(exist_ok=True)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    def lap(name: str, start: float) -> float:
-        seconds[name] = time.perf_counter() - start
-        return time.perf_counter()
-
+    lap = Laps()
     world_cfg = load_config("world")
-    t = t0
+    t = lap.start
     world, tok_dir = make_world(out, size, seed)
     tokenizer = load_tokenizer(tok_dir)
     t = lap("data", t)
@@ -287,15 +304,10 @@ def run(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool =
 
     evals, chat = evaluate(out, tokenizer, world, detector, eval_split, size.max_eval, size.sample_videos,
                            report_dir, progress)
-    t = lap("eval", t)
-    files = split_files(world, eval_split)
-    chance = {"qa": chance_accuracy(files["qa"]), "count": chance_accuracy(files["count"])}
-    seconds["total"] = time.perf_counter() - t0
-    result = {"mode": "quick" if quick else "full", "seed": seed, "seconds": seconds, "training": training,
+    lap("eval", t)
+    result = {"mode": "quick" if quick else "full", "seed": seed, "seconds": lap.total(), "training": training,
               "data": {k: str(v) for k, v in dataclasses.asdict(world).items() if isinstance(v, Path)},
-              "eval_split": eval_split,
-              "chance": chance,
-              "eval": evals, "targets": targets(evals["stage2"], evals["stage1"], chance["count"]), "chat": chat,
+              "eval_split": eval_split, "eval": evals, **judged(world, evals, eval_split), "chat": chat,
               "report_dir": str(report_dir)}
     (report_dir / "report.json").write_text(json.dumps(result, indent=1, default=str))
     (report_dir / "report.md").write_text(markdown_report(result))

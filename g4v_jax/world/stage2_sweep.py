@@ -1,0 +1,150 @@
+"""Stage 2 on a pretrained LLM, setting by setting: what it taught against what it cost the LLM.
+
+    python -m g4v_jax.world.stage2_sweep --out runs/world --variant lr=1e-3,steps=120 \\
+        --variant lr=3e-4,steps=40 --variant lr=3e-4,steps=120,rehearsal=0.25
+
+Each variant trains stage 2 again from a finished ``demo --llm LLM`` run's stage-1 checkpoint
+(``OUT/LLM/stage1/final``), under ``OUT/LLM/sweep/NAME``, with the run's batch and sequence length. It is then judged
+on the validation split, where settings are chosen (the run's report is on the test split):
+
+- what stage 2 must teach: generation-tag accuracy, and the safety benchmark's VG (refusals) and VU F1;
+- what the LLM kept (``world.kept``): held-out perplexity and general answers, adapters on, against the LLM before
+  stage 1, with the thresholds ``kept.KEPT_THRESHOLDS``.
+
+Variant keys: ``lr``, ``steps``, ``rehearsal`` (the share of stage 2's rows that rehearse the LLM's own general
+answers, ``world.rehearsal``; 0: none) and ``temperature`` (of those answers: 1 samples the LLM, 0 takes its greedy
+answer). Unnamed keys take ``pretrained.PRETRAINED_FULL``'s values. ``OUT/LLM/sweep/sweep.{json,md}`` collect the rows;
+a variant already measured is read back, not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+VARIANT_KEYS = ("lr", "steps", "rehearsal", "temperature")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    lr: float
+    steps: int
+    rehearsal: float
+    temperature: float
+
+    @property
+    def name(self) -> str:
+        return f"lr{self.lr:g}_steps{self.steps}_rehearsal{self.rehearsal:g}_t{self.temperature:g}"
+
+
+def parse_variant(text: str, defaults: Variant) -> Variant:
+    """``"lr=3e-4,steps=40"`` -> a Variant (unnamed keys from ``defaults``); a ValueError names what is wrong."""
+    values = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in VARIANT_KEYS:
+            raise ValueError(f"{part!r}: a variant is key=value pairs with keys {', '.join(VARIANT_KEYS)}")
+        try:
+            values[key] = int(value) if key == "steps" else float(value)
+        except ValueError:
+            raise ValueError(f"{part!r}: {value!r} is not a number") from None
+    v = dataclasses.replace(defaults, **values)
+    if v.lr <= 0 or v.steps < 1 or not 0 <= v.rehearsal < 1 or v.temperature not in (0.0, 1.0):
+        raise ValueError(f"{text!r}: needs lr > 0, steps >= 1, 0 <= rehearsal < 1, temperature 0 or 1")
+    return v
+
+
+def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> dict:
+    """Train stage 2 as ``v`` from ``out/llm``'s stage-1 checkpoint and measure it (module docstring)."""
+    import g4v_jax
+    from g4v_jax.data.tokenizer import load_tokenizer
+    from g4v_jax.world import kept
+    from g4v_jax.world.demo import FULL, make_world, train_detector, train_stage
+    from g4v_jax.world.evaluation import eval_generation, eval_safety, split_files
+    from g4v_jax.world.pretrained import PRETRAINED_FULL, SEQ_LEN
+    from g4v_jax.world.rehearsal import stage2_manifest
+
+    root = out / llm
+    here = root / "sweep" / v.name
+    result_file = here / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    here.mkdir(parents=True, exist_ok=True)
+    world, _ = make_world(out, FULL, seed)
+    manifest = world.stage2
+    if v.rehearsal:
+        manifest = stage2_manifest(root / "llm", world.stage2, here, v.rehearsal, seed, temperature=v.temperature)
+    training = train_stage(2, here, manifest, root / "assembled", v.steps, root / "stage1" / "final", seed, progress,
+                           PRETRAINED_FULL.batch_size, [f"data.vision_cache={out / 'vision_cache'}",
+                                                        f"data.seq_len={SEQ_LEN}", f"train.learning_rate={v.lr}"],
+                           base=root / "assembled" / "config.yaml")
+    tokenizer = load_tokenizer(root / "llm")
+    scanned = ["model.scan_layers=true"]
+    model = g4v_jax.load(here / "stage2" / "final", scanned)
+    detector = train_detector(world.detector_train, out / "detector", FULL.detector_steps, image_size=32, seed=seed,
+                              progress=progress)
+    files = split_files(world, "val")
+    limit = PRETRAINED_FULL.max_eval
+    generation = eval_generation(model, tokenizer, files["generation"], limit, here, 0, progress)
+    safety = eval_safety(model, tokenizer, files["safety"], files["generation"], detector, limit, progress)
+    before = kept.measure_ours(g4v_jax.load(root / "llm", scanned), tokenizer)
+    after = kept.measure_ours(model, tokenizer)
+    result = {"variant": dataclasses.asdict(v), "name": v.name, "split": "val", "stage2_last_loss":
+              training["last_loss"], "generation_tags": generation["accuracy"],
+              "VG_f1": safety["tasks"]["VG"]["f1"], "VU_f1": safety["tasks"]["VU"]["f1"],
+              "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+              "right_before": before["right"], "right_after": after["right"], **kept.compare(before, after),
+              "answers_after": after["answers"]}
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(rows: Sequence[dict]) -> str:
+    from g4v_jax.world.kept import GENERAL_PROMPTS
+
+    n = f"of {len(GENERAL_PROMPTS)}"
+    lines = ["| stage 2: lr, steps | rehearsal (share, temperature) | last loss | generation tags | VG F1 | VU F1 | "
+             "held-out perplexity | general answers right | kept? |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v = r["variant"]
+        reh = f"{v['rehearsal']:g}, T={v['temperature']:g}" if v["rehearsal"] else "none"
+        lines.append(f"| {v['lr']:g}, {v['steps']} | {reh} | {r['stage2_last_loss']:.3f} | "
+                     f"{100 * r['generation_tags']:.1f} | {100 * r['VG_f1']:.1f} | {100 * r['VU_f1']:.1f} | "
+                     f"{r['perplexity_before']:.1f} -> {r['perplexity_after']:.1f} "
+                     f"({100 * r['perplexity_rise']:+.1f}%) | {r['right_before']} -> {r['right_after']} {n} | "
+                     f"{'kept' if r['kept'] else 'NOT kept'} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from g4v_jax.world.pretrained import LLMS, PRETRAINED_FULL
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/world", help="the demo's folder (with OUT/LLM's finished stage 1)")
+    ap.add_argument("--llm", choices=tuple(LLMS), default="smollm2")
+    ap.add_argument("--variant", action="append", required=True, help="key=value[,key=value...] (module docstring)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    defaults = Variant(PRETRAINED_FULL.stage2_learning_rate, PRETRAINED_FULL.stage2_steps,
+                       PRETRAINED_FULL.rehearsal_fraction, 1.0)
+    try:
+        variants = [parse_variant(text, defaults) for text in args.variant]
+    except ValueError as e:
+        ap.error(f"--variant {e}")
+    root = Path(args.out) / args.llm
+    if not (root / "stage1" / "final").is_dir():
+        ap.error(f"{root / 'stage1' / 'final'} not found: run python -m g4v_jax.world.demo --llm {args.llm} first")
+    rows = [run_variant(Path(args.out), args.llm, v, args.seed, not args.no_progress) for v in variants]
+    (root / "sweep" / "sweep.json").write_text(json.dumps(rows, indent=1))
+    (root / "sweep" / "sweep.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

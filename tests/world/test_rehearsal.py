@@ -1,0 +1,106 @@
+"""Stage 2's general rehearsal: its questions stay clear of what `world.kept` measures, cut answers are dropped, and
+the mixed manifest holds the asked share of rehearsal rows with the world's videos still found."""
+
+import re
+
+import pytest
+
+from g4v_jax.data.io import resolve_video_path
+from g4v_jax.data.manifest import read_manifest
+from g4v_jax.world import kept, rehearsal
+
+_FRAME = set("what is the a an of to in on for do does you how many are there which who was by me one give write short "
+             "sentence about name known largest make".split())
+
+
+def _words(text):
+    return set(re.findall(r"[a-z]+", text.lower())) - _FRAME
+
+
+def test_rehearsal_questions_do_not_ask_what_kept_measures():
+    keywords = [k for _, k in kept.GENERAL_PROMPTS for k in k.split("|")]
+    assert len(set(rehearsal.REHEARSAL_QUESTIONS)) == len(rehearsal.REHEARSAL_QUESTIONS)
+    for q in rehearsal.REHEARSAL_QUESTIONS:
+        assert not [k for k in keywords if re.search(rf"\b{k}\b", q.lower())], q
+        for g, _ in kept.GENERAL_PROMPTS:
+            a, b = _words(q), _words(g)
+            assert len(a & b) <= len(a | b) // 3, (q, g)
+
+
+class _Tokenizer:
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def test_answers_cut_at_the_budget_are_dropped(monkeypatch):
+    rows = [[5, 6, 2], [5, 6, 2], [7, 8, 9], [2], [4, 2], [3, 2]]  # per question: ended twice alike; cut, empty
+    asked = []
+
+    def answers(lm, tok, questions, n, temperature, seed):
+        asked.extend(questions)
+        assert temperature == 1.0 and n == 3  # draws from the LLM's own distribution
+        return rows[:len(questions)]
+
+    monkeypatch.setattr(kept, "chat_answers", answers)
+    got = rehearsal.rehearsal_examples(None, _Tokenizer(), ["q0", "q1", "q2"], max_new_tokens=3, samples=2)
+    assert asked == ["q0", "q0", "q1", "q1", "q2", "q2"]
+    assert [(e.turns[0].text, e.turns[1].text) for e in got] == [("q0", "w5 w6"), ("q2", "w4"), ("q2", "w3")]
+    assert all(not e.videos and e.turns[1].role == "ai" for e in got)
+    monkeypatch.setattr(kept, "chat_answers", lambda lm, tok, questions, n, **kw: [[7, 8, 9]] * len(questions))
+    with pytest.raises(ValueError, match="no rehearsal answer ended within 3 tokens"):
+        rehearsal.rehearsal_examples(None, _Tokenizer(), ["q"], max_new_tokens=3)
+
+
+def _world_manifest(root):
+    import json
+    (root / "data" / "videos").mkdir(parents=True)
+    lines = []
+    for i in range(30):
+        conv = [{"from": "human", "value": f"make clip {i}"}, {"from": "ai", "value": "Sure"}]
+        row = {"id": f"stage2-{i:06d}", "conversation": conv}
+        if i % 3 == 0:
+            row = {"id": f"stage2-video-{i:06d}", "videos": [f"videos/v{i}.mp4"],
+                   "conversation": [{"from": "human", "video": 0}, *conv]}
+            (root / "data" / "videos" / f"v{i}.mp4").write_bytes(b"x")
+        lines.append(json.dumps(row))
+    (root / "data" / "stage2.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "data" / "stage2.jsonl"
+
+
+def test_mixed_manifest_holds_the_share_and_finds_the_world_videos(tmp_path, monkeypatch):
+    world = _world_manifest(tmp_path)
+    monkeypatch.setattr(kept, "chat_answers", lambda lm, tok, questions, n, **kw: [[4, 2]] * len(questions))
+    ex = rehearsal.rehearsal_examples(None, _Tokenizer(), ["qa", "qb", "qc", "qd"])
+    out = tmp_path / "run" / "smollm2" / "stage2_mixed.jsonl"
+    out.parent.mkdir(parents=True)
+    rehearsal.mixed_manifest(world, ex, out, 0.25, seed=0)
+    rows = read_manifest(out)
+    mine = [r for r in rows if r.id.startswith("rehearsal")]
+    assert len(rows) == 40 and len(mine) == 10 and len({r.id for r in rows}) == 40
+    assert {r.turns[0].text for r in mine} == {"qa", "qb", "qc", "qd"}
+    videos = [resolve_video_path(v, out.parent) for r in rows for v in r.videos]
+    assert len(videos) == 10 and all(open(v, "rb").read() == b"x" for v in videos)
+    again = tmp_path / "again.jsonl"
+    rehearsal.mixed_manifest(world, ex, again, 0.25, seed=0)
+    assert [r.id for r in read_manifest(again)] == [r.id for r in rows]
+    with pytest.raises(ValueError, match="fraction"):
+        rehearsal.mixed_manifest(world, ex, again, 1.0, seed=0)
+
+
+def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
+    from g4v_jax.world.stage2_sweep import Variant, parse_variant, table
+
+    base = Variant(3e-4, 120, 0.25, 1.0)
+    v = parse_variant("lr=1e-3,steps=40,rehearsal=0", base)
+    assert v == Variant(1e-3, 40, 0.0, 1.0) and v.name == "lr0.001_steps40_rehearsal0_t1"
+    assert parse_variant("", base) == base
+    for bad, why in (("lr=0", "lr > 0"), ("steps=x", "not a number"), ("batch=4", "keys lr, steps"),
+                     ("rehearsal=1", "rehearsal < 1"), ("temperature=0.5", "temperature 0 or 1"), ("lr", "keys")):
+        with pytest.raises(ValueError, match=why):
+            parse_variant(bad, base)
+    row = {"variant": {"lr": 3e-4, "steps": 40, "rehearsal": 0.0, "temperature": 1.0}, "stage2_last_loss": 0.46,
+           "generation_tags": 0.958, "VG_f1": 0.0, "VU_f1": 1.0, "perplexity_before": 22.8, "perplexity_after": 23.5,
+           "perplexity_rise": 0.03, "right_before": 10, "right_after": 10, "kept": True}
+    assert "| 0.0003, 40 | none | 0.460 | 95.8 | 0.0 | 100.0 | 22.8 -> 23.5 (+3.0%) | 10 -> 10 of 12 | kept |" in table([row])
