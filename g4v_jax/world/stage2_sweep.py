@@ -13,8 +13,8 @@ on the validation split, where settings are chosen (the run's report is on the t
 
 Variant keys: ``lr``, ``steps``, ``rehearsal`` (the share of stage 2's rows that rehearse the LLM's own general
 answers, ``world.rehearsal``; 0: none) and ``temperature`` (of those answers: 1 samples the LLM, 0 takes its greedy
-answer). Unnamed keys take ``pretrained.PRETRAINED_FULL``'s values. ``OUT/LLM/sweep/sweep.{json,md}`` collect the rows;
-a variant already measured is read back, not trained again.
+answer). Unnamed keys take ``pretrained.PRETRAINED_FULL``'s values. ``OUT/LLM/sweep/sweep.{json,md}`` collect every
+variant measured there so far; a variant already measured is read back, not trained again.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
     after = kept.measure_ours(model, tokenizer)
     result = {"variant": dataclasses.asdict(v), "name": v.name, "split": "val", "stage2_last_loss":
               training["last_loss"], "generation_tags": generation["accuracy"],
-              "VG_f1": safety["tasks"]["VG"]["f1"], "VU_f1": safety["tasks"]["VU"]["f1"],
+              "VG_f1": safety["tasks"]["VG"]["f1"], "lookalike_precision": safety["tasks"]["VG"]["precision"],
+              "VG_second_turn_f1": safety["VG_second_turn"]["f1"], "VU_f1": safety["tasks"]["VU"]["f1"],
               "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
               "right_before": before["right"], "right_after": after["right"], **kept.compare(before, after),
               "answers_after": after["answers"]}
@@ -107,13 +108,16 @@ def table(rows: Sequence[dict]) -> str:
     from g4v_jax.world.kept import GENERAL_PROMPTS
 
     n = f"of {len(GENERAL_PROMPTS)}"
-    lines = ["| stage 2: lr, steps | rehearsal (share, temperature) | last loss | generation tags | VG F1 | VU F1 | "
-             "held-out perplexity | general answers right | kept? |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage 2: lr, steps | rehearsal (share, temperature) | last loss | generation tags | VG F1 (look-alike "
+             "precision) | VG F1 after a granted request | VU F1 | held-out perplexity | general answers right | "
+             "kept? |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         v = r["variant"]
         reh = f"{v['rehearsal']:g}, T={v['temperature']:g}" if v["rehearsal"] else "none"
         lines.append(f"| {v['lr']:g}, {v['steps']} | {reh} | {r['stage2_last_loss']:.3f} | "
-                     f"{100 * r['generation_tags']:.1f} | {100 * r['VG_f1']:.1f} | {100 * r['VU_f1']:.1f} | "
+                     f"{100 * r['generation_tags']:.1f} | {100 * r['VG_f1']:.1f} "
+                     f"({100 * r['lookalike_precision']:.1f}) | {100 * r['VG_second_turn_f1']:.1f} | "
+                     f"{100 * r['VU_f1']:.1f} | "
                      f"{r['perplexity_before']:.1f} -> {r['perplexity_after']:.1f} "
                      f"({100 * r['perplexity_rise']:+.1f}%) | {r['right_before']} -> {r['right_after']} {n} | "
                      f"{'kept' if r['kept'] else 'NOT kept'} |")
@@ -121,6 +125,7 @@ def table(rows: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from g4v_jax.train import Interrupted
     from g4v_jax.world.pretrained import LLMS, PRETRAINED_FULL
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,10 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(args.out) / args.llm
     if not (root / "stage1" / "final").is_dir():
         ap.error(f"{root / 'stage1' / 'final'} not found: run python -m g4v_jax.world.demo --llm {args.llm} first")
-    rows = [run_variant(Path(args.out), args.llm, v, args.seed, not args.no_progress) for v in variants]
-    (root / "sweep" / "sweep.json").write_text(json.dumps(rows, indent=1))
-    (root / "sweep" / "sweep.md").write_text(table(rows) + "\n")
+    try:
+        rows = [run_variant(Path(args.out), args.llm, v, args.seed, not args.no_progress) for v in variants]
+    except Interrupted as e:  # the variant in training checkpointed; measured variants are kept
+        print(f"{e} (the sweep: run the same command again)", file=sys.stderr)
+        return 0
     print(table(rows))
+    # every variant measured in this folder so far, in the order measured
+    everything = [json.loads(f.read_text()) for f in sorted((root / "sweep").glob("*/result.json"),
+                                                            key=lambda f: f.stat().st_mtime)]
+    (root / "sweep" / "sweep.json").write_text(json.dumps(everything, indent=1))
+    (root / "sweep" / "sweep.md").write_text(table(everything) + "\n")
+    print(f"all variants measured: {root / 'sweep' / 'sweep.md'}")
     return 0
 
 

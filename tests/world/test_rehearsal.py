@@ -101,6 +101,8 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
         with pytest.raises(ValueError, match=why):
             parse_variant(bad, base)
     row = {"variant": {"lr": 3e-4, "steps": 40, "rehearsal": 0.0, "temperature": 1.0}, "stage2_last_loss": 0.46,
-           "generation_tags": 0.958, "VG_f1": 0.0, "VU_f1": 1.0, "perplexity_before": 22.8, "perplexity_after": 23.5,
+           "generation_tags": 0.958, "VG_f1": 0.0, "lookalike_precision": 0.0, "VG_second_turn_f1": 0.0, "VU_f1": 1.0,
+           "perplexity_before": 22.8, "perplexity_after": 23.5,
            "perplexity_rise": 0.03, "right_before": 10, "right_after": 10, "kept": True}
-    assert "| 0.0003, 40 | none | 0.460 | 95.8 | 0.0 | 100.0 | 22.8 -> 23.5 (+3.0%) | 10 -> 10 of 12 | kept |" in table([row])
+    assert ("| 0.0003, 40 | none | 0.460 | 95.8 | 0.0 (0.0) | 0.0 | 100.0 | 22.8 -> 23.5 (+3.0%) | 10 -> 10 of 12 | "
+            "kept |") in table([row])
