@@ -51,3 +51,10 @@ def train_data(tmp_path_factory):
     write_manifest(root / "train.jsonl", examples)
     build_bpe_tokenizer(corpus * 4, root / "tokenizer", vocab_size=512)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of an xdist group run one after another on one worker, so they are collected first: a long group
+    started last (tests/world sorts last) would end the run alone on one worker while the other sits idle."""
+    grouped = [item for item in items if item.get_closest_marker("xdist_group")]
+    items[:] = grouped + [item for item in items if not item.get_closest_marker("xdist_group")]

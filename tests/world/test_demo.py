@@ -17,12 +17,13 @@ from g4v_jax.world import demo, evaluation
 from g4v_jax.world import report as world_report
 
 
-# The tests on one quick run share a worker under `pytest -n 2 --dist loadgroup` (as dev.py runs them): a
-# module-scoped fixture is otherwise built once per worker, and this one trains a whole world.
+# The tests on one quick run share a worker under `pytest -n 2 --dist loadgroup` (as dev.py runs them; conftest
+# collects grouped tests first): the fixture is otherwise built once per worker, and it trains a whole world. Session
+# scope: a worker that runs another module's test between two of these keeps it.
 pytestmark = pytest.mark.xdist_group("quick_world")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick_run")
     return out, demo.run(out, quick=True, progress=False)
