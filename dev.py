@@ -110,8 +110,7 @@ def main(argv: list[str]) -> None:
         run(str(PY), "-m", *args, env=env)
     elif task == "test":
         ensure_system()
-        # loadgroup: the tests marked xdist_group share one worker, and so one build of their module's fixture
-        run(str(PY), "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "--durations=30", *rest, env=env)
+        run(str(PY), "-m", "pytest", "-q", "-n", "2", "--durations=30", *rest, env=env)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,12 @@ def train_data(tmp_path_factory):
     return root
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "early: a long test, collected first so that the workers start with it")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The tests of an xdist group run one after another on one worker, so they are collected first: a long group
-    started last (tests/world sorts last) would end the run alone on one worker while the other sits idle."""
-    grouped = [item for item in items if item.get_closest_marker("xdist_group")]
-    items[:] = grouped + [item for item in items if not item.get_closest_marker("xdist_group")]
+    """Tests marked ``early`` are collected first: a long test started last (tests/world sorts last) would end the
+    run alone on one worker while the other sits idle."""
+    early = [item for item in items if item.get_closest_marker("early")]
+    items[:] = early + [item for item in items if not item.get_closest_marker("early")]

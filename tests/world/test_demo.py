@@ -17,10 +17,9 @@ from g4v_jax.world import demo, evaluation
 from g4v_jax.world import report as world_report
 
 
-# The tests on one quick run share a worker under `pytest -n 2 --dist loadgroup` (as dev.py runs them; conftest
-# collects grouped tests first): the fixture is otherwise built once per worker, and it trains a whole world. Session
-# scope: a worker that runs another module's test between two of these keeps it.
-pytestmark = pytest.mark.xdist_group("quick_world")
+# Collected first (conftest): the quick world takes minutes to train, so each worker starts with it rather than
+# ending the run on it. Session scope: a worker that runs another module's test between two of these keeps it.
+pytestmark = pytest.mark.early
 
 
 @pytest.fixture(scope="session")
