@@ -185,7 +185,11 @@ def main(argv=None) -> int:
         return clip(pixel_values=pixels).last_hidden_state
 
     gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=args.answer)
-    cb = ContinuousBatchingConfig(max_requests_per_batch=args.users, allow_block_sharing=True)
+    # the same cache as our engine's (users x pow2(longest) positions): on CPU, transformers otherwise sizes it from
+    # the machine's whole RAM, which a test beside it then loses to the OOM killer
+    block = 32
+    cb = ContinuousBatchingConfig(max_requests_per_batch=args.users, allow_block_sharing=True, block_size=block,
+                                  num_blocks=args.users * -(-pow2(longest) // block), max_batch_tokens=pow2(longest))
     with torch.no_grad(), hf.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
                                                                   block=True, timeout=5) as manager:
         run_peer(manager, workload(args.users, args.turns, cfg.llm.vocab_size, k, frames_shape, seed=9), args.answer,
