@@ -52,13 +52,3 @@ def train_data(tmp_path_factory):
     build_bpe_tokenizer(corpus * 4, root / "tokenizer", vocab_size=512)
     return root
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "early: a long test, collected first so that the workers start with it")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``early`` are collected first: a long test started last (tests/world sorts last) would end the
-    run alone on one worker while the other sits idle."""
-    early = [item for item in items if item.get_closest_marker("early")]
-    items[:] = early + [item for item in items if not item.get_closest_marker("early")]

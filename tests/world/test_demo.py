@@ -17,9 +17,7 @@ from g4v_jax.world import demo, evaluation
 from g4v_jax.world import report as world_report
 
 
-# Collected first (conftest): the quick world takes minutes to train, so each worker starts with it rather than
-# ending the run on it. Session scope: a worker that runs another module's test between two of these keeps it.
-pytestmark = pytest.mark.early
+# Session scope: a worker that runs another module's test between two of these keeps the world it trained.
 
 
 @pytest.fixture(scope="session")
