@@ -37,8 +37,9 @@ def engine_row(suite: Suite, hf, ours) -> dict:
 
     work = engine_requests(suite)
     slots = suite.engine["slots"]
-    engine = Engine(ours, None, EngineConfig(num_slots=slots, max_length=pow2(max(len(p) + b for p, b in work)),
-                                             min_bucket=32, max_queue=len(work)), eos_id=-1)
+    length = pow2(max(len(p) + b for p, b in work))
+    engine = Engine(ours, None, EngineConfig(num_slots=slots, max_length=length, min_bucket=32, max_queue=len(work)),
+                    eos_id=-1)
     first = timed(engine.warmup)
 
     def run_ours():
@@ -47,7 +48,10 @@ def engine_row(suite: Suite, hf, ours) -> dict:
         return [list(h.result().tokens) for h in handles]
 
     gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=suite.engine["budget"][1])
-    cb = ContinuousBatchingConfig(max_requests_per_batch=slots)
+    # the same cache as our engine's: on CPU, transformers otherwise sizes its KV cache from the whole RAM (14.9 GB
+    # peak RSS on the tiny suite), and a test beside it is lost to the OOM killer
+    cb = ContinuousBatchingConfig(max_requests_per_batch=slots, block_size=32, num_blocks=slots * -(-length // 32),
+                                  max_batch_tokens=length)
 
     run_ours()  # warm-up, as the peer's below
     t_ours, ours_tokens = timed_result(run_ours)
