@@ -58,6 +58,22 @@ def parse_variant(text: str, defaults: Variant) -> Variant:
     return v
 
 
+def measure_before(root: Path) -> dict:
+    """``world.kept``'s measure of the untuned LLM in ``root/llm``: once per sweep folder (``root/sweep/before.json``),
+    since every variant is compared with the same LLM."""
+    cached = root / "sweep" / "before.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    import g4v_jax
+    from g4v_jax.data.tokenizer import load_tokenizer
+    from g4v_jax.world import kept
+
+    before = kept.measure_ours(g4v_jax.load(root / "llm", ["model.scan_layers=true"]), load_tokenizer(root / "llm"))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(before, indent=1))
+    return before
+
+
 def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> dict:
     """Train stage 2 as ``v`` from ``out/llm``'s stage-1 checkpoint and measure it (module docstring)."""
     import g4v_jax
@@ -91,7 +107,7 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
     limit = PRETRAINED_FULL.max_eval
     generation = eval_generation(model, tokenizer, files["generation"], limit, here, 0, progress)
     safety = eval_safety(model, tokenizer, files["safety"], files["generation"], detector, limit, progress)
-    before = kept.measure_ours(g4v_jax.load(root / "llm", scanned), tokenizer)
+    before = measure_before(root)
     after = kept.measure_ours(model, tokenizer)
     result = {"variant": dataclasses.asdict(v), "name": v.name, "split": "val", "stage2_last_loss":
               training["last_loss"], "generation_tags": generation["accuracy"],
