@@ -39,11 +39,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from g4v_jax.config import EngineConfig, load_config  # noqa: E402
 from g4v_jax.inference.engine import Engine, EngineRequest  # noqa: E402
 from g4v_jax.inference.generate import SamplingConfig, pow2  # noqa: E402
 from g4v_jax.models.gpt4video import build_model  # noqa: E402
+from common import hf_cb_config  # noqa: E402
 
 SMOLLM_VIT_B16 = [
     "model.llm.vocab_size=49152", "model.llm.hidden_size=576", "model.llm.intermediate_size=1536",
@@ -144,7 +146,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     if args.tiny:
         args.model = "tiny"
@@ -185,11 +186,7 @@ def main(argv=None) -> int:
         return clip(pixel_values=pixels).last_hidden_state
 
     gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=args.answer)
-    # the same cache as our engine's (users x pow2(longest) positions): on CPU, transformers otherwise sizes it from
-    # the machine's whole RAM, which a test beside it then loses to the OOM killer
-    block = 32
-    cb = ContinuousBatchingConfig(max_requests_per_batch=args.users, allow_block_sharing=True, block_size=block,
-                                  num_blocks=args.users * -(-pow2(longest) // block), max_batch_tokens=pow2(longest))
+    cb = hf_cb_config(args.users, pow2(longest), allow_block_sharing=True)
     with torch.no_grad(), hf.continuous_batching_context_manager(generation_config=gen, continuous_batching_config=cb,
                                                                   block=True, timeout=5) as manager:
         run_peer(manager, workload(args.users, args.turns, cfg.llm.vocab_size, k, frames_shape, seed=9), args.answer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common import Context, Suite, timed, timed_result
+from common import Context, Suite, hf_cb_config, timed, timed_result
 
 ORDER = 30  # where the group's rows stand in the table
 
@@ -29,7 +29,6 @@ def engine_row(suite: Suite, hf, ours) -> dict:
     One timed run each after a warm-up run; tokens compared request by request."""
     import torch
     from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     from g4v_jax.config import EngineConfig
     from g4v_jax.inference.engine import Engine, EngineRequest
@@ -48,10 +47,7 @@ def engine_row(suite: Suite, hf, ours) -> dict:
         return [list(h.result().tokens) for h in handles]
 
     gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=suite.engine["budget"][1])
-    # the same cache as our engine's: on CPU, transformers otherwise sizes its KV cache from the whole RAM (14.9 GB
-    # peak RSS on the tiny suite), and a test beside it is lost to the OOM killer
-    cb = ContinuousBatchingConfig(max_requests_per_batch=slots, block_size=32, num_blocks=slots * -(-length // 32),
-                                  max_batch_tokens=length)
+    cb = hf_cb_config(slots, length)
 
     run_ours()  # warm-up, as the peer's below
     t_ours, ours_tokens = timed_result(run_ours)

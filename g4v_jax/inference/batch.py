@@ -24,7 +24,8 @@ from g4v_jax.data.template import SYSTEM_PROMPT, TokenizedConversation, Turn, to
 from g4v_jax.data.video import VideoClip, VideoReadError, load_video
 from g4v_jax.inference.engine import Engine, EngineRequest, EngineResult, RequestError
 from g4v_jax.inference.generate import SamplingConfig, pow2
-from g4v_jax.inference.session import SAMPLING_KEYS, ModelInfo, check_vocab, model_info, prompt_length, with_stops
+from g4v_jax.inference.session import (SAMPLING_KEYS, ModelInfo, cache_length, check_vocab, model_info, prompt_length,
+                                      with_stops)
 from g4v_jax.inference.text import finish_answer
 
 
@@ -161,13 +162,12 @@ def answer_requests(model, tokenizer, requests: Sequence[Mapping], *, sampling: 
 
 def _engine_config(info: ModelInfo, jobs: Sequence["_Job"], batch_size: int) -> EngineConfig:
     """Slots = ``batch_size`` (fewer, a power of two of at least 8, for fewer requests); the cache fits the longest
-    prompt + budget, rounded up to a power of two of at least 512 (within the context). Calls with similar requests
-    get the same shapes, so the evals' many calls reuse one set of compiled programs. The floor of 8: a decode step
-    reads every weight whatever its rows, so 8 rows cost about what 1 does, and calls of 1, 2, 4 and 8 requests
-    share one compile."""
+    prompt + budget (``cache_length``). Calls with similar requests get the same shapes, so the evals' many calls
+    reuse one set of compiled programs. The floor of 8: a decode step reads every weight whatever its rows, so 8 rows
+    cost about what 1 does, and calls of 1, 2, 4 and 8 requests share one compile."""
     need = max(len(j.conv) + j.sampling.max_new_tokens for j in jobs)
     return EngineConfig(num_slots=min(batch_size, max(8, pow2(len(jobs)))),
-                        max_length=min(info.context, max(512, pow2(need))),
+                        max_length=cache_length(info, need),
                         max_videos=max(4, pow2(max(len(j.clips) for j in jobs))), max_queue=len(jobs))
 
 

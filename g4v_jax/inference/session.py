@@ -58,6 +58,13 @@ class ModelInfo:
     resize: str = "short_side_crop"
 
 
+def cache_length(info: ModelInfo, need: int) -> int:
+    """Cache positions for ``need`` (prompt + answer budget): a power of two of at least 512, within the context. A
+    decode step reads the whole cache, so a cache of the full context made every step of a short chat read 8192
+    positions on SmolLM2; powers of two keep the compiled shapes few."""
+    return min(info.context, max(512, pow2(need)))
+
+
 def model_info(model, tokenizer, num_frames: int | None, image_size: int | None) -> ModelInfo:
     """What answering needs to know of a loaded ``gpt4video`` or ``llm`` model and its tokenizer."""
     kind = model_kind(model)
@@ -200,13 +207,12 @@ class ChatSession:
         return turns, conv, batch
 
     def _engine(self, num_videos: int, need: int):
-        """The session's one-slot engine. Its cache holds ``need`` positions (prompt + answer budget) rounded up to
-        a power of two, at least 512 and at most the context. It is rebuilt, re-reading the conversation once, only
-        when a prompt outgrows it or holds more videos than it was sized for: a decode step reads the whole cache,
-        so a cache of the full context made every step of a short chat read 8192 positions on SmolLM2."""
+        """The session's one-slot engine, its cache ``cache_length(need)`` positions (prompt + answer budget). It is
+        rebuilt, re-reading the conversation once, only when a prompt outgrows it or holds more videos than it was
+        sized for."""
         cfg = None if self._engine_obj is None else self._engine_obj.cfg
         if cfg is None or cfg.max_videos < num_videos or cfg.max_length < need:
-            cfg = EngineConfig(num_slots=1, max_length=min(self._info.context, max(512, pow2(need))),
+            cfg = EngineConfig(num_slots=1, max_length=cache_length(self._info, need),
                                max_videos=max(4, pow2(num_videos)))
             self._engine_obj = Engine(self.model, self.tokenizer, cfg, eos_id=self._info.eos_id)
         return self._engine_obj
