@@ -5,6 +5,7 @@ running a row's side in a fresh process (``in_child``)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import statistics
 import subprocess
@@ -72,13 +73,12 @@ def tiny(suite: Suite) -> Suite:
                                lora=dict(batch=2, length=32, steps=2), vit_frames=4,
                                gpt4video="tiny" if suite.gpt4video else "", stage1=(2, 16), lora_rounds=1)
 
+
 def hf_cb_config(slots: int, length: int, **kw):
     """transformers' continuous-batching config with our engine's cache: ``slots`` x ``length`` positions. On CPU,
     transformers otherwise sizes its KV cache from the machine's whole RAM (14-15 GB peak RSS on the tiny benches),
     and a test beside it is lost to the OOM killer."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-    import inspect
 
     page = 32
     # transformers renamed block_size to page_size (the old name warns); the pin allows releases from before
