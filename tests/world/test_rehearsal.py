@@ -106,3 +106,18 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
            "perplexity_rise": 0.03, "right_before": 10, "right_after": 10, "kept": True}
     assert ("| 0.0003, 40 | none | 0.460 | 95.8 | 0.0 (0.0) | 0.0 | 100.0 | 22.8 -> 23.5 (+3.0%) | 10 -> 10 of 12 | "
             "kept |") in table([row])
+
+
+def test_the_sweep_measures_the_untuned_llm_once_per_sweep_folder(tmp_path, monkeypatch):
+    import g4v_jax
+    from g4v_jax.data import tokenizer
+    from g4v_jax.world import stage2_sweep
+
+    loads = []
+    monkeypatch.setattr(g4v_jax, "load", lambda path, overrides=(): loads.append(path) or "model")
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda path: "tokenizer")
+    monkeypatch.setattr(kept, "measure_ours", lambda model, tok: {"perplexity": 22.8, "answers": ["Paris"],
+                                                                  "tokens": [[1, 2]], "right": 1})
+    first = stage2_sweep.measure_before(tmp_path)
+    assert stage2_sweep.measure_before(tmp_path) == first and loads == [tmp_path / "llm"]
+    assert (tmp_path / "sweep" / "before.json").is_file()
