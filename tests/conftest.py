@@ -51,4 +51,3 @@ def train_data(tmp_path_factory):
     write_manifest(root / "train.jsonl", examples)
     build_bpe_tokenizer(corpus * 4, root / "tokenizer", vocab_size=512)
     return root
-
