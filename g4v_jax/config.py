@@ -306,10 +306,16 @@ class TrainConfig:
     loss_spike_factor: float = 3.0
     loss_spike_window: int = 20
     max_update_ratio: float = 1.0
+    # stage 2 on a pretrained LLM: the tokens of manifest examples marked "distill" train toward the untuned LLM's
+    # own predictions (KL, the adapters off) with this weight, in place of their text; 0: they train on their text
+    distill_weight: float = 0.0
 
     def __post_init__(self):
         if self.stage not in ("stage1", "stage2", "full"):
             raise ConfigError(f"train.stage must be stage1, stage2 or full, got {self.stage!r}")
+        if self.distill_weight and self.stage != "stage2":
+            raise ConfigError(f"train.distill_weight distils toward the LLM with its LoRA adapters off, so it needs "
+                              f"train.stage=stage2, not {self.stage!r}")
         at_least = {"global_batch_size": 1, "grad_accum_steps": 1, "epochs": 1, "log_every": 1, "save_every": 1,
                     "keep_checkpoints": 1, "max_steps": 0, "loss_spike_window": 2}
         for name, low in at_least.items():
@@ -317,7 +323,7 @@ class TrainConfig:
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"train.{name} must be an integer >= {low}, got {value!r}")
         positive = ("learning_rate", "adam_eps")
-        non_negative = ("weight_decay", "grad_clip_norm", "loss_spike_factor", "max_update_ratio")
+        non_negative = ("weight_decay", "grad_clip_norm", "loss_spike_factor", "max_update_ratio", "distill_weight")
         for name in positive + non_negative:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name in positive and value == 0):
@@ -369,6 +375,8 @@ class DataConfig:
     seed: int = derived(0, "train.seed")
     # the LoRA adapters skip each example's video span: batches carry "adapter_mask"
     adapter_mask: bool = derived(False, "model.lora.skip_video_span")
+    # batches carry "distill": the tokens of examples marked "distill" in the manifest
+    distill: bool = derived(False, "train.distill_weight > 0")
     # stage 1 from a vision cache: batches carry "video_features" (B, V, T, 1 + N, Dv) of this shape and dtype
     feature_shape: tuple[int, ...] = derived((), "the vision cache's meta.json")
     feature_dtype: str = derived("float32", "the vision cache's meta.json")

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
 from g4v_jax.config import load_config
 from g4v_jax.train.checkpoint import Checkpointer
@@ -74,6 +75,50 @@ def test_lora_tuning_a_plain_llm():
     after = _snapshot(trainer)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed and all(".lora_" in k for k in changed)
+
+
+def test_distill_rows_train_toward_the_llm_with_adapters_off():
+    """``train.distill_weight``: rows marked ``distill`` leave the answer loss and pull toward the LLM's own
+    predictions. At init (LoRA B = 0) the tuned model is the LLM, so a batch of distill rows has KL 0 and moves
+    nothing; after training on answers, the step's KL is the one computed from two forward passes."""
+    cfg = _cfg("model.kind=llm", "train.stage=stage2", "train.learning_rate=3e-2", "model.lora.dropout=0.0",
+               "train.distill_weight=1.0")
+    batch = synthetic_batch(cfg.model)
+    distill = np.zeros_like(batch["attention_mask"])
+    distill[2:] = True  # rows 2 and 3
+    marked = {**batch, "distill": distill}
+    fresh = build_trainer(cfg, total_steps=100)
+    (m,) = fresh.train_steps(iter([{**batch, "distill": np.ones_like(distill)}]), 1)
+    assert abs(m["distill_kl"]) < 1e-6 and m["distill_tokens"] == distill.size and m["tokens"] == 0
+    assert m["grad_norm"] < 1e-6  # nothing to move toward (rounding only: Adam would scale it up to a full step)
+    # the answer loss is that of the unmarked rows alone: as a run without distillation on those rows' labels
+    trainer = build_trainer(cfg, total_steps=100)
+    plain = build_trainer(_cfg("model.kind=llm", "train.stage=stage2", "train.learning_rate=3e-2",
+                               "model.lora.dropout=0.0"), total_steps=100)
+    (m,) = trainer.train_steps(iter([marked]), 1)
+    (ref,) = plain.train_steps(iter([{**batch, "labels": np.where(distill, -100, batch["labels"])}]), 1)
+    assert m["loss"] == pytest.approx(ref["loss"], rel=1e-6) and m["tokens"] == ref["tokens"]
+    # each term is a mean over its own tokens: the marked rows (KL 0 here) do not shrink the unmarked rows' gradient
+    assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    trainer.train_steps(iter([marked] * 4), 4)
+    model = trainer.model()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    tuned = np.asarray(model(ids, attention_mask=mask)[0], np.float64)
+    base = np.asarray(model(ids, attention_mask=mask, adapter_mask=np.zeros_like(mask))[0], np.float64)
+    log_q, log_p = (x - logsumexp(x, axis=-1, keepdims=True) for x in (tuned, base))
+    want = (np.exp(log_p) * (log_p - log_q)).sum(-1)[distill].mean()
+    (m,) = trainer.train_steps(iter([marked]), 1)  # metrics are of the weights before this step's update
+    assert want > 1e-4, "the adapters learnt nothing: this KL cannot tell the terms apart"
+    assert m["distill_kl"] == pytest.approx(want, rel=1e-4)
+    # the means are over the whole batch, whatever its micro-batches (row 0 answers, rows 1-3 distil: uneven halves)
+    uneven = {**marked, "distill": np.arange(4)[:, None].repeat(distill.shape[1], 1) > 0}
+    runs = []
+    for accum in (1, 2):
+        t = build_trainer(_cfg("model.kind=llm", "train.stage=stage2", "train.learning_rate=3e-2",
+                               "model.lora.dropout=0.0", "train.distill_weight=1.0", f"train.grad_accum_steps={accum}"),
+                          total_steps=100)
+        runs.append([(m["loss"], m["distill_kl"], m["grad_norm"]) for m in t.train_steps(iter([uneven] * 3), 3)])
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4, atol=1e-7)
 
 
 def test_gradient_accumulation_equals_one_big_batch():

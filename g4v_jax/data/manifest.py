@@ -8,7 +8,9 @@ Schema (one object per line; blank lines are ignored)::
      "conversation": [{"from": "human", "video": 0},    // required, non-empty; "from" is "human" or "ai"
                       {"from": "human", "value": "Describe the video in detail."},
                       {"from": "ai", "value": "A man ..."}],
-     "safety": "safe"}                                  // optional: "safe", "harmful" or null
+     "safety": "safe",                                  // optional: "safe", "harmful" or null
+     "distill": false}                                  // optional: true trains the example toward the untuned
+                                                        // LLM's predictions (train.distill_weight) instead of its text
 
 Rules, all checked by ``read_manifest`` (the first violation raises ``ManifestError`` naming ``file:line``):
 
@@ -58,7 +60,7 @@ from g4v_jax.data.io import read_records, write_jsonl
 from g4v_jax.data.template import ROLES, Turn, video_tags
 
 SAFETY_LABELS = ("safe", "harmful")
-MANIFEST_KEYS = ("id", "videos", "captions", "conversation", "safety")
+MANIFEST_KEYS = ("id", "videos", "captions", "conversation", "safety", "distill")
 # The instruction used when a description has no question (VideoChat-11K's detailed descriptions).
 DESCRIBE_INSTRUCTION = "Describe the video in detail."
 
@@ -76,6 +78,7 @@ class Example:
     captions: tuple[str, ...]  # empty, or one per video
     turns: tuple[Turn, ...]
     safety: str | None = None
+    distill: bool = False  # stage 2: its tokens train toward the untuned LLM (train.distill_weight), not its text
 
     @property
     def num_answers(self) -> int:
@@ -150,7 +153,10 @@ def example_from_dict(raw: Any) -> Example:
     safety = raw.get("safety")
     if safety is not None and safety not in SAFETY_LABELS:
         raise ValueError(f"\"safety\" must be one of {list(SAFETY_LABELS)} or null, got {safety!r}")
-    return Example(id=ex_id, videos=videos, captions=captions, turns=turns, safety=safety)
+    distill = raw.get("distill", False)
+    if not isinstance(distill, bool):
+        raise ValueError(f"\"distill\" must be true or false, got {distill!r}")
+    return Example(id=ex_id, videos=videos, captions=captions, turns=turns, safety=safety, distill=distill)
 
 
 def example_to_dict(ex: Example) -> dict[str, Any]:
@@ -166,6 +172,8 @@ def example_to_dict(ex: Example) -> dict[str, Any]:
     ]
     if ex.safety is not None:
         out["safety"] = ex.safety
+    if ex.distill:
+        out["distill"] = True
     return out
 
 

@@ -19,7 +19,8 @@ __all__ = ["collate_packed", "first_row_with_room", "packed_row_count", "token_a
 
 def token_arrays(cfg: DataConfig) -> tuple[str, ...]:
     """The per-token (L,) arrays each example row brings to a batch (an attribute of that name on the row)."""
-    return ("input_ids", "labels", "attention_mask", "positions") + (("adapter_mask",) if cfg.adapter_mask else ())
+    return (("input_ids", "labels", "attention_mask", "positions") + (("adapter_mask",) if cfg.adapter_mask else ())
+            + (("distill",) if cfg.distill else ()))
 
 
 def collate_packed(bins: Sequence[Sequence[Any]], cfg: DataConfig, pad_id: int) -> dict[str, np.ndarray]:
@@ -30,8 +31,9 @@ def collate_packed(bins: Sequence[Sequence[Any]], cfg: DataConfig, pad_id: int) 
     batch = {"input_ids": np.full((b, l), pad_id, np.int32), "labels": np.full((b, l), IGNORE_INDEX, np.int32),
              "attention_mask": np.zeros((b, l), np.bool_), "positions": np.zeros((b, l), np.int32),
              "segment_ids": np.zeros((b, l), np.int32)}
-    if cfg.adapter_mask:
-        batch["adapter_mask"] = np.zeros((b, l), np.bool_)
+    for name in ("adapter_mask", "distill"):
+        if name in token_arrays(cfg):
+            batch[name] = np.zeros((b, l), np.bool_)
     for i, rows in enumerate(bins):
         start = 0
         for k, r in enumerate(rows):

@@ -16,6 +16,8 @@ Batches
                                                pads (positions restart at each example)
     ``adapter_mask``    (B, L) bool            only when ``adapter_mask`` (``model.lora.skip_video_span``): False up
                                                to the end of each example's last video span, True after it
+    ``distill``         (B, L) bool            only when ``distill`` (``train.distill_weight`` > 0): True on the
+                                               real tokens of examples marked ``"distill"`` in the manifest
     ``videos``          (B, V, T, S, S, 3)     uint8; only when ``use_videos``
     ``frame_mask``      (B, V, T) bool         False at padded frames and padding videos; only when ``use_videos``
     ==================  =====================  ====================================================================
@@ -142,6 +144,8 @@ def batch_spec(cfg: DataConfig, per_host_batch: int) -> dict[str, tuple[tuple[in
         spec["segment_ids"] = ((b, l), np.dtype(np.int32))
     if cfg.adapter_mask:
         spec["adapter_mask"] = ((b, l), np.dtype(np.bool_))
+    if cfg.distill:
+        spec["distill"] = ((b, l), np.dtype(np.bool_))
     if cfg.use_videos:
         v, t, s = cfg.max_videos_per_example, cfg.num_frames, cfg.image_size
         if cfg.vision_cache:
@@ -183,6 +187,7 @@ class _Row:
     attention_mask: np.ndarray
     positions: np.ndarray
     adapter_mask: np.ndarray  # (L,) bool: after the last video span (template's video_prefix)
+    distill: np.ndarray  # (L,) bool: the real tokens of an example marked "distill"
     videos: np.ndarray
     frame_mask: np.ndarray
 
@@ -288,6 +293,7 @@ class _Prepare:
             attention_mask=padded["attention_mask"][0],
             positions=padded["positions"][0],
             adapter_mask=padded["adapter_mask"][0],
+            distill=padded["attention_mask"][0] & ex.distill,
             videos=np.stack([c.frames for c in clips]) if clips else empty,
             frame_mask=np.stack([c.frame_mask for c in clips]) if clips else np.zeros((0, t), np.bool_),
         )
@@ -578,7 +584,8 @@ def pipeline_config(cfg) -> DataConfig:
         video_sampling=cfg.model.video.sampling, video_resize=cfg.model.video.resize,
         num_video_tokens=cfg.model.num_video_tokens, seed=cfg.train.seed,
         use_videos=stage == "stage1" or (stage == "stage2" and cfg.data.stage2_keep_videos),
-        adapter_mask=cfg.model.lora.enabled and cfg.model.lora.skip_video_span))
+        adapter_mask=cfg.model.lora.enabled and cfg.model.lora.skip_video_span,
+        distill=cfg.train.distill_weight > 0))
 
 
 def count_problems(

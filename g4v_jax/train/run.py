@@ -192,7 +192,8 @@ def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None
     # compiled step (an unplaced counter compiled the step twice: ~7 s a stage on CPU)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
     shardings = TrainState(replicated, state_shardings(params, mesh, rules), _opt_shardings(opt_state, mesh, rules))
-    step_fn = jax.jit(make_train_step(graphdef, tx, cfg.train.seed, cfg.train.max_update_ratio),
+    step_fn = jax.jit(make_train_step(graphdef, tx, cfg.train.seed, cfg.train.max_update_ratio,
+                                      cfg.train.distill_weight),
                       donate_argnums=(0,), out_shardings=(shardings, None))
     return Trainer(cfg, mesh, graphdef, state, frozen, rest, tx, total_steps, step_fn)
 

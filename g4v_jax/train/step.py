@@ -68,6 +68,12 @@ def make_optimizer(cfg: TrainConfig, total_steps: int, params: nnx.State) -> opt
     return adamw
 
 
+def answer_targets(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """labels (B, L) -> the token each position predicts (B, L) and whether it is an answer token (B, L) bool."""
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    return targets, targets != IGNORE_INDEX
+
+
 def answer_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token negative log-likelihoods over labelled positions, and their count.
 
@@ -75,12 +81,23 @@ def answer_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arr
     """
     # the labels move left, not the logits: slicing (B, L, V) logits would copy them, and log-softmax would keep a
     # second (B, L, V) array alive for the backward pass; logsumexp minus the target's logit needs neither
-    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    valid = targets != IGNORE_INDEX
+    targets, valid = answer_targets(labels)
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
     return (nll * valid).sum(), valid.sum()
+
+
+def distill_kl(logits: jax.Array, base_logits: jax.Array, distill: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum over ``distill`` positions of KL(base || tuned) between next-token distributions, and their count.
+
+    logits, base_logits (B, L, V): the tuned model's and the untuned LLM's (adapters off) on the same tokens;
+    distill (B, L) bool. The direction is the one that keeps the tuned model covering what the LLM would say
+    (forward KL, as in distillation); it is zero exactly where the adapters change nothing."""
+    log_p = jax.nn.log_softmax(base_logits.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return (kl * distill).sum(), distill.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -100,7 +117,7 @@ def split_micro_batches(batch: Mapping[str, np.ndarray], accum: int) -> dict[str
 
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "positions", "segment_ids", "adapter_mask", "videos",
-                "frame_mask", "video_features")
+                "frame_mask", "video_features", "distill")
 
 
 def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
@@ -120,15 +137,26 @@ def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
     return nnx.from_flat_state(leaves)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_update_ratio: float = 0.0) -> Callable:
+def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_update_ratio: float = 0.0,
+                    distill_weight: float = 0.0) -> Callable:
     """``step(state, frozen, rest, batch) -> (state, metrics)``; batch arrays are (accum, micro_B, ...).
+
+    ``distill_weight`` > 0 (stage 2 on a pretrained LLM; ``train.distill_weight``): tokens the batch's ``distill``
+    (B, L) marks train toward the untuned LLM's own predictions, ``distill_kl`` with the adapters off, in place of
+    their labels. The objective is then mean answer NLL + weight x mean KL, each a mean over its own tokens in the
+    whole batch, so the rows that distil do not dilute what the others teach; ``metrics["loss"]`` is the answer NLL
+    and ``metrics["distill_kl"]`` the KL.
 
     An update is applied only when the loss and gradients are finite and (``max_update_ratio`` > 0) the update's
     global norm is at most ``max_update_ratio`` times the trainable weights' norm; ``metrics["applied"]`` says which.
     """
     base_key = jax.random.key(seed)
+    distills = distill_weight > 0
 
-    def micro_loss(params, frozen, rest, mb, key):
+    def micro_loss(params, frozen, rest, mb, key, scales):
+        """The micro-batch's objective to differentiate, and its sums (nll, answer tokens, kl, distilled tokens).
+        Without distillation the objective is the NLL sum (the step divides by the batch's count); with it, each
+        sum times ``scales``' (1 / answer tokens, weight / distilled tokens) of the whole batch."""
         model = nnx.merge(graphdef, params, frozen, with_dropout_key(rest, key))
         model.train()
         inputs = dict(attention_mask=mb["attention_mask"], positions=mb.get("positions"),
@@ -137,28 +165,44 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_u
             inputs.update(videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
                           video_features=mb.get("video_features"))
         logits, _ = model(mb["input_ids"], **inputs)
-        return answer_nll(logits, mb["labels"])
+        if not distills:
+            nll, count = answer_nll(logits, mb["labels"])
+            return nll, (nll, count, jnp.zeros(()), jnp.zeros((), jnp.int32))
+        distill = mb["distill"]
+        # the untuned LLM is this model with every adapter off; it is a fixed target, so nothing flows back into it
+        base_logits, _ = model(mb["input_ids"], **{**inputs, "adapter_mask": jnp.zeros_like(distill)})
+        nll, count = answer_nll(logits, jnp.where(distill, IGNORE_INDEX, mb["labels"]))
+        kl, kl_count = distill_kl(logits, jax.lax.stop_gradient(base_logits), distill)
+        return nll * scales[0] + kl * scales[1], (nll, count, kl, kl_count)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, frozen, rest, batch):
         step_key = jax.random.fold_in(base_key, state.step)
+        scales = (1.0, 0.0)
+        if distills:  # each term's token count over the whole batch, before its micro-batches
+            flat = lambda x: x.reshape(-1, x.shape[-1])
+            _, answers = answer_targets(flat(jnp.where(batch["distill"], IGNORE_INDEX, batch["labels"])))
+            scales = (1.0 / jnp.maximum(answers.sum(), 1), distill_weight / jnp.maximum(batch["distill"].sum(), 1))
 
         def accumulate(carry, xs):
-            grads, nll, count = carry
+            grads, sums = carry
             i, mb = xs
-            (mb_nll, mb_count), mb_grads = grad_fn(state.params, frozen, rest, mb, jax.random.fold_in(step_key, i))
-            return (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, count + mb_count), None
+            (_, mb_sums), mb_grads = grad_fn(state.params, frozen, rest, mb, jax.random.fold_in(step_key, i), scales)
+            return (jax.tree.map(jnp.add, grads, mb_grads), jax.tree.map(jnp.add, sums, mb_sums)), None
 
         accum = batch["input_ids"].shape[0]
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, nll, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0), (jnp.arange(accum), batch))
+        sums0 = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.zeros((), jnp.int32))
+        (grads, (nll, count, kl, kl_count)), _ = jax.lax.scan(accumulate, (zeros, sums0), (jnp.arange(accum), batch))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        if not distills:
+            grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        grads_finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        finite = jnp.isfinite(loss) & jnp.isfinite(kl) & grads_finite
         weights_norm = optax.global_norm(state.params)
         update_ratio = jnp.where(weights_norm > 0, optax.global_norm(updates) / weights_norm, 0.0)
         applied = finite & ((max_update_ratio <= 0) | (update_ratio <= max_update_ratio))
@@ -168,6 +212,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_u
                                keep(opt_state, state.opt_state))
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads), "update_ratio": update_ratio,
                    "finite": finite, "applied": applied}
+        if distill_weight > 0:
+            metrics["distill_kl"] = kl / jnp.maximum(kl_count, 1).astype(jnp.float32)
+            metrics["distill_tokens"] = kl_count
         return new_state, metrics
 
     return step

@@ -60,6 +60,8 @@ class PretrainedSize:
     stage2_learning_rate: float
     rehearsal_fraction: float  # of stage 2's rows: the LLM's own general answers (``world.rehearsal``)
     rehearsal_questions: int  # how many of ``rehearsal.REHEARSAL_QUESTIONS`` it answers
+    # > 0: the rehearsal rows train toward the untuned LLM's distributions (``train.distill_weight``), not its text
+    distill_weight: float
 
 
 # A step of batch 8 takes about 8.5 s on the 2-core machine (135M parameters over 192 positions: the LLM's
@@ -68,9 +70,10 @@ class PretrainedSize:
 # 120 steps without it; at 120, refusals after a granted request fell to F1 40 (docs/world_demo.md, "Choosing stage 2").
 PRETRAINED_FULL = PretrainedSize(stage1_steps=120, stage2_steps=160, batch_size=8, max_eval=48, sample_videos=2,
                                  stage2_learning_rate=3e-4, rehearsal_fraction=0.25,
-                                 rehearsal_questions=len(REHEARSAL_QUESTIONS))
+                                 rehearsal_questions=len(REHEARSAL_QUESTIONS), distill_weight=0.0)
 PRETRAINED_QUICK = PretrainedSize(stage1_steps=2, stage2_steps=2, batch_size=2, max_eval=4, sample_videos=1,
-                                  stage2_learning_rate=3e-4, rehearsal_fraction=0.25, rehearsal_questions=8)
+                                  stage2_learning_rate=3e-4, rehearsal_fraction=0.25, rehearsal_questions=8,
+                                  distill_weight=0.0)
 # The longest stage-1 row in SmolLM2's tokens (two videos' 32 slots each and three QA turns) is under 192.
 SEQ_LEN = 192
 
@@ -144,13 +147,13 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
     init = assembled
     # stage 2 also rehearses the LLM's own general answers (world.rehearsal), so the adapters keep what it knew
     mixed = stage2_manifest(root / "llm", world.stage2, root, size.rehearsal_fraction, seed,
-                            REHEARSAL_QUESTIONS[:size.rehearsal_questions])
+                            REHEARSAL_QUESTIONS[:size.rehearsal_questions], distill=size.distill_weight > 0)
     t = lap("rehearsal", t)
     for stage, manifest, steps in ((1, world.stage1, size.stage1_steps), (2, mixed, size.stage2_steps)):
         print(f"stage {stage} ({LLMS[llm][2]}): {manifest}")
         extra = [f"data.vision_cache={cache}", f"data.seq_len={SEQ_LEN}"]
         if stage == 2:
-            extra.append(f"train.learning_rate={size.stage2_learning_rate}")
+            extra += [f"train.learning_rate={size.stage2_learning_rate}", f"train.distill_weight={size.distill_weight}"]
         training[f"stage{stage}"] = train_stage(stage, root, manifest, assembled, steps, init, seed, progress,
                                                 size.batch_size, extra, base=base)
         init = root / f"stage{stage}" / "final"

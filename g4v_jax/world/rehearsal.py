@@ -127,9 +127,11 @@ def rehearsal_examples(lm, tokenizer, questions: Sequence[str] = REHEARSAL_QUEST
 
 
 def mixed_manifest(world_manifest: Path, rehearsal: Sequence[Example], out: Path, fraction: float,
-                   seed: int) -> Path:
+                   seed: int, distill: bool = False) -> Path:
     """``out``: the world's stage-2 rows plus the rehearsal rows repeated so that they make ``fraction`` of it, in
-    one seeded shuffle (the data pipeline shuffles again per epoch; this keeps the file readable as a mix)."""
+    one seeded shuffle (the data pipeline shuffles again per epoch; this keeps the file readable as a mix).
+    ``distill``: the rehearsal rows are marked ``"distill"``, so that under ``train.distill_weight`` they train
+    toward the untuned LLM's whole next-token distribution (a KL term) rather than on the sampled answer."""
     if not 0 < fraction < 1:
         raise ValueError(f"the rehearsal fraction must be in (0, 1), got {fraction}")
     # the world's relative video paths are kept pointing at its videos from where ``out`` is
@@ -138,19 +140,20 @@ def mixed_manifest(world_manifest: Path, rehearsal: Sequence[Example], out: Path
              for ex in read_manifest(world_manifest)]
     want = round(len(world) * fraction / (1 - fraction))
     n = len(rehearsal)
-    rows = [*world, *(dataclasses.replace(rehearsal[i % n], id=f"{rehearsal[i % n].id}-{i // n}")
+    rows = [*world, *(dataclasses.replace(rehearsal[i % n], id=f"{rehearsal[i % n].id}-{i // n}", distill=distill)
                       for i in range(want))]
     random.Random(seed).shuffle(rows)
     write_manifest(out, rows)
     return out
 
 
-
 def stage2_manifest(llm_dir: Path, world_manifest: Path, out_dir: Path, fraction: float, seed: int,
-                    questions: Sequence[str] = REHEARSAL_QUESTIONS, temperature: float = 1.0) -> Path:
+                    questions: Sequence[str] = REHEARSAL_QUESTIONS, temperature: float = 1.0,
+                    answers: Path | None = None, distill: bool = False) -> Path:
     """``out_dir/stage2_mixed.jsonl``: the world's stage-2 rows with ``fraction`` rehearsal rows of the untuned LLM in
-    ``llm_dir``, whose answers are kept in ``out_dir/rehearsal.jsonl`` (made once; a rerun reads them)."""
-    answers = out_dir / "rehearsal.jsonl"
+    ``llm_dir`` (marked for distillation with ``distill``, ``mixed_manifest``), whose answers are kept in ``answers``
+    (default ``out_dir/rehearsal.jsonl``; made once, a rerun or another run with the same answers reads them)."""
+    answers = answers if answers is not None else out_dir / "rehearsal.jsonl"
     if not answers.is_file():  # drawn once: a rerun of an interrupted run trains on the same rows
         import g4v_jax
         from g4v_jax.data.tokenizer import load_tokenizer
@@ -159,4 +162,5 @@ def stage2_manifest(llm_dir: Path, world_manifest: Path, out_dir: Path, fraction
         lm = language_model(g4v_jax.load(llm_dir, ["model.scan_layers=true"]))  # compiles one layer, not all
         write_manifest(answers, rehearsal_examples(lm, load_tokenizer(llm_dir), questions, seed=seed,
                                                    temperature=temperature))
-    return mixed_manifest(world_manifest, read_manifest(answers), out_dir / "stage2_mixed.jsonl", fraction, seed)
+    return mixed_manifest(world_manifest, read_manifest(answers), out_dir / "stage2_mixed.jsonl", fraction, seed,
+                          distill)

@@ -12,8 +12,11 @@ on the validation split, where settings are chosen (the run's report is on the t
   stage 1, with the thresholds ``kept.KEPT_THRESHOLDS``.
 
 Variant keys: ``lr``, ``steps``, ``rehearsal`` (the share of stage 2's rows that rehearse the LLM's own general
-answers, ``world.rehearsal``; 0: none) and ``temperature`` (of those answers: 1 samples the LLM, 0 takes its greedy
-answer). Unnamed keys take ``pretrained.PRETRAINED_FULL``'s values. ``OUT/LLM/sweep/sweep.{json,md}`` collect every
+answers, ``world.rehearsal``; 0: none), ``temperature`` (of those answers: 1 samples the LLM, 0 takes its greedy
+answer) and ``distill`` (> 0: the rehearsal rows train toward the untuned LLM's next-token distributions, a KL term of
+this weight, ``train.distill_weight``, instead of on the sampled answers' text). Unnamed keys take
+``pretrained.PRETRAINED_FULL``'s values. The rehearsal answers are drawn once per temperature
+(``OUT/LLM/sweep/rehearsal_tT.jsonl``) and shared by the variants. ``OUT/LLM/sweep/sweep.{json,md}`` collect every
 variant measured there so far; a variant already measured is read back, not trained again.
 """
 
@@ -26,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-VARIANT_KEYS = ("lr", "steps", "rehearsal", "temperature")
+VARIANT_KEYS = ("lr", "steps", "rehearsal", "temperature", "distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +38,12 @@ class Variant:
     steps: int
     rehearsal: float
     temperature: float
+    distill: float = 0.0
 
     @property
     def name(self) -> str:
-        return f"lr{self.lr:g}_steps{self.steps}_rehearsal{self.rehearsal:g}_t{self.temperature:g}"
+        kl = f"_kl{self.distill:g}" if self.distill else ""  # the names of variants measured before it stay
+        return f"lr{self.lr:g}_steps{self.steps}_rehearsal{self.rehearsal:g}_t{self.temperature:g}{kl}"
 
 
 def parse_variant(text: str, defaults: Variant) -> Variant:
@@ -53,8 +58,10 @@ def parse_variant(text: str, defaults: Variant) -> Variant:
         except ValueError:
             raise ValueError(f"{part!r}: {value!r} is not a number") from None
     v = dataclasses.replace(defaults, **values)
-    if v.lr <= 0 or v.steps < 1 or not 0 <= v.rehearsal < 1 or v.temperature not in (0.0, 1.0):
-        raise ValueError(f"{text!r}: needs lr > 0, steps >= 1, 0 <= rehearsal < 1, temperature 0 or 1")
+    if (v.lr <= 0 or v.steps < 1 or not 0 <= v.rehearsal < 1 or v.temperature not in (0.0, 1.0) or v.distill < 0
+            or (v.distill > 0 and not v.rehearsal)):
+        raise ValueError(f"{text!r}: needs lr > 0, steps >= 1, 0 <= rehearsal < 1, temperature 0 or 1, distill >= 0 "
+                         f"(and rehearsal > 0 with distill: it distils on the rehearsal rows)")
     return v
 
 
@@ -93,10 +100,13 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
     world, _ = make_world(out, FULL, seed)
     manifest = world.stage2
     if v.rehearsal:
-        manifest = stage2_manifest(root / "llm", world.stage2, here, v.rehearsal, seed, temperature=v.temperature)
+        manifest = stage2_manifest(root / "llm", world.stage2, here, v.rehearsal, seed, temperature=v.temperature,
+                                   answers=root / "sweep" / f"rehearsal_t{v.temperature:g}.jsonl",
+                                   distill=v.distill > 0)
     training = train_stage(2, here, manifest, root / "assembled", v.steps, root / "stage1" / "final", seed, progress,
                            PRETRAINED_FULL.batch_size, [f"data.vision_cache={out / 'vision_cache'}",
-                                                        f"data.seq_len={SEQ_LEN}", f"train.learning_rate={v.lr}"],
+                                                        f"data.seq_len={SEQ_LEN}", f"train.learning_rate={v.lr}",
+                                                        f"train.distill_weight={v.distill}"],
                            base=root / "assembled" / "config.yaml")
     tokenizer = load_tokenizer(root / "llm")
     scanned = ["model.scan_layers=true"]
@@ -124,12 +134,14 @@ def table(rows: Sequence[dict]) -> str:
     from g4v_jax.world.kept import GENERAL_PROMPTS
 
     n = f"of {len(GENERAL_PROMPTS)}"
-    lines = ["| stage 2: lr, steps | rehearsal (share, temperature) | last loss | generation tags | VG F1 (look-alike "
+    lines = ["| stage 2: lr, steps | rehearsal (share, temperature, distillation) | last loss | generation tags | VG F1 (look-alike "
              "precision) | VG F1 after a granted request | VU F1 | held-out perplexity | general answers right | "
              "kept? |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         v = r["variant"]
         reh = f"{v['rehearsal']:g}, T={v['temperature']:g}" if v["rehearsal"] else "none"
+        if v.get("distill"):  # rows measured before the key existed have none
+            reh += f", KL x {v['distill']:g}"
         lines.append(f"| {v['lr']:g}, {v['steps']} | {reh} | {r['stage2_last_loss']:.3f} | "
                      f"{100 * r['generation_tags']:.1f} | {100 * r['VG_f1']:.1f} "
                      f"({100 * r['lookalike_precision']:.1f}) | {100 * r['VG_second_turn_f1']:.1f} | "
@@ -152,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     defaults = Variant(PRETRAINED_FULL.stage2_learning_rate, PRETRAINED_FULL.stage2_steps,
-                       PRETRAINED_FULL.rehearsal_fraction, 1.0)
+                       PRETRAINED_FULL.rehearsal_fraction, 1.0, PRETRAINED_FULL.distill_weight)
     try:
         variants = [parse_variant(text, defaults) for text in args.variant]
     except ValueError as e:

@@ -86,6 +86,7 @@ BAD_LINES = [
     (with_(captions=["one", "two"]), "2 caption(s) for 1 video(s)"),
     (with_(videos="a.mp4"), "'videos' must be a list of non-empty strings"),
     (with_(safety="unsafe"), "\"safety\" must be one of ['safe', 'harmful']"),
+    (with_(distill="yes"), "\"distill\" must be true or false, got 'yes'"),
 ]
 
 
@@ -113,6 +114,7 @@ def test_write_read_round_trip(tmp_path):
                 (Turn("human", video=0), Turn("human", video=1), Turn("human", "Compare them ünïcode 🎬"),
                  Turn("ai", "The second is faster.")), "harmful"),
         Example("b", (), (), (Turn("human", "Make a video of a cat."), Turn("ai", "Sure."), Turn("ai", "More.")), None),
+        Example("d", (), (), (Turn("human", "What is gravity?"), Turn("ai", "A force.")), None, distill=True),
         Example("c", ("x.mp4",), (), (Turn("human", "Before the video:"), Turn("human", video=0), Turn("ai", "Ok.")),
                 "safe"),
     ]

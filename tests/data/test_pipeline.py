@@ -412,6 +412,37 @@ def test_packed_resume_gives_the_same_batches(tok, data_dir):
     assert resumed.get_state() == it.get_state()
 
 
+def test_distill_marks_the_tokens_of_marked_examples_plain_and_packed(tok, data_dir):
+    """``distill`` (train.distill_weight > 0) is True exactly on the real tokens of examples marked in the
+    manifest, in plain rows and in packed ones; without it the batch has no such array."""
+    examples = [dataclasses.replace(example(i), distill=i % 2 == 1) for i in range(6)]
+    text = dataclasses.replace(CFG, use_videos=False)
+    assert "distill" not in next(batch_iterator(dataset(examples, tok, data_dir, text, batch=3)))
+    for cfg in (dataclasses.replace(text, distill=True), dataclasses.replace(PACKED, distill=True)):
+        # two rows a batch: packed, the six examples fill two rows of three; the last batch is never partial
+        batches = list(batch_iterator(dataset(examples, tok, data_dir, cfg, batch=2)))
+        assert all({k: (v.shape, v.dtype) for k, v in b.items()} == batch_spec(cfg, 2) for b in batches)
+        marked = []
+        for batch in batches:
+            for r in range(2):
+                if cfg.pack_sequences:
+                    seg = batch["segment_ids"][r]
+                    parts = [(batch["input_ids"][r][seg == k], batch["distill"][r][seg == k])
+                             for k in range(1, seg.max() + 1)]
+                    assert not batch["distill"][r][seg == 0].any()
+                else:
+                    n = int(batch["attention_mask"][r].sum())
+                    parts = [(batch["input_ids"][r][:n], batch["distill"][r][:n])]
+                    assert not batch["distill"][r][n:].any()
+                for ids, flags in parts:
+                    assert flags.all() or not flags.any()  # a whole example, or none of it
+                    ex = next(e for e in examples
+                              if np.array_equal(expected_row(e, tok, text)["input_ids"][:len(ids)], ids))
+                    assert flags.all() == ex.distill
+                    marked.append(ex.id) if ex.distill else None
+        assert sorted(marked) == ["e1", "e3", "e5"]
+
+
 def test_packing_is_for_text_rows_and_counts_rows_like_the_iterator(tok, data_dir):
     from g4v_jax.data.packing import packed_row_count
 

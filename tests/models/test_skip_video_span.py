@@ -112,7 +112,8 @@ def test_pipeline_batches_carry_the_mask_packed_or_not():
     for i, c in enumerate(convs):
         p = pad_batch([c], 0, length=128)
         rows.append(_Row(i, str(i), p["input_ids"][0], p["labels"][0], p["attention_mask"][0], p["positions"][0],
-                         p["adapter_mask"][0], np.zeros((0, 4, 8, 8, 3), np.uint8), np.zeros((0, 4), bool)))
+                         p["adapter_mask"][0], np.zeros(128, bool), np.zeros((0, 4, 8, 8, 3), np.uint8),
+                         np.zeros((0, 4), bool)))
     plain = collate(rows, cfg)
     packed = collate_packed([rows], cfg, pad_id=0)
     n0, n1 = len(convs[0]), len(convs[1])

@@ -85,6 +85,9 @@ def test_mixed_manifest_holds_the_share_and_finds_the_world_videos(tmp_path, mon
     again = tmp_path / "again.jsonl"
     rehearsal.mixed_manifest(world, ex, again, 0.25, seed=0)
     assert [r.id for r in read_manifest(again)] == [r.id for r in rows]
+    assert not any(r.distill for r in rows)
+    rehearsal.mixed_manifest(world, ex, again, 0.25, seed=0, distill=True)  # only the rehearsal rows are marked
+    assert [r.id for r in read_manifest(again) if r.distill] == [r.id for r in mine]
     with pytest.raises(ValueError, match="fraction"):
         rehearsal.mixed_manifest(world, ex, again, 1.0, seed=0)
 
@@ -96,8 +99,11 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
     v = parse_variant("lr=1e-3,steps=40,rehearsal=0", base)
     assert v == Variant(1e-3, 40, 0.0, 1.0) and v.name == "lr0.001_steps40_rehearsal0_t1"
     assert parse_variant("", base) == base
+    kl = parse_variant("distill=0.5", base)
+    assert kl.distill == 0.5 and kl.name == "lr0.0003_steps120_rehearsal0.25_t1_kl0.5"
     for bad, why in (("lr=0", "lr > 0"), ("steps=x", "not a number"), ("batch=4", "keys lr, steps"),
-                     ("rehearsal=1", "rehearsal < 1"), ("temperature=0.5", "temperature 0 or 1"), ("lr", "keys")):
+                     ("rehearsal=1", "rehearsal < 1"), ("temperature=0.5", "temperature 0 or 1"), ("lr", "keys"),
+                     ("distill=-1", "distill >= 0"), ("rehearsal=0,distill=1", "rehearsal > 0 with distill")):
         with pytest.raises(ValueError, match=why):
             parse_variant(bad, base)
     row = {"variant": {"lr": 3e-4, "steps": 40, "rehearsal": 0.0, "temperature": 1.0}, "stage2_last_loss": 0.46,
@@ -106,6 +112,8 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
            "perplexity_rise": 0.03, "right_before": 10, "right_after": 10, "kept": True}
     assert ("| 0.0003, 40 | none | 0.460 | 95.8 | 0.0 (0.0) | 0.0 | 100.0 | 22.8 -> 23.5 (+3.0%) | 10 -> 10 of 12 | "
             "kept |") in table([row])
+    row["variant"] = {**row["variant"], "rehearsal": 0.25, "distill": 1.0}
+    assert "| 0.0003, 40 | 0.25, T=1, KL x 1 | 0.460 |" in table([row])
 
 
 def test_the_sweep_measures_the_untuned_llm_once_per_sweep_folder(tmp_path, monkeypatch):
