@@ -9,7 +9,9 @@ LLM *before* any tuning, in its own chat template, ``SAMPLES`` times at temperat
 LLM's loss is what it is on its own text; adapters that drift from it pay for the drift. This is self-distillation on
 sampled text, the cheap form of a KL term to the frozen model: the answers are draws from the LLM itself, so the
 loss's optimum is the LLM's own distribution. Greedy answers would not be: trained on, they sharpen it
-(``docs/world.md``). Nothing is downloaded, and rehearsal teaches nothing new.
+(``docs/world.md``). Marked ``distill`` (``mixed_manifest``), the rows take the KL term itself
+(``train.distill_weight``): they train toward the LLM's whole next-token distribution at every token, with the
+sampled answers only as the text it is read on. Nothing is downloaded, and rehearsal teaches nothing new.
 
 The rows are in the world's training template (``###Human: q ###AI: a``), so the served model answers general
 questions in that template as the LLM answered them in its own.
