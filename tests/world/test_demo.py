@@ -166,8 +166,13 @@ def test_the_world_on_smollm2_quick_trains_the_right_parts_exports_and_serves(qu
     assert result["llm"].startswith("SmolLM2-135M-Instruct") and result["mode"] == "quick"
     assert [result["training"][s]["steps"] for s in ("stage1", "stage2")] == [2, 2]
     rehearsal = result["training"]["stage2"]["rehearsal"]  # stage 2 rehearses SmolLM2's own general answers
-    mixed = [json.loads(line)["id"] for line in (root / "stage2_mixed.jsonl").read_text().splitlines()]
-    assert rehearsal["answers"] > 0 and abs(sum(i.startswith("rehearsal") for i in mixed) / len(mixed) - 0.25) < 0.01
+    mixed = [json.loads(line) for line in (root / "stage2_mixed.jsonl").read_text().splitlines()]
+    ours = [row.get("distill", False) for row in mixed if row["id"].startswith("rehearsal")]
+    assert rehearsal["answers"] > 0 and abs(len(ours) / len(mixed) - 0.25) < 0.01
+    # the rehearsal rows, and only they, distil toward SmolLM2 with its adapters off
+    assert all(ours) and sum(row.get("distill", False) for row in mixed) == len(ours)
+    steps = [json.loads(line) for line in (root / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["distill_kl"]) and m["distill_kl"] >= -1e-6 for m in steps)
     assert set(result["eval"]["stage2"]) == set(scratch["eval"]["stage2"]) and result["targets"]
 
     params = {name: named_params(load(root / name)) for name in ("assembled", "stage1/final", "stage2/final")}
