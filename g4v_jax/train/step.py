@@ -212,7 +212,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_u
                                keep(opt_state, state.opt_state))
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads), "update_ratio": update_ratio,
                    "finite": finite, "applied": applied}
-        if distill_weight > 0:
+        if distills:
             metrics["distill_kl"] = kl / jnp.maximum(kl_count, 1).astype(jnp.float32)
             metrics["distill_tokens"] = kl_count
         return new_state, metrics

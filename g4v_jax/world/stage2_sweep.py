@@ -57,6 +57,8 @@ def parse_variant(text: str, defaults: Variant) -> Variant:
             values[key] = int(value) if key == "steps" else float(value)
         except ValueError:
             raise ValueError(f"{part!r}: {value!r} is not a number") from None
+    if values.get("rehearsal") == 0 and "distill" not in values:
+        values["distill"] = 0.0  # there is nothing to distil on without rehearsal rows
     v = dataclasses.replace(defaults, **values)
     if (v.lr <= 0 or v.steps < 1 or not 0 <= v.rehearsal < 1 or v.temperature not in (0.0, 1.0) or v.distill < 0
             or (v.distill > 0 and not v.rehearsal)):

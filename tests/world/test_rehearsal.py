@@ -101,6 +101,9 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
     assert parse_variant("", base) == base
     kl = parse_variant("distill=0.5", base)
     assert kl.distill == 0.5 and kl.name == "lr0.0003_steps120_rehearsal0.25_t1_kl0.5"
+    distilling = Variant(3e-4, 160, 0.25, 1.0, 1.0)  # the defaults when the chosen setting distils
+    assert parse_variant("rehearsal=0", distilling).distill == 0.0  # no rehearsal rows, nothing to distil on
+    assert parse_variant("steps=120", distilling).name == "lr0.0003_steps120_rehearsal0.25_t1_kl1"
     for bad, why in (("lr=0", "lr > 0"), ("steps=x", "not a number"), ("batch=4", "keys lr, steps"),
                      ("rehearsal=1", "rehearsal < 1"), ("temperature=0.5", "temperature 0 or 1"), ("lr", "keys"),
                      ("distill=-1", "distill >= 0"), ("rehearsal=0,distill=1", "rehearsal > 0 with distill")):
