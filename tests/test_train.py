@@ -81,8 +81,8 @@ def test_distill_rows_train_toward_the_llm_with_adapters_off():
     """``train.distill_weight``: rows marked ``distill`` leave the answer loss and pull toward the LLM's own
     predictions. At init (LoRA B = 0) the tuned model is the LLM, so a batch of distill rows has KL 0 and moves
     nothing; after training on answers, the step's KL is the one computed from two forward passes."""
-    cfg = _cfg("model.kind=llm", "train.stage=stage2", "train.learning_rate=3e-2", "model.lora.dropout=0.0",
-               "train.distill_weight=1.0")
+    lora = ("model.kind=llm", "train.stage=stage2", "train.learning_rate=3e-2", "model.lora.dropout=0.0")
+    cfg = _cfg(*lora, "train.distill_weight=1.0")
     batch = synthetic_batch(cfg.model)
     distill = np.zeros_like(batch["attention_mask"])
     distill[2:] = True  # rows 2 and 3
@@ -93,8 +93,7 @@ def test_distill_rows_train_toward_the_llm_with_adapters_off():
     assert m["grad_norm"] < 1e-6  # nothing to move toward (rounding only: Adam would scale it up to a full step)
     # the answer loss is that of the unmarked rows alone: as a run without distillation on those rows' labels
     trainer = build_trainer(cfg, total_steps=100)
-    plain = build_trainer(_cfg("model.kind=llm", "train.stage=stage2", "train.learning_rate=3e-2",
-                               "model.lora.dropout=0.0"), total_steps=100)
+    plain = build_trainer(_cfg(*lora), total_steps=100)
     (m,) = trainer.train_steps(iter([marked]), 1)
     (ref,) = plain.train_steps(iter([{**batch, "labels": np.where(distill, -100, batch["labels"])}]), 1)
     assert m["loss"] == pytest.approx(ref["loss"], rel=1e-6) and m["tokens"] == ref["tokens"]
@@ -114,9 +113,7 @@ def test_distill_rows_train_toward_the_llm_with_adapters_off():
     uneven = {**marked, "distill": np.arange(4)[:, None].repeat(distill.shape[1], 1) > 0}
     runs = []
     for accum in (1, 2):
-        t = build_trainer(_cfg("model.kind=llm", "train.stage=stage2", "train.learning_rate=3e-2",
-                               "model.lora.dropout=0.0", "train.distill_weight=1.0", f"train.grad_accum_steps={accum}"),
-                          total_steps=100)
+        t = build_trainer(_cfg(*lora, "train.distill_weight=1.0", f"train.grad_accum_steps={accum}"), total_steps=100)
         runs.append([(m["loss"], m["distill_kl"], m["grad_norm"]) for m in t.train_steps(iter([uneven] * 3), 3)])
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4, atol=1e-7)
 

@@ -136,9 +136,9 @@ def table(rows: Sequence[dict]) -> str:
     from g4v_jax.world.kept import GENERAL_PROMPTS
 
     n = f"of {len(GENERAL_PROMPTS)}"
-    lines = ["| stage 2: lr, steps | rehearsal (share, temperature, distillation) | last loss | generation tags | VG F1 (look-alike "
-             "precision) | VG F1 after a granted request | VU F1 | held-out perplexity | general answers right | "
-             "kept? |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage 2: lr, steps | rehearsal (share, temperature, distillation) | last loss | generation tags | "
+             "VG F1 (look-alike precision) | VG F1 after a granted request | VU F1 | held-out perplexity | "
+             "general answers right | kept? |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         v = r["variant"]
         reh = f"{v['rehearsal']:g}, T={v['temperature']:g}" if v["rehearsal"] else "none"

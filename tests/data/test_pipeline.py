@@ -439,7 +439,8 @@ def test_distill_marks_the_tokens_of_marked_examples_plain_and_packed(tok, data_
                     ex = next(e for e in examples
                               if np.array_equal(expected_row(e, tok, text)["input_ids"][:len(ids)], ids))
                     assert flags.all() == ex.distill
-                    marked.append(ex.id) if ex.distill else None
+                    if ex.distill:
+                        marked.append(ex.id)
         assert sorted(marked) == ["e1", "e3", "e5"]
 
 
