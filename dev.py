@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -84,6 +85,20 @@ def ensure_system() -> None:
     run(*prefix, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages, env=env)
 
 
+# The suite's peak in the temporary folder (measured on a full run); short of it, tests fail with "No space left".
+SUITE_DISK_GB = 4
+
+
+def warn_low_disk() -> None:
+    """Say before the suite starts, not 20 minutes into it, that the temporary folder's disk is too full for it."""
+    tmp = tempfile.gettempdir()
+    free = shutil.disk_usage(tmp).free / 2**30
+    if free < SUITE_DISK_GB:
+        print(f"dev.py test: warning: {tmp} has {free:.1f} GB free and the suite writes up to {SUITE_DISK_GB} GB "
+              "there; tests that write models will fail with 'No space left on device' (set TMPDIR to a larger disk)",
+              file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in ("demo", "forward", "test", "setup", "run", "serve") or argv == ["run"] or argv == ["run", "-m"]:
         sys.exit(__doc__)
@@ -110,6 +125,7 @@ def main(argv: list[str]) -> None:
         run(str(PY), "-m", *args, env=env)
     elif task == "test":
         ensure_system()
+        warn_low_disk()
         run(str(PY), "-m", "pytest", "-q", "-n", "2", "--durations=30", *rest, env=env)
 
 

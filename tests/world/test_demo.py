@@ -7,6 +7,7 @@ model answers generation requests with <video> tags); the input detector finds t
 (0.5). Exact-match video QA needs the full run."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -222,6 +223,8 @@ def test_the_world_on_smollm2_quick_trains_the_right_parts_exports_and_serves(qu
         assert reply.finish_reason in ("stop", "length") and reply.message.content is not None
     finally:
         running.stop()
+    # five full copies of SmolLM2 (converted, assembled, two stage finals, the export): 2.8 GB nothing else reads
+    shutil.rmtree(root)
 
 
 def test_the_page_script_asks_about_a_world_video_then_for_a_video(quick_run):
