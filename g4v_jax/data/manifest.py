@@ -9,8 +9,10 @@ Schema (one object per line; blank lines are ignored)::
                       {"from": "human", "value": "Describe the video in detail."},
                       {"from": "ai", "value": "A man ..."}],
      "safety": "safe",                                  // optional: "safe", "harmful" or null
-     "distill": false}                                  // optional: true trains the example toward the untuned
+     "distill": false,                                  // optional: true trains the example toward the untuned
                                                         // LLM's predictions (train.distill_weight) instead of its text
+     "template": "gpt4video"}                           // optional: "llm" writes a text-only example in the LLM
+                                                        // tokenizer's own chat template (data.template)
 
 Rules, all checked by ``read_manifest`` (the first violation raises ``ManifestError`` naming ``file:line``):
 
@@ -60,7 +62,10 @@ from g4v_jax.data.io import read_records, write_jsonl
 from g4v_jax.data.template import ROLES, Turn, video_tags
 
 SAFETY_LABELS = ("safe", "harmful")
-MANIFEST_KEYS = ("id", "videos", "captions", "conversation", "safety", "distill")
+MANIFEST_KEYS = ("id", "videos", "captions", "conversation", "safety", "distill", "template")
+# "gpt4video": the ###Human/###AI prompt every stage trains on; "llm": the tokenizer's own chat template, for text-only
+# rows that keep a pretrained LLM's chat behaviour (template.tokenize_in_llm_template)
+TEMPLATES = ("gpt4video", "llm")
 # The instruction used when a description has no question (VideoChat-11K's detailed descriptions).
 DESCRIBE_INSTRUCTION = "Describe the video in detail."
 
@@ -79,6 +84,7 @@ class Example:
     turns: tuple[Turn, ...]
     safety: str | None = None
     distill: bool = False  # stage 2: its tokens train toward the untuned LLM (train.distill_weight), not its text
+    template: str = "gpt4video"  # one of TEMPLATES
 
     @property
     def num_answers(self) -> int:
@@ -156,7 +162,13 @@ def example_from_dict(raw: Any) -> Example:
     distill = raw.get("distill", False)
     if not isinstance(distill, bool):
         raise ValueError(f"\"distill\" must be true or false, got {distill!r}")
-    return Example(id=ex_id, videos=videos, captions=captions, turns=turns, safety=safety, distill=distill)
+    template = raw.get("template", "gpt4video")
+    if template not in TEMPLATES:
+        raise ValueError(f"\"template\" must be one of {list(TEMPLATES)}, got {template!r}")
+    if template == "llm" and videos:
+        raise ValueError("an example in the LLM's own template (\"template\": \"llm\") is text only; it has videos")
+    return Example(id=ex_id, videos=videos, captions=captions, turns=turns, safety=safety, distill=distill,
+                   template=template)
 
 
 def example_to_dict(ex: Example) -> dict[str, Any]:
@@ -174,6 +186,8 @@ def example_to_dict(ex: Example) -> dict[str, Any]:
         out["safety"] = ex.safety
     if ex.distill:
         out["distill"] = True
+    if ex.template != "gpt4video":
+        out["template"] = ex.template
     return out
 
 

@@ -107,7 +107,7 @@ from g4v_jax.data.io import resolve_video_path
 from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions
 from g4v_jax.data.packing import collate_packed, first_row_with_room, token_arrays
 from g4v_jax.data.template import (SYSTEM_PROMPT, TokenizedConversation, pad_batch,
-                                   tokenize_conversation)
+                                   tokenize_conversation, tokenize_in_llm_template)
 from g4v_jax.data.feature_cache import load_entry
 from g4v_jax.data.video import VideoReadError, load_video
 
@@ -216,6 +216,11 @@ def _tokenize(ex: Example, tokenizer, cfg: DataConfig) -> TokenizedConversation:
     # borrowed", huggingface/transformers#47085), and grain's read threads share one. Tokenizing is cheap next to
     # decoding, so one lock per process costs little.
     with _TOKENIZER_LOCK:
+        if ex.template == "llm":
+            try:
+                return tokenize_in_llm_template(tokenizer, ex.turns)
+            except ValueError as e:
+                raise ExampleError(f"example {ex.id!r} (\"template\": \"llm\"): {e}") from None
         return tokenize_conversation(tokenizer, ex.turns, num_video_tokens=cfg.num_video_tokens, system_prompt=system)
 
 

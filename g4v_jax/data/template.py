@@ -293,6 +293,42 @@ def tokenize_chat_template(tokenizer, messages: Sequence[dict]) -> TokenizedConv
     return TokenizedConversation(ids, np.full(ids.shape, IGNORE_INDEX, np.int32), num_videos=0)
 
 
+def tokenize_in_llm_template(tokenizer, turns: Sequence[Turn], *, max_length: int | None = None
+                             ) -> TokenizedConversation:
+    """A text-only conversation in the tokenizer's own chat template (SmolLM2's ChatML, a LLaMA-3 template...), with
+    the template's default system prompt: ``input_ids``, and ``labels`` on each assistant message as the template
+    writes it (its end-of-turn tokens included). Rows that keep a pretrained LLM's chat behaviour are trained here.
+
+    Each assistant span is the difference between the conversation rendered up to that message and up to the
+    message before it with the generation prompt; a template whose renderings are not prefixes of one another, or a
+    tokenizer that encodes them differently across that border, raises ``ValueError`` rather than mislabel tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template for a row in the LLM's "
+                         "own template")
+    if any(t.video is not None for t in turns):
+        raise ValueError("a row in the LLM's own chat template is text only; it has a video turn")
+    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns]
+
+    def encode(k: int, generation: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=generation)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    ids = encode(len(messages), False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = encode(k, True), encode(k + 1, False)
+        if ids[: len(end)] != end or end[: len(start)] != start:
+            raise ValueError(f"the tokenizer's chat template does not render message {k} as a continuation of the "
+                             "messages before it; its answer tokens cannot be told apart")
+        labels[len(start) : len(end)] = end[len(start) :]
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"conversation is too long: {len(ids)} tokens > max_length={max_length} (it is never "
+                         "truncated)")
+    return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(labels, np.int32), num_videos=0)
+
+
 def pad_batch(
     convs: Sequence[TokenizedConversation], pad_id: int, length: int | None = None, *, side: str = "right"
 ) -> dict[str, np.ndarray]:

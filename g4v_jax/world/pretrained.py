@@ -63,6 +63,8 @@ class PretrainedSize:
     rehearsal_questions: int  # how many of ``rehearsal.REHEARSAL_QUESTIONS`` it answers
     # > 0: the rehearsal rows train toward the untuned LLM's distributions (``train.distill_weight``), not its text
     distill_weight: float
+    # the share of the rehearsal rows in the LLM's own chat template (``rehearsal.mixed_manifest``)
+    rehearsal_own_template: float = 0.0
 
 
 # A step of batch 8 takes about 8.5 s on the 2-core machine (135M parameters over 192 positions: the LLM's
@@ -151,7 +153,8 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
     init = assembled
     # stage 2 also rehearses the LLM's own general answers (world.rehearsal), so the adapters keep what it knew
     mixed = stage2_manifest(root / "llm", world.stage2, root, size.rehearsal_fraction, seed,
-                            REHEARSAL_QUESTIONS[:size.rehearsal_questions], distill=size.distill_weight > 0)
+                            REHEARSAL_QUESTIONS[:size.rehearsal_questions], distill=size.distill_weight > 0,
+                            own_template=size.rehearsal_own_template)
     t = lap("rehearsal", t)
     for stage, manifest, steps in ((1, world.stage1, size.stage1_steps), (2, mixed, size.stage2_steps)):
         print(f"stage {stage} ({LLMS[llm][2]}): {manifest}")

@@ -14,7 +14,8 @@ loss's optimum is the LLM's own distribution. Greedy answers would not be: train
 sampled answers only as the text it is read on. Nothing is downloaded, and rehearsal teaches nothing new.
 
 The rows are in the world's training template (``###Human: q ###AI: a``), so the served model answers general
-questions in that template as the LLM answered them in its own.
+questions in that template as the LLM answered them in its own; a share of them (``own_template``) is in the LLM's
+own chat template, where the adapters act as well and where ``world.kept`` asks.
 """
 
 from __future__ import annotations
@@ -129,20 +130,26 @@ def rehearsal_examples(lm, tokenizer, questions: Sequence[str] = REHEARSAL_QUEST
 
 
 def mixed_manifest(world_manifest: Path, rehearsal: Sequence[Example], out: Path, fraction: float,
-                   seed: int, distill: bool = False) -> Path:
+                   seed: int, distill: bool = False, own_template: float = 0.0) -> Path:
     """``out``: the world's stage-2 rows plus the rehearsal rows repeated so that they make ``fraction`` of it, in
     one seeded shuffle (the data pipeline shuffles again per epoch; this keeps the file readable as a mix).
     ``distill``: the rehearsal rows are marked ``"distill"``, so that under ``train.distill_weight`` they train
-    toward the untuned LLM's whole next-token distribution (a KL term) rather than on the sampled answer."""
+    toward the untuned LLM's whole next-token distribution (a KL term) rather than on the sampled answer.
+    ``own_template``: the share of the rehearsal rows written in the LLM's own chat template (``"template": "llm"``,
+    a seeded choice), the rest in GPT4Video's: the adapters act on both, so each needs rows that hold it."""
     if not 0 < fraction < 1:
         raise ValueError(f"the rehearsal fraction must be in (0, 1), got {fraction}")
+    if not 0 <= own_template <= 1:
+        raise ValueError(f"the share of rehearsal rows in the LLM's own template must be in [0, 1], got {own_template}")
     # the world's relative video paths are kept pointing at its videos from where ``out`` is
     world = [dataclasses.replace(ex, videos=tuple(os.path.relpath(resolve_video_path(v, world_manifest.parent),
                                                                   out.parent) for v in ex.videos))
              for ex in read_manifest(world_manifest)]
     want = round(len(world) * fraction / (1 - fraction))
     n = len(rehearsal)
-    rows = [*world, *(dataclasses.replace(rehearsal[i % n], id=f"{rehearsal[i % n].id}-{i // n}", distill=distill)
+    own = set(random.Random(seed + 1).sample(range(want), round(want * own_template)))
+    rows = [*world, *(dataclasses.replace(rehearsal[i % n], id=f"{rehearsal[i % n].id}-{i // n}", distill=distill,
+                                          template="llm" if i in own else "gpt4video")
                       for i in range(want))]
     random.Random(seed).shuffle(rows)
     write_manifest(out, rows)
@@ -151,9 +158,10 @@ def mixed_manifest(world_manifest: Path, rehearsal: Sequence[Example], out: Path
 
 def stage2_manifest(llm_dir: Path, world_manifest: Path, out_dir: Path, fraction: float, seed: int,
                     questions: Sequence[str] = REHEARSAL_QUESTIONS, temperature: float = 1.0,
-                    answers: Path | None = None, distill: bool = False) -> Path:
+                    answers: Path | None = None, distill: bool = False, own_template: float = 0.0) -> Path:
     """``out_dir/stage2_mixed.jsonl``: the world's stage-2 rows with ``fraction`` rehearsal rows of the untuned LLM in
-    ``llm_dir`` (marked for distillation with ``distill``, ``mixed_manifest``), whose answers are kept in ``answers``
+    ``llm_dir`` (marked for distillation with ``distill``, ``own_template`` of them in its own chat template,
+    ``mixed_manifest``), whose answers are kept in ``answers``
     (default ``out_dir/rehearsal.jsonl``; made once, a rerun or another run with the same answers reads them)."""
     answers = answers if answers is not None else out_dir / "rehearsal.jsonl"
     if not answers.is_file():  # drawn once: a rerun of an interrupted run trains on the same rows
@@ -165,4 +173,4 @@ def stage2_manifest(llm_dir: Path, world_manifest: Path, out_dir: Path, fraction
         write_manifest(answers, rehearsal_examples(lm, load_tokenizer(llm_dir), questions, seed=seed,
                                                    temperature=temperature))
     return mixed_manifest(world_manifest, read_manifest(answers), out_dir / "stage2_mixed.jsonl", fraction, seed,
-                          distill)
+                          distill, own_template)

@@ -14,7 +14,8 @@ on the validation split, where settings are chosen (the run's report is on the t
 Variant keys: ``lr``, ``steps``, ``rehearsal`` (the share of stage 2's rows that rehearse the LLM's own general
 answers, ``world.rehearsal``; 0: none), ``temperature`` (of those answers: 1 samples the LLM, 0 takes its greedy
 answer) and ``distill`` (> 0: the rehearsal rows train toward the untuned LLM's next-token distributions, a KL term of
-this weight, ``train.distill_weight``, instead of on the sampled answers' text). Unnamed keys take
+this weight, ``train.distill_weight``, instead of on the sampled answers' text), and ``own`` (the share of the
+rehearsal rows in the LLM's own chat template, where ``world.kept`` asks; the rest in GPT4Video's). Unnamed keys take
 ``pretrained.PRETRAINED_FULL``'s values. The rehearsal answers are drawn once per temperature
 (``OUT/LLM/sweep/rehearsal_tT.jsonl``) and shared by the variants. ``OUT/LLM/sweep/sweep.{json,md}`` collect every
 variant measured there so far; a variant already measured is read back, not trained again.
@@ -29,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-VARIANT_KEYS = ("lr", "steps", "rehearsal", "temperature", "distill")
+VARIANT_KEYS = ("lr", "steps", "rehearsal", "temperature", "distill", "own")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,14 @@ class Variant:
     rehearsal: float
     temperature: float
     distill: float = 0.0
+    own: float = 0.0
 
     @property
     def name(self) -> str:
-        kl = f"_kl{self.distill:g}" if self.distill else ""  # the names of variants measured before it stay
-        return f"lr{self.lr:g}_steps{self.steps}_rehearsal{self.rehearsal:g}_t{self.temperature:g}{kl}"
+        # the names of variants measured before a key existed stay
+        kl = f"_kl{self.distill:g}" if self.distill else ""
+        own = f"_own{self.own:g}" if self.own else ""
+        return f"lr{self.lr:g}_steps{self.steps}_rehearsal{self.rehearsal:g}_t{self.temperature:g}{kl}{own}"
 
 
 def parse_variant(text: str, defaults: Variant) -> Variant:
@@ -57,13 +61,14 @@ def parse_variant(text: str, defaults: Variant) -> Variant:
             values[key] = int(value) if key == "steps" else float(value)
         except ValueError:
             raise ValueError(f"{part!r}: {value!r} is not a number") from None
-    if values.get("rehearsal") == 0 and "distill" not in values:
-        values["distill"] = 0.0  # there is nothing to distil on without rehearsal rows
+    if values.get("rehearsal") == 0:  # there is nothing to distil on or write in a template without rehearsal rows
+        values.setdefault("distill", 0.0)
+        values.setdefault("own", 0.0)
     v = dataclasses.replace(defaults, **values)
     if (v.lr <= 0 or v.steps < 1 or not 0 <= v.rehearsal < 1 or v.temperature not in (0.0, 1.0) or v.distill < 0
-            or (v.distill > 0 and not v.rehearsal)):
-        raise ValueError(f"{text!r}: needs lr > 0, steps >= 1, 0 <= rehearsal < 1, temperature 0 or 1, distill >= 0 "
-                         f"(and rehearsal > 0 with distill: it distils on the rehearsal rows)")
+            or not 0 <= v.own <= 1 or ((v.distill > 0 or v.own > 0) and not v.rehearsal)):
+        raise ValueError(f"{text!r}: needs lr > 0, steps >= 1, 0 <= rehearsal < 1, temperature 0 or 1, distill >= 0, "
+                         f"0 <= own <= 1 (and rehearsal > 0 with distill or own: they act on the rehearsal rows)")
     return v
 
 
@@ -104,7 +109,7 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
     if v.rehearsal:
         manifest = stage2_manifest(root / "llm", world.stage2, here, v.rehearsal, seed, temperature=v.temperature,
                                    answers=root / "sweep" / f"rehearsal_t{v.temperature:g}.jsonl",
-                                   distill=v.distill > 0)
+                                   distill=v.distill > 0, own_template=v.own)
     training = train_stage(2, here, manifest, root / "assembled", v.steps, root / "stage1" / "final", seed, progress,
                            PRETRAINED_FULL.batch_size, [f"data.vision_cache={out / 'vision_cache'}",
                                                         f"data.seq_len={SEQ_LEN}", f"train.learning_rate={v.lr}",
@@ -142,8 +147,10 @@ def table(rows: Sequence[dict]) -> str:
     for r in rows:
         v = r["variant"]
         reh = f"{v['rehearsal']:g}, T={v['temperature']:g}" if v["rehearsal"] else "none"
-        if v.get("distill"):  # rows measured before the key existed have none
+        if v.get("distill"):  # rows measured before a key existed have none
             reh += f", KL x {v['distill']:g}"
+        if v.get("own"):
+            reh += f", {v['own']:g} in its own template"
         lines.append(f"| {v['lr']:g}, {v['steps']} | {reh} | {r['stage2_last_loss']:.3f} | "
                      f"{100 * r['generation_tags']:.1f} | {100 * r['VG_f1']:.1f} "
                      f"({100 * r['lookalike_precision']:.1f}) | {100 * r['VG_second_turn_f1']:.1f} | "
@@ -166,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     defaults = Variant(PRETRAINED_FULL.stage2_learning_rate, PRETRAINED_FULL.stage2_steps,
-                       PRETRAINED_FULL.rehearsal_fraction, 1.0, PRETRAINED_FULL.distill_weight)
+                       PRETRAINED_FULL.rehearsal_fraction, 1.0, PRETRAINED_FULL.distill_weight,
+                       PRETRAINED_FULL.rehearsal_own_template)
     try:
         variants = [parse_variant(text, defaults) for text in args.variant]
     except ValueError as e:

@@ -87,6 +87,8 @@ BAD_LINES = [
     (with_(videos="a.mp4"), "'videos' must be a list of non-empty strings"),
     (with_(safety="unsafe"), "\"safety\" must be one of ['safe', 'harmful']"),
     (with_(distill="yes"), "\"distill\" must be true or false, got 'yes'"),
+    (with_(template="chatml"), "\"template\" must be one of ['gpt4video', 'llm'], got 'chatml'"),
+    (with_(template="llm"), "is text only; it has videos"),
 ]
 
 
@@ -115,6 +117,7 @@ def test_write_read_round_trip(tmp_path):
                  Turn("ai", "The second is faster.")), "harmful"),
         Example("b", (), (), (Turn("human", "Make a video of a cat."), Turn("ai", "Sure."), Turn("ai", "More.")), None),
         Example("d", (), (), (Turn("human", "What is gravity?"), Turn("ai", "A force.")), None, distill=True),
+        Example("e", (), (), (Turn("human", "What is gravity?"), Turn("ai", "A force.")), None, template="llm"),
         Example("c", ("x.mp4",), (), (Turn("human", "Before the video:"), Turn("human", video=0), Turn("ai", "Ok.")),
                 "safe"),
     ]

@@ -4,6 +4,7 @@ batches as none, iterator state resume, and host sharding. CPU; real tiny videos
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -23,7 +24,8 @@ from g4v_jax.data.pipeline import (
     make_dataset,
     shard_examples,
 )
-from g4v_jax.data.template import IGNORE_INDEX, VIDEO_PLACEHOLDER_ID, Turn, pad_batch, tokenize_conversation
+from g4v_jax.data.template import (IGNORE_INDEX, VIDEO_PLACEHOLDER_ID, Turn, pad_batch, tokenize_conversation,
+                                   tokenize_in_llm_template)
 from g4v_jax.data.tokenizer import build_bpe_tokenizer
 from g4v_jax.data.video import load_video, synthetic_frames, write_video
 
@@ -442,6 +444,39 @@ def test_distill_marks_the_tokens_of_marked_examples_plain_and_packed(tok, data_
                     if ex.distill:
                         marked.append(ex.id)
         assert sorted(marked) == ["e1", "e3", "e5"]
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_rows_in_the_llm_template_beside_gpt4video_rows_plain_and_packed(tok, data_dir):
+    """``"template": "llm"`` rows are the tokenizer's chat template (``tokenize_in_llm_template``), labels on the
+    answers, the adapters on every token; the other rows keep GPT4Video's prompt. A tokenizer without a chat template
+    stops at that example, by name."""
+    chat = copy.deepcopy(tok)
+    chat.chat_template = CHATML
+    examples = [dataclasses.replace(example(i), template="llm" if i % 2 else "gpt4video") for i in range(4)]
+    text = dataclasses.replace(CFG, use_videos=False, seq_len=128, adapter_mask=True)
+    for cfg in (text, dataclasses.replace(PACKED, seq_len=256, adapter_mask=True)):
+        rows = []
+        for batch in batch_iterator(dataset(examples, chat, data_dir, cfg, batch=1)):
+            for r in range(len(batch["input_ids"])):
+                seg = batch["segment_ids"][r] if cfg.pack_sequences else batch["attention_mask"][r].astype(np.int32)
+                for k in range(1, seg.max() + 1):
+                    rows.append({key: batch[key][r][seg == k] for key in ("input_ids", "labels", "adapter_mask")})
+        assert len(rows) == 4
+        for ex in examples:
+            if ex.template == "llm":
+                want = tokenize_in_llm_template(chat, ex.turns)
+            else:
+                want = tokenize_conversation(chat, ex.turns, num_video_tokens=N_SLOTS, system_prompt=CFG.system_prompt)
+            (row,) = [r for r in rows if np.array_equal(r["input_ids"], want.input_ids)]
+            np.testing.assert_array_equal(row["labels"], want.labels)
+            assert row["adapter_mask"].all()  # text only: the adapters act everywhere
+        assert sum(chat.decode(r["input_ids"]).startswith("<|im_start|>user") for r in rows) == 2
+    with pytest.raises(ExampleError, match="example 'e1' .*has no chat template"):
+        list(batch_iterator(dataset(examples, tok, data_dir, text, batch=2)))
 
 
 def test_packing_is_for_text_rows_and_counts_rows_like_the_iterator(tok, data_dir):

@@ -3,6 +3,7 @@ generation prompts, batching, and the offline byte-level BPE. CPU, tokenizers tr
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from g4v_jax.data.template import (
     pad_batch,
     render,
     tokenize_conversation,
+    tokenize_in_llm_template,
     video_tags,
 )
 from g4v_jax.data.tokenizer import build_bpe_tokenizer, load_tokenizer
@@ -463,3 +465,54 @@ def test_load_tokenizer_errors_name_the_path(tmp_path):
     (broken / "tokenizer.json").write_text("{not json")
     with pytest.raises((ValueError, OSError), match="broken"):
         load_tokenizer(broken)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rows in the LLM's own chat template
+# --------------------------------------------------------------------------------------------------------------------
+
+# ChatML with a default system prompt, as SmolLM2-Instruct's tokenizer writes it
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml_tok(tok_dir):
+    chat = load_tokenizer(tok_dir)
+    chat.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat.chat_template = CHATML
+    return chat
+
+
+def test_a_row_in_the_llm_template_is_its_rendering_with_labels_on_the_assistant_messages(chatml_tok):
+    turns = (Turn("human", "Describe the scene."), Turn("ai", "A red square moves."), Turn("human", "And then?"),
+             Turn("ai", "It stops."))
+    conv = tokenize_in_llm_template(chatml_tok, turns)
+    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns]
+    assert conv.num_videos == 0 and conv.video_prefix == 0
+    assert chatml_tok.decode(conv.input_ids) == chatml_tok.apply_chat_template(messages, tokenize=False)
+    labelled = conv.labels != IGNORE_INDEX
+    np.testing.assert_array_equal(conv.labels[labelled], conv.input_ids[labelled])
+    # exactly the two answers, each with the template's end of turn, and nothing of the prompts
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], labelled.astype(int), [0]])))
+    texts = [chatml_tok.decode(conv.input_ids[a:b]) for a, b in zip(spans[::2], spans[1::2])]
+    assert texts == ["A red square moves.<|im_end|>\n", "It stops.<|im_end|>\n"]
+    # what the model reads before its first answer is the generation prompt inference gives it
+    prompt = chatml_tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert chatml_tok.decode(conv.input_ids[: spans[0]]) == prompt
+
+
+def test_a_row_in_the_llm_template_refuses_what_it_cannot_label(chatml_tok, tok):
+    with pytest.raises(ValueError, match="has no chat template"):
+        tokenize_in_llm_template(tok, TEXT_CONV)
+    with pytest.raises(ValueError, match="text only"):
+        tokenize_in_llm_template(chatml_tok, VIDEO_CONV)
+    with pytest.raises(ValueError, match="too long: .* > max_length=5"):
+        tokenize_in_llm_template(chatml_tok, TEXT_CONV, max_length=5)
+    # a template that writes the last message unlike the same message followed by more: the answer's borders move
+    odd = copy.deepcopy(chatml_tok)
+    odd.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "('<|im_end|>' if loop.last else '<|im_end|>\n')")
+    with pytest.raises(ValueError, match="continuation of the messages before it"):
+        tokenize_in_llm_template(odd, TEXT_CONV + (Turn("human", "More?"), Turn("ai", "No.")))

@@ -1,6 +1,7 @@
 """Stage 2's general rehearsal: its questions stay clear of what `world.kept` measures, cut answers are dropped, and
 the mixed manifest holds the asked share of rehearsal rows with the world's videos still found."""
 
+import dataclasses
 import re
 
 import pytest
@@ -88,8 +89,16 @@ def test_mixed_manifest_holds_the_share_and_finds_the_world_videos(tmp_path, mon
     assert not any(r.distill for r in rows)
     rehearsal.mixed_manifest(world, ex, again, 0.25, seed=0, distill=True)  # only the rehearsal rows are marked
     assert [r.id for r in read_manifest(again) if r.distill] == [r.id for r in mine]
+    assert {r.template for r in rows} == {"gpt4video"}
+    rehearsal.mixed_manifest(world, ex, again, 0.25, seed=0, own_template=0.5)  # half the rehearsal rows, seeded
+    own = [r for r in read_manifest(again) if r.template == "llm"]
+    assert len(own) == 5 and all(r.id.startswith("rehearsal") for r in own)
+    rehearsal.mixed_manifest(world, ex, tmp_path / "third.jsonl", 0.25, seed=0, own_template=0.5)
+    assert [r.id for r in read_manifest(tmp_path / "third.jsonl") if r.template == "llm"] == [r.id for r in own]
     with pytest.raises(ValueError, match="fraction"):
         rehearsal.mixed_manifest(world, ex, again, 1.0, seed=0)
+    with pytest.raises(ValueError, match="own template"):
+        rehearsal.mixed_manifest(world, ex, again, 0.25, seed=0, own_template=1.5)
 
 
 def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
@@ -104,9 +113,13 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
     distilling = Variant(3e-4, 160, 0.25, 1.0, 1.0)  # the defaults when the chosen setting distils
     assert parse_variant("rehearsal=0", distilling).distill == 0.0  # no rehearsal rows, nothing to distil on
     assert parse_variant("steps=120", distilling).name == "lr0.0003_steps120_rehearsal0.25_t1_kl1"
+    own = parse_variant("own=0.5", distilling)
+    assert own.own == 0.5 and own.name == "lr0.0003_steps160_rehearsal0.25_t1_kl1_own0.5"
+    assert parse_variant("rehearsal=0", dataclasses.replace(distilling, own=0.5)).own == 0.0
     for bad, why in (("lr=0", "lr > 0"), ("steps=x", "not a number"), ("batch=4", "keys lr, steps"),
                      ("rehearsal=1", "rehearsal < 1"), ("temperature=0.5", "temperature 0 or 1"), ("lr", "keys"),
-                     ("distill=-1", "distill >= 0"), ("rehearsal=0,distill=1", "rehearsal > 0 with distill")):
+                     ("distill=-1", "distill >= 0"), ("rehearsal=0,distill=1", "rehearsal > 0 with distill"),
+                     ("own=2", "0 <= own <= 1"), ("rehearsal=0,own=1", "rehearsal > 0 with distill or own")):
         with pytest.raises(ValueError, match=why):
             parse_variant(bad, base)
     row = {"variant": {"lr": 3e-4, "steps": 40, "rehearsal": 0.0, "temperature": 1.0}, "stage2_last_loss": 0.46,
@@ -117,6 +130,8 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
             "kept |") in table([row])
     row["variant"] = {**row["variant"], "rehearsal": 0.25, "distill": 1.0}
     assert "| 0.0003, 40 | 0.25, T=1, KL x 1 | 0.460 |" in table([row])
+    row["variant"]["own"] = 0.5
+    assert "| 0.0003, 40 | 0.25, T=1, KL x 1, 0.5 in its own template | 0.460 |" in table([row])
 
 
 def test_the_sweep_measures_the_untuned_llm_once_per_sweep_folder(tmp_path, monkeypatch):
