@@ -39,8 +39,11 @@ SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 
 # Any one of these makes a directory loadable by AutoTokenizer (fast json, sentencepiece, GPT-2 BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
-# What a tokenizer directory may hold beyond those: copied along with them.
-TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
+# What a tokenizer directory may hold beyond those: copied along with them. transformers writes a chat template to
+# its own file (``chat_template.jinja``; ``.json`` before 4.43 in processors): without it an instruct LLM's own chat
+# format is lost on the way to a trained model.
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+                        "chat_template.jinja", "chat_template.json")
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

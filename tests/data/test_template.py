@@ -516,3 +516,19 @@ def test_a_row_in_the_llm_template_refuses_what_it_cannot_label(chatml_tok, tok)
     odd.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "('<|im_end|>' if loop.last else '<|im_end|>\n')")
     with pytest.raises(ValueError, match="continuation of the messages before it"):
         tokenize_in_llm_template(odd, TEXT_CONV + (Turn("human", "More?"), Turn("ai", "No.")))
+
+
+def test_the_chat_template_travels_with_the_tokenizer_files(chatml_tok, tmp_path):
+    """A trained model's folder gets its tokenizer by ``copy_tokenizer_files``; an instruct LLM's chat template (its
+    own file in transformers' folders) must come along, or rows and requests in it fail after the first copy."""
+    from g4v_jax.data.tokenizer import copy_tokenizer_files
+
+    chatml_tok.save_pretrained(tmp_path / "llm")
+    (tmp_path / "model").mkdir()
+    copied = copy_tokenizer_files(tmp_path / "llm", tmp_path / "model")
+    assert any(name.startswith("chat_template") for name in copied)
+    again = load_tokenizer(tmp_path / "model")
+    assert again.chat_template == CHATML
+    turns = (Turn("human", "Describe the scene."), Turn("ai", "A red square moves."))
+    np.testing.assert_array_equal(tokenize_in_llm_template(again, turns).labels,
+                                  tokenize_in_llm_template(chatml_tok, turns).labels)

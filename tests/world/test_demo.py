@@ -175,6 +175,8 @@ def test_the_world_on_smollm2_quick_trains_the_right_parts_exports_and_serves(qu
     steps = [json.loads(line) for line in (root / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["distill_kl"]) and m["distill_kl"] >= -1e-6 for m in steps)
     assert set(result["eval"]["stage2"]) == set(scratch["eval"]["stage2"]) and result["targets"]
+    from g4v_jax.data.tokenizer import load_tokenizer  # SmolLM2's own chat format reaches the trained model
+    assert load_tokenizer(root / "stage2" / "final").chat_template == load_tokenizer(root / "llm").chat_template
 
     params = {name: named_params(load(root / name)) for name in ("assembled", "stage1/final", "stage2/final")}
     def changed(a, b, part):  # noqa: E306
