@@ -106,7 +106,7 @@ from g4v_jax.config import DataConfig
 from g4v_jax.data.io import resolve_video_path
 from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions
 from g4v_jax.data.packing import collate_packed, first_row_with_room, token_arrays
-from g4v_jax.data.template import (SYSTEM_PROMPT, TokenizedConversation, pad_batch,
+from g4v_jax.data.template import (IGNORE_INDEX, SYSTEM_PROMPT, TokenizedConversation, llm_template_ids, pad_batch,
                                    tokenize_conversation, tokenize_in_llm_template)
 from g4v_jax.data.feature_cache import load_entry
 from g4v_jax.data.video import VideoReadError, load_video
@@ -218,6 +218,10 @@ def _tokenize(ex: Example, tokenizer, cfg: DataConfig) -> TokenizedConversation:
     with _TOKENIZER_LOCK:
         if ex.template == "llm":
             try:
+                ids = llm_template_ids(tokenizer, ex.turns)
+                if len(ids) > cfg.seq_len:  # too long for a row (_text_problem): not worth a rendering per answer
+                    return TokenizedConversation(np.asarray(ids, np.int32), np.full(len(ids), IGNORE_INDEX, np.int32),
+                                                 num_videos=0)
                 return tokenize_in_llm_template(tokenizer, ex.turns)
             except ValueError as e:
                 raise ExampleError(f"example {ex.id!r} (\"template\": \"llm\"): {e}") from None

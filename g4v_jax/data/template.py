@@ -293,6 +293,22 @@ def tokenize_chat_template(tokenizer, messages: Sequence[dict]) -> TokenizedConv
     return TokenizedConversation(ids, np.full(ids.shape, IGNORE_INDEX, np.int32), num_videos=0)
 
 
+def _chat_messages(turns: Sequence[Turn]) -> list[dict]:
+    return [{"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns]
+
+
+def llm_template_ids(tokenizer, turns: Sequence[Turn]) -> list[int]:
+    """The ids of a text-only conversation in the tokenizer's own chat template (``tokenize_in_llm_template``'s
+    ``input_ids``), in one rendering; ``ValueError`` without a chat template or with a video turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template for a row in the LLM's "
+                         "own template")
+    if any(t.video is not None for t in turns):
+        raise ValueError("a row in the LLM's own chat template is text only; it has a video turn")
+    text = tokenizer.apply_chat_template(_chat_messages(turns), tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def tokenize_in_llm_template(tokenizer, turns: Sequence[Turn], *, max_length: int | None = None
                              ) -> TokenizedConversation:
     """A text-only conversation in the tokenizer's own chat template (SmolLM2's ChatML, a LLaMA-3 template...), with
@@ -302,18 +318,16 @@ def tokenize_in_llm_template(tokenizer, turns: Sequence[Turn], *, max_length: in
     Each assistant span is the difference between the conversation rendered up to that message and up to the
     message before it with the generation prompt; a template whose renderings are not prefixes of one another, or a
     tokenizer that encodes them differently across that border, raises ``ValueError`` rather than mislabel tokens."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template for a row in the LLM's "
-                         "own template")
-    if any(t.video is not None for t in turns):
-        raise ValueError("a row in the LLM's own chat template is text only; it has a video turn")
-    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns]
+    ids = llm_template_ids(tokenizer, turns)
+    if max_length is not None and len(ids) > max_length:  # before the labelling, which renders once per answer
+        raise ValueError(f"conversation is too long: {len(ids)} tokens > max_length={max_length} (it is never "
+                         "truncated)")
+    messages = _chat_messages(turns)
 
     def encode(k: int, generation: bool) -> list[int]:
         text = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=generation)
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    ids = encode(len(messages), False)
     labels = [IGNORE_INDEX] * len(ids)
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -323,9 +337,6 @@ def tokenize_in_llm_template(tokenizer, turns: Sequence[Turn], *, max_length: in
             raise ValueError(f"the tokenizer's chat template does not render message {k} as a continuation of the "
                              "messages before it; its answer tokens cannot be told apart")
         labels[len(start) : len(end)] = end[len(start) :]
-    if max_length is not None and len(ids) > max_length:
-        raise ValueError(f"conversation is too long: {len(ids)} tokens > max_length={max_length} (it is never "
-                         "truncated)")
     return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(labels, np.int32), num_videos=0)
 
 

@@ -450,17 +450,25 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def test_rows_in_the_llm_template_beside_gpt4video_rows_plain_and_packed(tok, data_dir):
+def test_rows_in_the_llm_template_beside_gpt4video_rows_plain_and_packed(tok, data_dir, monkeypatch):
     """``"template": "llm"`` rows are the tokenizer's chat template (``tokenize_in_llm_template``), labels on the
-    answers, the adapters on every token; the other rows keep GPT4Video's prompt. A tokenizer without a chat template
-    stops at that example, by name."""
+    answers, the adapters on every token; the other rows keep GPT4Video's prompt. One too long for a row is skipped
+    like any other, without the labelling's rendering per answer. A tokenizer without a chat template stops at that
+    example, by name."""
+    from g4v_jax.data import pipeline
+
+    labelled = []
+    monkeypatch.setattr(pipeline, "tokenize_in_llm_template",
+                        lambda tokenizer, turns: labelled.append(turns) or tokenize_in_llm_template(tokenizer, turns))
     chat = copy.deepcopy(tok)
     chat.chat_template = CHATML
     examples = [dataclasses.replace(example(i), template="llm" if i % 2 else "gpt4video") for i in range(4)]
+    long = dataclasses.replace(example(9, answer=" ".join(["A red square moves."] * 80)), template="llm")
     text = dataclasses.replace(CFG, use_videos=False, seq_len=128, adapter_mask=True)
     for cfg in (text, dataclasses.replace(PACKED, seq_len=256, adapter_mask=True)):
+        labelled.clear()
         rows = []
-        for batch in batch_iterator(dataset(examples, chat, data_dir, cfg, batch=1)):
+        for batch in batch_iterator(dataset([*examples, long], chat, data_dir, cfg, batch=1)):
             for r in range(len(batch["input_ids"])):
                 seg = batch["segment_ids"][r] if cfg.pack_sequences else batch["attention_mask"][r].astype(np.int32)
                 for k in range(1, seg.max() + 1):
@@ -475,6 +483,7 @@ def test_rows_in_the_llm_template_beside_gpt4video_rows_plain_and_packed(tok, da
             np.testing.assert_array_equal(row["labels"], want.labels)
             assert row["adapter_mask"].all()  # text only: the adapters act everywhere
         assert sum(chat.decode(r["input_ids"]).startswith("<|im_start|>user") for r in rows) == 2
+        assert long.turns not in labelled and examples[1].turns in labelled
     with pytest.raises(ExampleError, match="example 'e1' .*has no chat template"):
         list(batch_iterator(dataset(examples, tok, data_dir, text, batch=2)))
 
