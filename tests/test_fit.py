@@ -110,3 +110,35 @@ def test_init_from_with_another_architecture_is_refused_before_training(dataset,
     assert "model.vision.temporal_adapter: True in" in message and "False in this run" in message
     assert "model.lora.rank" in message
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_stage2_may_lay_out_new_adapters_over_untrained_ones(dataset, tmp_path):
+    """Stage 2's LoRA (rank, alpha, targets) is its own choice: over a directory whose adapters were never trained
+    (a stage-1 checkpoint) it starts from fresh adapters of its layout and every other weight of the directory; over
+    trained adapters it stops rather than drop them."""
+    from g4v_jax.models.gpt4video import build_model
+    from g4v_jax.train import TrainingError
+    from g4v_jax.weights import assign_params, named_params
+
+    cfg = _cfg(dataset, tmp_path / "base_run", "train.stage=stage1")
+    base = build_model(cfg.model, seed=3)
+    g4v_jax.save_pretrained(base, cfg, tmp_path / "base")
+    layout = ("model.lora.rank=2", "model.lora.alpha=2", "model.lora.targets=[v_proj]")
+    s2 = fit(_cfg(dataset, tmp_path / "s2", "train.stage=stage2", "train.learning_rate=3e-2",
+                  f"train.init_from={tmp_path / 'base'}", "train.max_steps=2", *layout), progress=False)
+    tuned = g4v_jax.load(s2["final"])  # its config.yaml describes the new layout
+    before, after = named_params(base), named_params(tuned)
+    adapters = {k for k in after if ".lora_" in k}
+    assert adapters and all(k.endswith(("v_proj.lora_a", "v_proj.lora_b")) for k in adapters)
+    assert all(after[k].shape[-1 if k.endswith("lora_a") else 0] == 2 for k in adapters)
+    assert any(np.any(np.asarray(after[k])) for k in adapters if k.endswith("lora_b"))  # stage 2 trained them
+    for k in set(after) - adapters:  # the rest is the directory's, untouched
+        np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(before[k]), err_msg=k)
+
+    trained = {k: (np.full(w.shape, 0.01, np.float32) if k.endswith(".lora_b") else np.asarray(w))
+               for k, w in before.items()}
+    g4v_jax.save_pretrained(assign_params(base, trained), cfg, tmp_path / "trained")
+    with pytest.raises(TrainingError, match=r"(?s)has trained LoRA adapters .*model\.lora\.rank: 4 in .*, 2 in this run"):
+        fit(_cfg(dataset, tmp_path / "refused", "train.stage=stage2", f"train.init_from={tmp_path / 'trained'}",
+                 *layout), progress=False)
+    assert not (tmp_path / "refused" / "final").exists()

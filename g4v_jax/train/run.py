@@ -58,7 +58,7 @@ from g4v_jax.train.step import (MODEL_INPUTS, TrainState, learning_rate_schedule
                           split_micro_batches, trainable_filter)
 from g4v_jax.sharding import axis_rules, batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
-from g4v_jax.weights import load_model_config
+from g4v_jax.weights import assign_params, load_model_config, named_params
 
 log = logging.getLogger(__name__)
 
@@ -159,15 +159,42 @@ def _initial_model(cfg: Config) -> nnx.Module:
         # the final checkpoint is saved with the run's model section, so it must describe the loaded weights
         # (param_dtype may differ: weights are cast on load)
         loaded = _config_fields(load_model_config(cfg.train.init_from, compute).model, "model")
-        differ = [f"{k}: {loaded[k]!r} in {cfg.train.init_from}, {v!r} in this run" for k, v in
-                  _config_fields(m, "model").items() if k in loaded and loaded[k] != v and k != "model.param_dtype"]
-        if differ:
+        differ = {k: f"{k}: {loaded[k]!r} in {cfg.train.init_from}, {v!r} in this run" for k, v in
+                  _config_fields(m, "model").items() if k in loaded and loaded[k] != v and k != "model.param_dtype"}
+        if set(differ) - set(ADAPTER_LAYOUT):
             raise TrainingError("train.init_from's model config differs from this run's model section, so the "
                                 "saved checkpoint would not load; make them agree (to train a directory made by a "
                                 f"converter, pass its own config: --config {cfg.train.init_from}/config.yaml "
-                                "train=train/stage1.yaml ...):\n  " + "\n  ".join(differ))
-        return load_model_dir(cfg.train.init_from, compute)
+                                "train=train/stage1.yaml ...):\n  " + "\n  ".join(differ.values()))
+        model = load_model_dir(cfg.train.init_from, compute)
+        return _with_fresh_adapters(model, cfg, list(differ.values())) if differ else model
     return build_model(cfg.model, seed=cfg.train.seed)
+
+
+# The adapters' shape and place: a run may set them anew over a directory whose adapters were never trained (a
+# converted or assembled model, a stage-1 checkpoint), as stage 2's LoRA is a choice of stage 2 alone.
+ADAPTER_LAYOUT = ("model.lora.rank", "model.lora.alpha", "model.lora.dropout", "model.lora.targets")
+
+
+def _with_fresh_adapters(loaded: nnx.Module, cfg: Config, differ: list[str]) -> nnx.Module:
+    """The run's model (``cfg.model``'s adapter layout, adapters initialised from ``cfg.train.seed``) with every other
+    weight taken from ``loaded``. Refused when ``loaded``'s adapters are trained (any ``lora_b`` non-zero): a new
+    layout would silently drop them."""
+    weights = named_params(loaded)
+    trained = [name for name, w in weights.items() if name.endswith(".lora_b") and np.any(np.asarray(w))]
+    if trained:
+        raise TrainingError(f"train.init_from {cfg.train.init_from} has trained LoRA adapters ({len(trained)} "
+                            f"non-zero, e.g. {trained[0]}), and this run's adapters are laid out differently, so "
+                            "they would be dropped; keep the directory's layout:\n  " + "\n  ".join(differ))
+    fresh = build_model(cfg.model, seed=cfg.train.seed)
+    arrays = {name: w for name, w in named_params(fresh).items() if _is_adapter(name)}
+    arrays.update((name, w) for name, w in weights.items() if not _is_adapter(name))
+    log.info("train.init_from %s: adapters laid out anew (%s)", cfg.train.init_from, "; ".join(differ))
+    return assign_params(fresh, arrays, str(cfg.train.init_from))
+
+
+def _is_adapter(name: str) -> bool:
+    return name.endswith((".lora_a", ".lora_b"))
 
 
 def build_trainer(cfg: Config, total_steps: int, model: nnx.Module | None = None) -> Trainer:

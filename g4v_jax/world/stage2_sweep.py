@@ -15,7 +15,10 @@ Variant keys: ``lr``, ``steps``, ``rehearsal`` (the share of stage 2's rows that
 answers, ``world.rehearsal``; 0: none), ``temperature`` (of those answers: 1 samples the LLM, 0 takes its greedy
 answer) and ``distill`` (> 0: the rehearsal rows train toward the untuned LLM's next-token distributions, a KL term of
 this weight, ``train.distill_weight``, instead of on the sampled answers' text), and ``own`` (the share of the
-rehearsal rows in the LLM's own chat template, where ``world.kept`` asks; the rest in GPT4Video's). Unnamed keys take
+rehearsal rows in the LLM's own chat template, where ``world.kept`` asks; the rest in GPT4Video's), and stage 2's
+LoRA: ``targets`` (the projections it adapts, ``+``-joined short names, e.g. ``q+v`` for the GPT4Video release's
+q_proj and v_proj; all seven: ``q+k+v+o+gate+up+down``), ``rank`` and ``alpha`` (unnamed: the assembled model's;
+``train.init_from`` lays the adapters out anew over stage 1's untrained ones). Other unnamed keys take
 ``pretrained.PRETRAINED_FULL``'s values. The rehearsal answers are drawn once per temperature
 (``OUT/LLM/sweep/rehearsal_tT.jsonl``) and shared by the variants. ``OUT/LLM/sweep/sweep.{json,md}`` collect every
 variant measured there so far; a variant already measured is read back, not trained again.
@@ -30,7 +33,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-VARIANT_KEYS = ("lr", "steps", "rehearsal", "temperature", "distill", "own")
+VARIANT_KEYS = ("lr", "steps", "rehearsal", "temperature", "distill", "own", "targets", "rank", "alpha")
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # LLaMA's, as ``model.lora.targets`` names them + "_proj"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +45,30 @@ class Variant:
     temperature: float
     distill: float = 0.0
     own: float = 0.0
+    # stage 2's LoRA; None: the assembled model's
+    targets: str | None = None
+    rank: int | None = None
+    alpha: float | None = None
 
     @property
     def name(self) -> str:
         # the names of variants measured before a key existed stay
         kl = f"_kl{self.distill:g}" if self.distill else ""
         own = f"_own{self.own:g}" if self.own else ""
-        return f"lr{self.lr:g}_steps{self.steps}_rehearsal{self.rehearsal:g}_t{self.temperature:g}{kl}{own}"
+        lora = "".join(f"_{k}{v:g}" if k != "lora" else f"_lora{v}" for k, v in
+                       (("lora", self.targets), ("r", self.rank), ("a", self.alpha)) if v is not None)
+        return f"lr{self.lr:g}_steps{self.steps}_rehearsal{self.rehearsal:g}_t{self.temperature:g}{kl}{own}{lora}"
+
+    def lora_overrides(self) -> list[str]:
+        """The ``model.lora`` overrides of the named LoRA keys."""
+        out = []
+        if self.targets is not None:
+            out.append(f"model.lora.targets=[{','.join(t + '_proj' for t in self.targets.split('+'))}]")
+        if self.rank is not None:
+            out.append(f"model.lora.rank={self.rank}")
+        if self.alpha is not None:
+            out.append(f"model.lora.alpha={self.alpha:g}")
+        return out
 
 
 def parse_variant(text: str, defaults: Variant) -> Variant:
@@ -57,8 +78,15 @@ def parse_variant(text: str, defaults: Variant) -> Variant:
         key, sep, value = part.partition("=")
         if not sep or key not in VARIANT_KEYS:
             raise ValueError(f"{part!r}: a variant is key=value pairs with keys {', '.join(VARIANT_KEYS)}")
+        if key == "targets":
+            names = value.split("+")
+            if not value or set(names) - set(PROJECTIONS) or len(set(names)) != len(names):
+                raise ValueError(f"{part!r}: targets are distinct projections of {', '.join(PROJECTIONS)} joined "
+                                 "by '+', e.g. q+v")
+            values[key] = "+".join(sorted(names, key=PROJECTIONS.index))
+            continue
         try:
-            values[key] = int(value) if key == "steps" else float(value)
+            values[key] = int(value) if key in ("steps", "rank") else float(value)
         except ValueError:
             raise ValueError(f"{part!r}: {value!r} is not a number") from None
     if values.get("rehearsal") == 0:  # there is nothing to distil on or write in a template without rehearsal rows
@@ -66,9 +94,11 @@ def parse_variant(text: str, defaults: Variant) -> Variant:
         values.setdefault("own", 0.0)
     v = dataclasses.replace(defaults, **values)
     if (v.lr <= 0 or v.steps < 1 or not 0 <= v.rehearsal < 1 or v.temperature not in (0.0, 1.0) or v.distill < 0
-            or not 0 <= v.own <= 1 or ((v.distill > 0 or v.own > 0) and not v.rehearsal)):
+            or not 0 <= v.own <= 1 or ((v.distill > 0 or v.own > 0) and not v.rehearsal)
+            or (v.rank is not None and v.rank < 1) or (v.alpha is not None and v.alpha <= 0)):
         raise ValueError(f"{text!r}: needs lr > 0, steps >= 1, 0 <= rehearsal < 1, temperature 0 or 1, distill >= 0, "
-                         f"0 <= own <= 1 (and rehearsal > 0 with distill or own: they act on the rehearsal rows)")
+                         f"0 <= own <= 1, rank >= 1, alpha > 0 (and rehearsal > 0 with distill or own: they act on "
+                         "the rehearsal rows)")
     return v
 
 
@@ -113,7 +143,8 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
     training = train_stage(2, here, manifest, root / "assembled", v.steps, root / "stage1" / "final", seed, progress,
                            PRETRAINED_FULL.batch_size, [f"data.vision_cache={out / 'vision_cache'}",
                                                         f"data.seq_len={SEQ_LEN}", f"train.learning_rate={v.lr}",
-                                                        f"train.distill_weight={v.distill}"],
+                                                        f"train.distill_weight={v.distill}",
+                                                        *v.lora_overrides()],
                            base=root / "assembled" / "config.yaml")
     tokenizer = load_tokenizer(root / "llm")
     scanned = ["model.scan_layers=true"]
@@ -141,7 +172,7 @@ def table(rows: Sequence[dict]) -> str:
     from g4v_jax.world.kept import GENERAL_PROMPTS
 
     n = f"of {len(GENERAL_PROMPTS)}"
-    lines = ["| stage 2: lr, steps | rehearsal (share, temperature, distillation) | last loss | generation tags | "
+    lines = ["| stage 2: lr, steps (LoRA) | rehearsal (share, temperature, distillation) | last loss | generation tags | "
              "VG F1 (look-alike precision) | VG F1 after a granted request | VU F1 | held-out perplexity | "
              "general answers right | kept? |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -151,7 +182,9 @@ def table(rows: Sequence[dict]) -> str:
             reh += f", KL x {v['distill']:g}"
         if v.get("own"):
             reh += f", {v['own']:g} in its own template"
-        lines.append(f"| {v['lr']:g}, {v['steps']} | {reh} | {r['stage2_last_loss']:.3f} | "
+        lora = ", ".join(f"{k} {v[key]:g}" if key != "targets" else v[key] for k, key in
+                         (("", "targets"), ("r", "rank"), ("alpha", "alpha")) if v.get(key) is not None)
+        lines.append(f"| {v['lr']:g}, {v['steps']}{f' ({lora})' if lora else ''} | {reh} | {r['stage2_last_loss']:.3f} | "
                      f"{100 * r['generation_tags']:.1f} | {100 * r['VG_f1']:.1f} "
                      f"({100 * r['lookalike_precision']:.1f}) | {100 * r['VG_second_turn_f1']:.1f} | "
                      f"{100 * r['VU_f1']:.1f} | "

@@ -116,10 +116,19 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
     own = parse_variant("own=0.5", distilling)
     assert own.own == 0.5 and own.name == "lr0.0003_steps160_rehearsal0.25_t1_kl1_own0.5"
     assert parse_variant("rehearsal=0", dataclasses.replace(distilling, own=0.5)).own == 0.0
+    lora = parse_variant("targets=v+q,rank=8,alpha=8", distilling)  # the GPT4Video release's projections
+    assert (lora.targets, lora.rank, lora.alpha) == ("q+v", 8, 8.0)
+    assert lora.name == "lr0.0003_steps160_rehearsal0.25_t1_kl1_loraq+v_r8_a8"
+    assert lora.lora_overrides() == ["model.lora.targets=[q_proj,v_proj]", "model.lora.rank=8", "model.lora.alpha=8"]
+    assert distilling.lora_overrides() == [] and parse_variant("rank=4", distilling).lora_overrides() == [
+        "model.lora.rank=4"]
     for bad, why in (("lr=0", "lr > 0"), ("steps=x", "not a number"), ("batch=4", "keys lr, steps"),
                      ("rehearsal=1", "rehearsal < 1"), ("temperature=0.5", "temperature 0 or 1"), ("lr", "keys"),
                      ("distill=-1", "distill >= 0"), ("rehearsal=0,distill=1", "rehearsal > 0 with distill"),
-                     ("own=2", "0 <= own <= 1"), ("rehearsal=0,own=1", "rehearsal > 0 with distill or own")):
+                     ("own=2", "0 <= own <= 1"), ("rehearsal=0,own=1", "rehearsal > 0 with distill or own"),
+                     ("targets=q+x", "distinct projections"), ("targets=q+q", "distinct projections"),
+                     ("targets=", "distinct projections"), ("rank=0", "rank >= 1"), ("rank=2.5", "not a number"),
+                     ("alpha=0", "alpha > 0")):
         with pytest.raises(ValueError, match=why):
             parse_variant(bad, base)
     row = {"variant": {"lr": 3e-4, "steps": 40, "rehearsal": 0.0, "temperature": 1.0}, "stage2_last_loss": 0.46,
@@ -132,6 +141,8 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
     assert "| 0.0003, 40 | 0.25, T=1, KL x 1 | 0.460 |" in table([row])
     row["variant"]["own"] = 0.5
     assert "| 0.0003, 40 | 0.25, T=1, KL x 1, 0.5 in its own template | 0.460 |" in table([row])
+    row["variant"].update(targets="q+v", rank=8, alpha=None)
+    assert "| 0.0003, 40 (q+v, r 8) | 0.25, T=1, KL x 1, 0.5 in its own template | 0.460 |" in table([row])
 
 
 def test_the_sweep_measures_the_untuned_llm_once_per_sweep_folder(tmp_path, monkeypatch):
