@@ -112,10 +112,31 @@ def test_distill_rows_train_toward_the_llm_with_adapters_off():
     # the means are over the whole batch, whatever its micro-batches (row 0 answers, rows 1-3 distil: uneven halves)
     uneven = {**marked, "distill": np.arange(4)[:, None].repeat(distill.shape[1], 1) > 0}
     runs = []
-    for accum in (1, 2):
-        t = build_trainer(_cfg(*lora, "train.distill_weight=1.0", f"train.grad_accum_steps={accum}"), total_steps=100)
-        runs.append([(m["loss"], m["distill_kl"], m["grad_norm"]) for m in t.train_steps(iter([uneven] * 3), 3)])
-    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4, atol=1e-7)
+    # and whatever their order: rows 1 and 3 distil, so with the distilling rows put first, a micro-batch of two
+    # holds both and the other (rows 0 and 2) skips the teacher's pass; one row each is the same
+    interleaved = {**marked, "distill": (np.arange(4) % 2 == 1)[:, None].repeat(distill.shape[1], 1)}
+    for batch_, accums in ((uneven, (1, 2)), (interleaved, (1, 2, 4))):
+        runs = []
+        for accum in accums:
+            t = build_trainer(_cfg(*lora, "train.distill_weight=1.0", f"train.grad_accum_steps={accum}"),
+                              total_steps=100)
+            runs.append([(m["loss"], m["distill_kl"], m["grad_norm"]) for m in t.train_steps(iter([batch_] * 3), 3)])
+        for other in runs[1:]:
+            np.testing.assert_allclose(runs[0], other, rtol=1e-4, atol=1e-7)
+
+
+def test_distilling_rows_go_first_and_travel_whole():
+    from g4v_jax.train.step import distilling_rows_first
+
+    distill = np.zeros((5, 3), bool)
+    distill[[1, 4], 2] = True
+    batch = {"input_ids": np.arange(15).reshape(5, 3), "distill": distill, "videos": np.arange(5)[:, None, None]}
+    out = distilling_rows_first(batch)
+    assert out["videos"].ravel().tolist() == [1, 4, 0, 2, 3]  # distilling rows first, each group in its order
+    np.testing.assert_array_equal(out["input_ids"], batch["input_ids"][[1, 4, 0, 2, 3]])
+    np.testing.assert_array_equal(out["distill"], distill[[1, 4, 0, 2, 3]])
+    plain = {"input_ids": batch["input_ids"]}
+    assert distilling_rows_first(plain)["input_ids"] is plain["input_ids"]
 
 
 def test_gradient_accumulation_equals_one_big_batch():

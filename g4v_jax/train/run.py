@@ -54,8 +54,8 @@ from g4v_jax.data.tokenizer import load_tokenizer
 from g4v_jax.train.metrics import MetricsWriter, plot_loss_curve
 from g4v_jax.train.guards import CompileTimer, LossSpikeGuard, StopOnSignal
 from g4v_jax.models.gpt4video import build_model, model_kind
-from g4v_jax.train.step import (MODEL_INPUTS, TrainState, learning_rate_schedule, make_optimizer, make_train_step,
-                          split_micro_batches, trainable_filter)
+from g4v_jax.train.step import (MODEL_INPUTS, TrainState, distilling_rows_first, learning_rate_schedule, make_optimizer,
+                          make_train_step, split_micro_batches, trainable_filter)
 from g4v_jax.sharding import axis_rules, batch_sharding, check_batch_fits_mesh, make_mesh, state_shardings
 from g4v_jax.weights import load as load_model_dir
 from g4v_jax.weights import assign_params, load_model_config, named_params
@@ -101,8 +101,11 @@ class Trainer:
     def global_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host-local batch (B_host, ...) -> global arrays (accum, B_global / accum, ...) sharded over the data axes."""
         accum = self.cfg.train.grad_accum_steps
+        rows = {k: v for k, v in host_batch.items() if k in MODEL_INPUTS}
+        if self.cfg.train.distill_weight > 0:
+            rows = distilling_rows_first(rows)
         out = {}
-        for k, v in split_micro_batches({k: v for k, v in host_batch.items() if k in MODEL_INPUTS}, accum).items():
+        for k, v in split_micro_batches(rows, accum).items():
             spec = PartitionSpec(None, *batch_sharding(self.mesh, v.ndim - 1, axis_rules(self.cfg.mesh)).spec)
             sharding = NamedSharding(self.mesh, spec)
             global_shape = (v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:])

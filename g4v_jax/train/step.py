@@ -137,6 +137,30 @@ def with_dropout_key(rest: nnx.State, key: jax.Array) -> nnx.State:
     return nnx.from_flat_state(leaves)
 
 
+def _forward(graphdef, params, frozen, rest, mb: Mapping[str, jax.Array], adapter_mask) -> jax.Array:
+    """The training-mode logits (B, L, V) of micro-batch ``mb``, adapters acting where ``adapter_mask`` (None: as the
+    model's config says)."""
+    model = nnx.merge(graphdef, params, frozen, rest)
+    model.train()
+    inputs = dict(attention_mask=mb["attention_mask"], positions=mb.get("positions"),
+                  segment_ids=mb.get("segment_ids"), adapter_mask=adapter_mask)
+    if model_kind(model) == "gpt4video":  # a plain LLM (LoRA-tuning LLaMA alone) takes no video inputs
+        inputs.update(videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
+                      video_features=mb.get("video_features"))
+    logits, _ = model(mb["input_ids"], **inputs)
+    return logits
+
+
+def distilling_rows_first(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch's rows (every array's axis 0) with those that distil first, in order otherwise: split into micro-
+    batches, the distilling rows then share as few as possible, and only those pay for the teacher's forward pass.
+    The step's objective is a sum over rows, so the order changes no figure."""
+    if "distill" not in batch:
+        return dict(batch)
+    order = np.argsort(~batch["distill"].reshape(len(batch["distill"]), -1).any(axis=1), kind="stable")
+    return {k: v[order] for k, v in batch.items()}
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_update_ratio: float = 0.0,
                     distill_weight: float = 0.0) -> Callable:
     """``step(state, frozen, rest, batch) -> (state, metrics)``; batch arrays are (accum, micro_B, ...).
@@ -157,20 +181,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, seed: int, max_u
         """The micro-batch's objective to differentiate, and its sums (nll, answer tokens, kl, distilled tokens).
         Without distillation the objective is the NLL sum (the step divides by the batch's count); with it, each
         sum times ``scales``' (1 / answer tokens, weight / distilled tokens) of the whole batch."""
-        model = nnx.merge(graphdef, params, frozen, with_dropout_key(rest, key))
-        model.train()
-        inputs = dict(attention_mask=mb["attention_mask"], positions=mb.get("positions"),
-                      segment_ids=mb.get("segment_ids"), adapter_mask=mb.get("adapter_mask"))
-        if model_kind(model) == "gpt4video":  # a plain LLM (LoRA-tuning LLaMA alone) takes no video inputs
-            inputs.update(videos=mb.get("videos"), frame_mask=mb.get("frame_mask"),
-                          video_features=mb.get("video_features"))
-        logits, _ = model(mb["input_ids"], **inputs)
+        rest = with_dropout_key(rest, key)
+        logits = _forward(graphdef, params, frozen, rest, mb, mb.get("adapter_mask"))
         if not distills:
             nll, count = answer_nll(logits, mb["labels"])
             return nll, (nll, count, jnp.zeros(()), jnp.zeros((), jnp.int32))
         distill = mb["distill"]
-        # the untuned LLM is this model with every adapter off; it is a fixed target, so nothing flows back into it
-        base_logits, _ = model(mb["input_ids"], **{**inputs, "adapter_mask": jnp.zeros_like(distill)})
+        # the untuned LLM is this model with every adapter off; it is a fixed target, so nothing flows back into it.
+        # Only a micro-batch with a distilling row pays for that second forward pass (the host puts those rows first)
+        no_adapters = jnp.zeros_like(distill)
+        base_logits = jax.lax.cond(
+            distill.any(), lambda ops: jax.lax.stop_gradient(_forward(graphdef, *ops, mb, no_adapters)),
+            lambda ops: jnp.zeros_like(logits), (params, frozen, rest))
         nll, count = answer_nll(logits, jnp.where(distill, IGNORE_INDEX, mb["labels"]))
         kl, kl_count = distill_kl(logits, jax.lax.stop_gradient(base_logits), distill)
         return nll * scales[0] + kl * scales[1], (nll, count, kl, kl_count)
