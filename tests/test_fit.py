@@ -29,7 +29,7 @@ def test_stage1_then_stage2_and_what_the_user_sees(dataset, tmp_path):
     assert s1["steps"] == 4  # 8 examples / 4 per batch x 2 epochs
     rows = read_metrics(tmp_path / "s1" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all({"loss", "tokens_per_s", "learning_rate", "grad_norm"} <= set(r) for r in rows)
+    assert all({"loss", "tokens_per_s", "step_seconds", "learning_rate", "grad_norm"} <= set(r) for r in rows)
     assert (tmp_path / "s1" / "loss_curve.png").stat().st_size > 1000
     assert list((tmp_path / "s1" / "tensorboard").glob("events.out.tfevents.*"))
     model = g4v_jax.load(tmp_path / "s1" / "final")

@@ -392,7 +392,8 @@ def fit(cfg: Config, *, progress: bool = True, stop_after: int | None = None) ->
                 if first and compiling.seconds > 0:
                     compile_s, first = compiling.seconds, False
                     bar.write(f"compiled the train step in {compile_s:.1f} s")
-                m["tokens_per_s"] = m["tokens"] / max(elapsed - compiling.seconds, 1e-9)
+                m["step_seconds"] = max(elapsed - compiling.seconds, 1e-9)
+                m["tokens_per_s"] = m["tokens"] / m["step_seconds"]
                 tokens_seen += m["tokens"]
                 m["learning_rate"] = float(learning_rate_schedule(t, total)(m["step"] - 1))
                 problem = spike.check(m["loss"])
