@@ -106,8 +106,8 @@ from g4v_jax.config import DataConfig
 from g4v_jax.data.io import resolve_video_path
 from g4v_jax.data.manifest import Example, ManifestError, replace_videos_with_captions
 from g4v_jax.data.packing import collate_packed, first_row_with_room, token_arrays
-from g4v_jax.data.template import (IGNORE_INDEX, SYSTEM_PROMPT, TokenizedConversation, llm_template_ids, pad_batch,
-                                   tokenize_conversation, tokenize_in_llm_template)
+from g4v_jax.data.template import (IGNORE_INDEX, SYSTEM_PROMPT, TokenizedConversation, llm_template_ids,
+                                   llm_template_labels, pad_batch, tokenize_conversation)
 from g4v_jax.data.feature_cache import load_entry
 from g4v_jax.data.video import VideoReadError, load_video
 
@@ -219,10 +219,10 @@ def _tokenize(ex: Example, tokenizer, cfg: DataConfig) -> TokenizedConversation:
         if ex.template == "llm":
             try:
                 ids = llm_template_ids(tokenizer, ex.turns)
-                if len(ids) > cfg.seq_len:  # too long for a row (_text_problem): not worth a rendering per answer
-                    return TokenizedConversation(np.asarray(ids, np.int32), np.full(len(ids), IGNORE_INDEX, np.int32),
-                                                 num_videos=0)
-                return tokenize_in_llm_template(tokenizer, ex.turns)
+                # too long for a row (_text_problem) is skipped: not worth two renderings per answer
+                labels = (llm_template_labels(tokenizer, ex.turns, ids) if len(ids) <= cfg.seq_len
+                          else [IGNORE_INDEX] * len(ids))
+                return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(labels, np.int32), num_videos=0)
             except ValueError as e:
                 raise ExampleError(f"example {ex.id!r} (\"template\": \"llm\"): {e}") from None
         return tokenize_conversation(tokenizer, ex.turns, num_video_tokens=cfg.num_video_tokens, system_prompt=system)

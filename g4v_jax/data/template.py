@@ -284,12 +284,17 @@ def tokenize_conversation(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _render_ids(tokenizer, messages: Sequence[dict], generation: bool) -> list[int]:
+    """``messages`` in the tokenizer's own chat template, encoded. The rendering carries the template's own special
+    tokens (BOS included), so it is encoded without adding any."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def tokenize_chat_template(tokenizer, messages: Sequence[dict]) -> TokenizedConversation:
     """A text-only conversation ``[{"role", "content": str}]`` in the tokenizer's own chat template (a plain LLM
-    served as vLLM serves it), ready for the model's answer. The rendered prompt carries the template's own special
-    tokens (BOS included), so it is encoded without adding any."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
+    served as vLLM serves it), ready for the model's answer."""
+    ids = np.asarray(_render_ids(tokenizer, messages, True), np.int32)
     return TokenizedConversation(ids, np.full(ids.shape, IGNORE_INDEX, np.int32), num_videos=0)
 
 
@@ -305,38 +310,40 @@ def llm_template_ids(tokenizer, turns: Sequence[Turn]) -> list[int]:
                          "own template")
     if any(t.video is not None for t in turns):
         raise ValueError("a row in the LLM's own chat template is text only; it has a video turn")
-    text = tokenizer.apply_chat_template(_chat_messages(turns), tokenize=False)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return _render_ids(tokenizer, _chat_messages(turns), False)
+
+
+def llm_template_labels(tokenizer, turns: Sequence[Turn], ids: Sequence[int]) -> list[int]:
+    """The labels of ``ids`` (``llm_template_ids(tokenizer, turns)``): each assistant message as the template writes
+    it (its end-of-turn tokens included), ``IGNORE_INDEX`` elsewhere.
+
+    Each assistant span is the difference between the conversation rendered up to that message and up to the
+    message before it with the generation prompt; a template whose renderings are not prefixes of one another, or a
+    tokenizer that encodes them differently across that border, raises ``ValueError`` rather than mislabel tokens."""
+    ids = list(ids)
+    messages = _chat_messages(turns)
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = _render_ids(tokenizer, messages[:k], True), _render_ids(tokenizer, messages[: k + 1], False)
+        if ids[: len(end)] != end or end[: len(start)] != start:
+            raise ValueError(f"the tokenizer's chat template does not render message {k} as a continuation of the "
+                             "messages before it; its answer tokens cannot be told apart")
+        labels[len(start) : len(end)] = end[len(start) :]
+    return labels
 
 
 def tokenize_in_llm_template(tokenizer, turns: Sequence[Turn], *, max_length: int | None = None
                              ) -> TokenizedConversation:
     """A text-only conversation in the tokenizer's own chat template (SmolLM2's ChatML, a LLaMA-3 template...), with
-    the template's default system prompt: ``input_ids``, and ``labels`` on each assistant message as the template
-    writes it (its end-of-turn tokens included). Rows that keep a pretrained LLM's chat behaviour are trained here.
-
-    Each assistant span is the difference between the conversation rendered up to that message and up to the
-    message before it with the generation prompt; a template whose renderings are not prefixes of one another, or a
-    tokenizer that encodes them differently across that border, raises ``ValueError`` rather than mislabel tokens."""
+    the template's default system prompt: ``input_ids`` and ``labels`` (``llm_template_labels``). Rows that keep a
+    pretrained LLM's chat behaviour are trained here."""
     ids = llm_template_ids(tokenizer, turns)
-    if max_length is not None and len(ids) > max_length:  # before the labelling, which renders once per answer
+    if max_length is not None and len(ids) > max_length:  # before the labelling, which renders twice per answer
         raise ValueError(f"conversation is too long: {len(ids)} tokens > max_length={max_length} (it is never "
                          "truncated)")
-    messages = _chat_messages(turns)
-
-    def encode(k: int, generation: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=generation)
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start, end = encode(k, True), encode(k + 1, False)
-        if ids[: len(end)] != end or end[: len(start)] != start:
-            raise ValueError(f"the tokenizer's chat template does not render message {k} as a continuation of the "
-                             "messages before it; its answer tokens cannot be told apart")
-        labels[len(start) : len(end)] = end[len(start) :]
+    labels = llm_template_labels(tokenizer, turns, ids)
     return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(labels, np.int32), num_videos=0)
 
 

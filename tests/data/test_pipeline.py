@@ -458,8 +458,9 @@ def test_rows_in_the_llm_template_beside_gpt4video_rows_plain_and_packed(tok, da
     from g4v_jax.data import pipeline
 
     labelled = []
-    monkeypatch.setattr(pipeline, "tokenize_in_llm_template",
-                        lambda tokenizer, turns: labelled.append(turns) or tokenize_in_llm_template(tokenizer, turns))
+    label = pipeline.llm_template_labels
+    monkeypatch.setattr(pipeline, "llm_template_labels",
+                        lambda tokenizer, turns, ids: labelled.append(turns) or label(tokenizer, turns, ids))
     chat = copy.deepcopy(tok)
     chat.chat_template = CHATML
     examples = [dataclasses.replace(example(i), template="llm" if i % 2 else "gpt4video") for i in range(4)]
