@@ -193,8 +193,8 @@ def save_gguf_tokenizer(path: str | Path, dst: str | Path) -> None:
     tokenizer.save_pretrained(dst)
 
 
-def convert(src: str | Path, dst: str | Path, overrides=()) -> Path:
-    cfg, model = load_gguf_llama(src, overrides, progress=True)
+def convert(src: str | Path, dst: str | Path, overrides=(), progress: bool = True) -> Path:
+    cfg, model = load_gguf_llama(src, overrides, progress=progress)
     out = save_pretrained(model, Config(model=cfg), dst)
     save_gguf_tokenizer(src, out)
     print("tokenizer: rebuilt from the file's vocabulary and merges")

@@ -140,7 +140,7 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
                              progress)
     t = lap("vision", t)
     if not (root / "llm" / "config.yaml").is_file():
-        convert(source, root / "llm")
+        convert(source, root / "llm", progress=progress)
     assembled = root / "assembled"
     if not (assembled / "config.yaml").is_file():
         assemble(out / "vision" / "final", root / "llm", assembled, overrides=world_model_overrides(), seed=seed)
