@@ -65,21 +65,25 @@ class PretrainedSize:
     distill_weight: float
     # the share of the rehearsal rows in the LLM's own chat template (``rehearsal.mixed_manifest``)
     rehearsal_own_template: float = 0.0
+    # stage 2's micro-batches (``train.grad_accum_steps``): only those holding a rehearsal row run the KL's forward pass
+    stage2_micro_batches: int = 1
 
 
-# A step of batch 8 takes about 8.5 s on the 2-core machine (135M parameters over 192 positions: the LLM's
-# forward and backward dominate; stage 2's KL term adds a forward pass, ~15 s a step); FULL takes about 75 minutes
-# there (docs/world.md, "SmolLM2 in the world").
+# A step of batch 8 takes about 6-8.5 s on the 2-core machine (135M parameters over 192 positions: the LLM's
+# forward and backward dominate). Stage 2's KL term adds a forward pass with the adapters off: over the whole batch
+# 15.2 s a step, in 4 micro-batches of 2, of which only those holding a rehearsal row run it, 10.6 s (the same losses
+# to 1e-6). FULL's whole run: docs/world.md, "SmolLM2 in the world".
 # Stage 2's 160 steps: the rehearsal rows come on top of the world's, and 160 steps of the mix see as many world rows as
 # 120 steps without it; at 120, refusals after a granted request fell to F1 40 (docs/world_demo.md, "Choosing stage 2").
 # The rehearsal rows distil toward the untuned LLM (KL, weight 1) rather than train on their sampled text: on the
 # validation split, held-out perplexity +2.9% instead of +8.1%, and refusals after a granted request 95.8 instead of 86.4.
 PRETRAINED_FULL = PretrainedSize(stage1_steps=120, stage2_steps=160, batch_size=8, max_eval=48, sample_videos=2,
                                  stage2_learning_rate=3e-4, rehearsal_fraction=0.25,
-                                 rehearsal_questions=len(REHEARSAL_QUESTIONS), distill_weight=1.0)
+                                 rehearsal_questions=len(REHEARSAL_QUESTIONS), distill_weight=1.0,
+                                 stage2_micro_batches=4)
 PRETRAINED_QUICK = PretrainedSize(stage1_steps=2, stage2_steps=2, batch_size=2, max_eval=4, sample_videos=1,
                                   stage2_learning_rate=3e-4, rehearsal_fraction=0.25, rehearsal_questions=8,
-                                  distill_weight=1.0)
+                                  distill_weight=1.0, stage2_micro_batches=2)
 # The longest stage-1 row in SmolLM2's tokens (two videos' 32 slots each and three QA turns) is under 192.
 SEQ_LEN = 192
 
@@ -160,7 +164,8 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
         print(f"stage {stage} ({LLMS[llm][2]}): {manifest}")
         extra = [f"data.vision_cache={cache}", f"data.seq_len={SEQ_LEN}"]
         if stage == 2:
-            extra += [f"train.learning_rate={size.stage2_learning_rate}", f"train.distill_weight={size.distill_weight}"]
+            extra += [f"train.learning_rate={size.stage2_learning_rate}", f"train.distill_weight={size.distill_weight}",
+                      f"train.grad_accum_steps={size.stage2_micro_batches}"]
         training[f"stage{stage}"] = train_stage(stage, root, manifest, assembled, steps, init, seed, progress,
                                                 size.batch_size, extra, base=base)
         init = root / f"stage{stage}" / "final"

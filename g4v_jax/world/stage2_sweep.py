@@ -144,6 +144,7 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
                            PRETRAINED_FULL.batch_size, [f"data.vision_cache={out / 'vision_cache'}",
                                                         f"data.seq_len={SEQ_LEN}", f"train.learning_rate={v.lr}",
                                                         f"train.distill_weight={v.distill}",
+                                                        f"train.grad_accum_steps={PRETRAINED_FULL.stage2_micro_batches}",
                                                         *v.lora_overrides()],
                            base=root / "assembled" / "config.yaml")
     tokenizer = load_tokenizer(root / "llm")
