@@ -67,6 +67,17 @@ class PretrainedSize:
     rehearsal_own_template: float = 0.0
     # stage 2's micro-batches (``train.grad_accum_steps``): only those holding a rehearsal row run the KL's forward pass
     stage2_micro_batches: int = 1
+    # the projections stage 2's LoRA adapts (``model.lora.targets``, laid out anew over stage 1's untrained
+    # adapters); None: the assembled model's, the world's
+    stage2_lora_targets: tuple[str, ...] | None = None
+
+    def stage2_overrides(self) -> list[str]:
+        """Stage 2's ``train`` and ``model.lora`` overrides (beside the data's)."""
+        out = [f"train.learning_rate={self.stage2_learning_rate}", f"train.distill_weight={self.distill_weight}",
+               f"train.grad_accum_steps={self.stage2_micro_batches}"]
+        if self.stage2_lora_targets is not None:
+            out.append(f"model.lora.targets=[{','.join(self.stage2_lora_targets)}]")
+        return out
 
 
 # A step of batch 8 takes about 6-8.5 s on the 2-core machine (135M parameters over 192 positions: the LLM's
@@ -164,8 +175,7 @@ def run(out: str | Path, llm: str = "smollm2", *, quick: bool = False, seed: int
         print(f"stage {stage} ({LLMS[llm][2]}): {manifest}")
         extra = [f"data.vision_cache={cache}", f"data.seq_len={SEQ_LEN}"]
         if stage == 2:
-            extra += [f"train.learning_rate={size.stage2_learning_rate}", f"train.distill_weight={size.distill_weight}",
-                      f"train.grad_accum_steps={size.stage2_micro_batches}"]
+            extra += size.stage2_overrides()
         training[f"stage{stage}"] = train_stage(stage, root, manifest, assembled, steps, init, seed, progress,
                                                 size.batch_size, extra, base=base)
         init = root / f"stage{stage}" / "final"

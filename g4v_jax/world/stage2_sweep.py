@@ -17,9 +17,9 @@ answer) and ``distill`` (> 0: the rehearsal rows train toward the untuned LLM's 
 this weight, ``train.distill_weight``, instead of on the sampled answers' text), and ``own`` (the share of the
 rehearsal rows in the LLM's own chat template, where ``world.kept`` asks; the rest in GPT4Video's), and stage 2's
 LoRA: ``targets`` (the projections it adapts, ``+``-joined short names, e.g. ``q+v`` for the GPT4Video release's
-q_proj and v_proj; all seven: ``q+k+v+o+gate+up+down``), ``rank`` and ``alpha`` (unnamed: the assembled model's;
-``train.init_from`` lays the adapters out anew over stage 1's untrained ones). Other unnamed keys take
-``pretrained.PRETRAINED_FULL``'s values. The rehearsal answers are drawn once per temperature
+q_proj and v_proj; all seven: ``q+k+v+o+gate+up+down``; unnamed: ``PRETRAINED_FULL.stage2_lora_targets``), ``rank``
+and ``alpha`` (unnamed: the assembled model's, the world's; ``train.init_from`` lays the adapters out anew over stage
+1's untrained ones). Other unnamed keys take ``pretrained.PRETRAINED_FULL``'s values. The rehearsal answers are drawn once per temperature
 (``OUT/LLM/sweep/rehearsal_tT.jsonl``) and shared by the variants. ``OUT/LLM/sweep/sweep.{json,md}`` collect every
 variant measured there so far; a variant already measured is read back, not trained again.
 """
@@ -206,9 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    targets = PRETRAINED_FULL.stage2_lora_targets
     defaults = Variant(PRETRAINED_FULL.stage2_learning_rate, PRETRAINED_FULL.stage2_steps,
                        PRETRAINED_FULL.rehearsal_fraction, 1.0, PRETRAINED_FULL.distill_weight,
-                       PRETRAINED_FULL.rehearsal_own_template)
+                       PRETRAINED_FULL.rehearsal_own_template,
+                       None if targets is None else "+".join(t.removesuffix("_proj") for t in targets))
     try:
         variants = [parse_variant(text, defaults) for text in args.variant]
     except ValueError as e:

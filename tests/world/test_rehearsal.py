@@ -122,6 +122,11 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
     assert lora.lora_overrides() == ["model.lora.targets=[q_proj,v_proj]", "model.lora.rank=8", "model.lora.alpha=8"]
     assert distilling.lora_overrides() == [] and parse_variant("rank=4", distilling).lora_overrides() == [
         "model.lora.rank=4"]
+    from g4v_jax.world.pretrained import PRETRAINED_FULL  # the demo's stage 2 takes the same overrides
+
+    run = dataclasses.replace(PRETRAINED_FULL, stage2_lora_targets=("q_proj", "v_proj")).stage2_overrides()
+    assert run[-1] == "model.lora.targets=[q_proj,v_proj]"
+    assert f"train.grad_accum_steps={PRETRAINED_FULL.stage2_micro_batches}" in run
     for bad, why in (("lr=0", "lr > 0"), ("steps=x", "not a number"), ("batch=4", "keys lr, steps"),
                      ("rehearsal=1", "rehearsal < 1"), ("temperature=0.5", "temperature 0 or 1"), ("lr", "keys"),
                      ("distill=-1", "distill >= 0"), ("rehearsal=0,distill=1", "rehearsal > 0 with distill"),
