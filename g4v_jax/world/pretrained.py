@@ -70,11 +70,16 @@ class PretrainedSize:
     # the projections stage 2's LoRA adapts (``model.lora.targets``, laid out anew over stage 1's untrained
     # adapters); None: the assembled model's, the world's
     stage2_lora_targets: tuple[str, ...] | None = None
+    # ``train.loss_spike_factor`` of stage 2. Its batches of 8 rows are uneven: before the refusals are learnt, one
+    # with three harmful requests cost 3.2 times the mean of the 20 steps before it (and stopped a sweep variant at
+    # step 51 under the default 3), where a diverging run's loss grows far beyond that
+    stage2_loss_spike_factor: float = 10.0
 
     def stage2_overrides(self) -> list[str]:
         """Stage 2's ``train`` and ``model.lora`` overrides (beside the data's)."""
         out = [f"train.learning_rate={self.stage2_learning_rate}", f"train.distill_weight={self.distill_weight}",
-               f"train.grad_accum_steps={self.stage2_micro_batches}"]
+               f"train.grad_accum_steps={self.stage2_micro_batches}",
+               f"train.loss_spike_factor={self.stage2_loss_spike_factor}"]
         if self.stage2_lora_targets is not None:
             out.append(f"model.lora.targets=[{','.join(self.stage2_lora_targets)}]")
         return out

@@ -140,11 +140,12 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
         manifest = stage2_manifest(root / "llm", world.stage2, here, v.rehearsal, seed, temperature=v.temperature,
                                    answers=root / "sweep" / f"rehearsal_t{v.temperature:g}.jsonl",
                                    distill=v.distill > 0, own_template=v.own)
+    # the demo's stage-2 overrides, with the variant's settings (its LoRA from the variant alone)
+    size = dataclasses.replace(PRETRAINED_FULL, stage2_learning_rate=v.lr, distill_weight=v.distill,
+                               stage2_lora_targets=None)
     training = train_stage(2, here, manifest, root / "assembled", v.steps, root / "stage1" / "final", seed, progress,
                            PRETRAINED_FULL.batch_size, [f"data.vision_cache={out / 'vision_cache'}",
-                                                        f"data.seq_len={SEQ_LEN}", f"train.learning_rate={v.lr}",
-                                                        f"train.distill_weight={v.distill}",
-                                                        f"train.grad_accum_steps={PRETRAINED_FULL.stage2_micro_batches}",
+                                                        f"data.seq_len={SEQ_LEN}", *size.stage2_overrides(),
                                                         *v.lora_overrides()],
                            base=root / "assembled" / "config.yaml")
     tokenizer = load_tokenizer(root / "llm")
