@@ -127,8 +127,7 @@ def main(argv: list[str]) -> None:
     elif task == "test":
         ensure_system()
         warn_low_disk()
-        # loadgroup: the tests that share the quick world's run (one xdist group) go to one worker, which builds it once
-        run(str(PY), "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "--durations=30", *rest, env=env)
+        run(str(PY), "-m", "pytest", "-q", "-n", "2", "--durations=30", *rest, env=env)
 
 
 if __name__ == "__main__":

