@@ -19,9 +19,10 @@ rehearsal rows in the LLM's own chat template, where ``world.kept`` asks; the re
 LoRA: ``targets`` (the projections it adapts, ``+``-joined short names, e.g. ``q+v`` for the GPT4Video release's
 q_proj and v_proj; all seven: ``q+k+v+o+gate+up+down``; unnamed: ``PRETRAINED_FULL.stage2_lora_targets``), ``rank``
 and ``alpha`` (unnamed: the assembled model's, the world's; ``train.init_from`` lays the adapters out anew over stage
-1's untrained ones). Other unnamed keys take ``pretrained.PRETRAINED_FULL``'s values. The rehearsal answers are drawn once per temperature
-(``OUT/LLM/sweep/rehearsal_tT.jsonl``) and shared by the variants. ``OUT/LLM/sweep/sweep.{json,md}`` collect every
-variant measured there so far; a variant already measured is read back, not trained again.
+1's untrained ones). Other unnamed keys take ``pretrained.PRETRAINED_FULL``'s values. The rehearsal answers are
+drawn once per temperature (``OUT/LLM/sweep/rehearsal_tT.jsonl``) and shared by the variants.
+``OUT/LLM/sweep/sweep.{json,md}`` collect every variant measured there so far; a variant already measured is read
+back, not trained again.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def table(rows: Sequence[dict]) -> str:
     from g4v_jax.world.kept import GENERAL_PROMPTS
 
     n = f"of {len(GENERAL_PROMPTS)}"
-    lines = ["| stage 2: lr, steps (LoRA) | rehearsal (share, temperature, distillation) | last loss | generation tags | "
+    lines = ["| stage 2: lr, steps (LoRA) | rehearsal (share, temperature, distillation) | last loss | "
+             "generation tags | "
              "VG F1 (look-alike precision) | VG F1 after a granted request | VU F1 | held-out perplexity | "
              "general answers right | kept? |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -186,7 +188,8 @@ def table(rows: Sequence[dict]) -> str:
             reh += f", {v['own']:g} in its own template"
         lora = ", ".join(f"{k} {v[key]:g}" if key != "targets" else v[key] for k, key in
                          (("", "targets"), ("r", "rank"), ("alpha", "alpha")) if v.get(key) is not None)
-        lines.append(f"| {v['lr']:g}, {v['steps']}{f' ({lora})' if lora else ''} | {reh} | {r['stage2_last_loss']:.3f} | "
+        lora = f" ({lora})" if lora else ""
+        lines.append(f"| {v['lr']:g}, {v['steps']}{lora} | {reh} | {r['stage2_last_loss']:.3f} | "
                      f"{100 * r['generation_tags']:.1f} | {100 * r['VG_f1']:.1f} "
                      f"({100 * r['lookalike_precision']:.1f}) | {100 * r['VG_second_turn_f1']:.1f} | "
                      f"{100 * r['VU_f1']:.1f} | "
