@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -90,6 +91,8 @@ def parse_variant(text: str, defaults: Variant) -> Variant:
             values[key] = int(value) if key in ("steps", "rank") else float(value)
         except ValueError:
             raise ValueError(f"{part!r}: {value!r} is not a number") from None
+        if not math.isfinite(values[key]):
+            raise ValueError(f"{part!r}: {value!r} is not a finite number")
     if values.get("rehearsal") == 0:  # there is nothing to distil on or write in a template without rehearsal rows
         values.setdefault("distill", 0.0)
         values.setdefault("own", 0.0)

@@ -133,7 +133,8 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
                      ("own=2", "0 <= own <= 1"), ("rehearsal=0,own=1", "rehearsal > 0 with distill or own"),
                      ("targets=q+x", "distinct projections"), ("targets=q+q", "distinct projections"),
                      ("targets=", "distinct projections"), ("rank=0", "rank >= 1"), ("rank=2.5", "not a number"),
-                     ("alpha=0", "alpha > 0")):
+                     ("alpha=0", "alpha > 0"), ("alpha=nan", "not a finite number"),
+                     ("lr=inf", "not a finite number")):
         with pytest.raises(ValueError, match=why):
             parse_variant(bad, base)
     row = {"variant": {"lr": 3e-4, "steps": 40, "rehearsal": 0.0, "temperature": 1.0}, "stage2_last_loss": 0.46,
