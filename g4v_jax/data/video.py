@@ -635,24 +635,36 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, fu
     if fps < 1:
         raise ValueError(f"fps must be >= 1, got {fps}")
     out = os.fspath(path)
-    with av.open(out, mode="w") as container:
-        stream = _add_video_stream(container, fps, lossless)
-        if stream.codec_context.name == "libx264rgb":
-            stream.height, stream.width = frames.shape[1:3]
-            stream.pix_fmt = "rgb24"
-            for rgb in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-            container.mux(stream.encode())
-            return out
+    # A reader (another process rewriting the same world, a server streaming it) sees the old file or the new one,
+    # never a half-written one; the temporary name is unique per writing thread and keeps the suffix that names the
+    # format (and, unlike mkstemp's, the permissions of any file the user writes).
+    head, name = os.path.split(out)
+    stem, suffix = os.path.splitext(name)
+    tmp = os.path.join(head, f".{stem}.{os.getpid()}.{threading.get_ident()}.tmp{suffix}")
+    try:
+        with av.open(tmp, mode="w") as container:
+            _encode_frames(container, frames, fps, full_chroma, lossless)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return out
+
+
+def _encode_frames(container, frames: np.ndarray, fps: int, full_chroma: bool, lossless: bool) -> None:
+    stream = _add_video_stream(container, fps, lossless)
+    if stream.codec_context.name == "libx264rgb":
+        stream.pix_fmt = "rgb24"
+    else:
         full_chroma = full_chroma and stream.codec_context.name == "libx264"  # mpeg4 knows 4:2:0 only
         if not full_chroma:
             frames = _even_frames(frames)
-        stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv444p" if full_chroma else "yuv420p"
-        for rgb in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())  # flush delayed (B-)frames
-    return out
+    stream.height, stream.width = frames.shape[1:3]
+    for rgb in frames:
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+    container.mux(stream.encode())  # flush delayed (B-)frames
 
 
 def synthetic_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:

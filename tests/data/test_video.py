@@ -219,6 +219,32 @@ def test_write_video_returns_path_and_handles_odd_sizes(tmp_path):
         write_video(tmp_path / "bad.mp4", frames.astype(np.float32))
 
 
+def test_write_video_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A reader of the path sees the old video or the new one: an encode that fails halfway leaves the old file as it
+    was and no temporary file behind; a finished one replaces it."""
+    import g4v_jax.data.video as video
+
+    path = tmp_path / "v.mp4"
+    write_video(path, synthetic_frames(4, 32, 32, seed=1), lossless=True)
+    before = path.read_bytes()
+    encode = video._encode_frames
+
+    def fails_halfway(container, frames, *args):
+        encode(container, frames[:2], *args)  # bytes reach the file being written, then the disk "fails"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(video, "_encode_frames", fails_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        write_video(path, synthetic_frames(4, 32, 32, seed=2), lossless=True)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["v.mp4"]
+    monkeypatch.setattr(video, "_encode_frames", encode)
+    write_video(path, synthetic_frames(4, 32, 32, seed=2), lossless=True)
+    assert os.listdir(tmp_path) == ["v.mp4"]
+    with av.open(str(path)) as container:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    np.testing.assert_array_equal(decoded, synthetic_frames(4, 32, 32, seed=2))
+
+
 @pytest.fixture(scope="module")
 def short_video(tmp_path_factory) -> Path:
     frames = synthetic_frames(2, 64, 64, seed=1)
