@@ -151,6 +151,10 @@ class LlamaConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
 
+# the LLaMA projections LoRA may adapt, in a layer's order
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters on the LLM (paper §3.3); the GPT4Video release: q_proj and v_proj, r=16, alpha=16, dropout 0.1."""
@@ -167,10 +171,9 @@ class LoraConfig:
     skip_video_span: bool = False
 
     def __post_init__(self):
-        allowed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-        unknown = set(self.targets) - allowed
+        unknown = set(self.targets) - set(LORA_TARGETS)
         if unknown:
-            raise ConfigError(f"lora.targets {sorted(unknown)} unknown; choose from {sorted(allowed)}")
+            raise ConfigError(f"lora.targets {sorted(unknown)} unknown; choose from {list(LORA_TARGETS)}")
         if self.rank < 1:
             raise ConfigError("lora.rank must be >= 1")
 

@@ -67,9 +67,11 @@ class PretrainedSize:
     rehearsal_own_template: float = 0.0
     # stage 2's micro-batches (``train.grad_accum_steps``): only those holding a rehearsal row run the KL's forward pass
     stage2_micro_batches: int = 1
-    # the projections stage 2's LoRA adapts (``model.lora.targets``, laid out anew over stage 1's untrained
+    # stage 2's LoRA (``model.lora.targets``, ``rank`` and ``alpha``, laid out anew over stage 1's untrained
     # adapters); None: the assembled model's, the world's
     stage2_lora_targets: tuple[str, ...] | None = None
+    stage2_lora_rank: int | None = None
+    stage2_lora_alpha: float | None = None
     # ``train.loss_spike_factor`` of stage 2. Its batches of 8 rows are uneven: before the refusals are learnt, one
     # with three harmful requests cost 3.2 times the mean of the 20 steps before it (and stopped a sweep variant at
     # step 51 under the default 3), where a diverging run's loss grows far beyond that
@@ -82,6 +84,10 @@ class PretrainedSize:
                f"train.loss_spike_factor={self.stage2_loss_spike_factor}"]
         if self.stage2_lora_targets is not None:
             out.append(f"model.lora.targets=[{','.join(self.stage2_lora_targets)}]")
+        if self.stage2_lora_rank is not None:
+            out.append(f"model.lora.rank={self.stage2_lora_rank}")
+        if self.stage2_lora_alpha is not None:
+            out.append(f"model.lora.alpha={self.stage2_lora_alpha:g}")
         return out
 
 

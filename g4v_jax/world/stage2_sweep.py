@@ -33,10 +33,15 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+from g4v_jax.config import LORA_TARGETS
+
+if TYPE_CHECKING:
+    from g4v_jax.world.pretrained import PretrainedSize
 
 VARIANT_KEYS = ("lr", "steps", "rehearsal", "temperature", "distill", "own", "targets", "rank", "alpha")
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # LLaMA's, as ``model.lora.targets`` names them + "_proj"
+PROJECTIONS = tuple(t.removesuffix("_proj") for t in LORA_TARGETS)  # the short names ``targets=`` joins
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +62,32 @@ class Variant:
         # the names of variants measured before a key existed stay
         kl = f"_kl{self.distill:g}" if self.distill else ""
         own = f"_own{self.own:g}" if self.own else ""
-        lora = "".join(f"_{k}{v:g}" if k != "lora" else f"_lora{v}" for k, v in
-                       (("lora", self.targets), ("r", self.rank), ("a", self.alpha)) if v is not None)
+        lora = ""
+        if self.targets is not None:
+            lora += f"_lora{self.targets}"
+        if self.rank is not None:
+            lora += f"_r{self.rank}"
+        if self.alpha is not None:
+            lora += f"_a{self.alpha:g}"
         return f"lr{self.lr:g}_steps{self.steps}_rehearsal{self.rehearsal:g}_t{self.temperature:g}{kl}{own}{lora}"
 
-    def lora_overrides(self) -> list[str]:
-        """The ``model.lora`` overrides of the named LoRA keys."""
-        out = []
-        if self.targets is not None:
-            out.append(f"model.lora.targets=[{','.join(t + '_proj' for t in self.targets.split('+'))}]")
-        if self.rank is not None:
-            out.append(f"model.lora.rank={self.rank}")
-        if self.alpha is not None:
-            out.append(f"model.lora.alpha={self.alpha:g}")
-        return out
+    def size(self, base: PretrainedSize) -> PretrainedSize:
+        """``base`` (the demo's run) with this variant's stage 2: its overrides are the demo's, so the two cannot
+        drift apart."""
+        targets = None if self.targets is None else tuple(t + "_proj" for t in self.targets.split("+"))
+        return dataclasses.replace(base, stage2_steps=self.steps, stage2_learning_rate=self.lr,
+                                   rehearsal_fraction=self.rehearsal, distill_weight=self.distill,
+                                   rehearsal_own_template=self.own, stage2_lora_targets=targets,
+                                   stage2_lora_rank=self.rank, stage2_lora_alpha=self.alpha)
+
+    @classmethod
+    def of(cls, size: PretrainedSize) -> Variant:
+        """The variant that ``size``'s stage 2 is (sampled rehearsal answers, temperature 1)."""
+        targets = size.stage2_lora_targets
+        return cls(size.stage2_learning_rate, size.stage2_steps, size.rehearsal_fraction, 1.0, size.distill_weight,
+                   size.rehearsal_own_template,
+                   None if targets is None else "+".join(t.removesuffix("_proj") for t in targets),
+                   size.stage2_lora_rank, size.stage2_lora_alpha)
 
 
 def parse_variant(text: str, defaults: Variant) -> Variant:
@@ -144,13 +161,10 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
         manifest = stage2_manifest(root / "llm", world.stage2, here, v.rehearsal, seed, temperature=v.temperature,
                                    answers=root / "sweep" / f"rehearsal_t{v.temperature:g}.jsonl",
                                    distill=v.distill > 0, own_template=v.own)
-    # the demo's stage-2 overrides, with the variant's settings (its LoRA from the variant alone)
-    size = dataclasses.replace(PRETRAINED_FULL, stage2_learning_rate=v.lr, distill_weight=v.distill,
-                               stage2_lora_targets=None)
+    size = v.size(PRETRAINED_FULL)
     training = train_stage(2, here, manifest, root / "assembled", v.steps, root / "stage1" / "final", seed, progress,
                            PRETRAINED_FULL.batch_size, [f"data.vision_cache={out / 'vision_cache'}",
-                                                        f"data.seq_len={SEQ_LEN}", *size.stage2_overrides(),
-                                                        *v.lora_overrides()],
+                                                        f"data.seq_len={SEQ_LEN}", *size.stage2_overrides()],
                            base=root / "assembled" / "config.yaml")
     tokenizer = load_tokenizer(root / "llm")
     scanned = ["model.scan_layers=true"]
@@ -213,13 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    targets = PRETRAINED_FULL.stage2_lora_targets
-    defaults = Variant(PRETRAINED_FULL.stage2_learning_rate, PRETRAINED_FULL.stage2_steps,
-                       PRETRAINED_FULL.rehearsal_fraction, 1.0, PRETRAINED_FULL.distill_weight,
-                       PRETRAINED_FULL.rehearsal_own_template,
-                       None if targets is None else "+".join(t.removesuffix("_proj") for t in targets))
     try:
-        variants = [parse_variant(text, defaults) for text in args.variant]
+        variants = [parse_variant(text, Variant.of(PRETRAINED_FULL)) for text in args.variant]
     except ValueError as e:
         ap.error(f"--variant {e}")
     root = Path(args.out) / args.llm

@@ -119,14 +119,15 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
     lora = parse_variant("targets=v+q,rank=8,alpha=8", distilling)  # the GPT4Video release's projections
     assert (lora.targets, lora.rank, lora.alpha) == ("q+v", 8, 8.0)
     assert lora.name == "lr0.0003_steps160_rehearsal0.25_t1_kl1_loraq+v_r8_a8"
-    assert lora.lora_overrides() == ["model.lora.targets=[q_proj,v_proj]", "model.lora.rank=8", "model.lora.alpha=8"]
-    assert distilling.lora_overrides() == [] and parse_variant("rank=4", distilling).lora_overrides() == [
-        "model.lora.rank=4"]
-    from g4v_jax.world.pretrained import PRETRAINED_FULL  # the demo's stage 2 takes the same overrides
+    from g4v_jax.world.pretrained import PRETRAINED_FULL  # a variant's stage 2 is the demo's, with its settings
 
-    run = dataclasses.replace(PRETRAINED_FULL, stage2_lora_targets=("q_proj", "v_proj")).stage2_overrides()
-    assert run[-1] == "model.lora.targets=[q_proj,v_proj]"
+    run = lora.size(PRETRAINED_FULL).stage2_overrides()
+    assert run[-3:] == ["model.lora.targets=[q_proj,v_proj]", "model.lora.rank=8", "model.lora.alpha=8"]
+    assert "train.learning_rate=0.0003" in run and "train.distill_weight=1.0" in run
     assert f"train.grad_accum_steps={PRETRAINED_FULL.stage2_micro_batches}" in run
+    assert parse_variant("rank=4", distilling).size(PRETRAINED_FULL).stage2_overrides()[-1] == "model.lora.rank=4"
+    assert Variant.of(PRETRAINED_FULL).size(PRETRAINED_FULL) == PRETRAINED_FULL  # the chosen setting, round trip
+    assert Variant.of(lora.size(PRETRAINED_FULL)) == lora
     for bad, why in (("lr=0", "lr > 0"), ("steps=x", "not a number"), ("batch=4", "keys lr, steps"),
                      ("rehearsal=1", "rehearsal < 1"), ("temperature=0.5", "temperature 0 or 1"), ("lr", "keys"),
                      ("distill=-1", "distill >= 0"), ("rehearsal=0,distill=1", "rehearsal > 0 with distill"),
