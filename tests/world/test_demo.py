@@ -7,6 +7,7 @@ model answers generation requests with <video> tags); the input detector finds t
 (0.5). Exact-match video QA needs the full run."""
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,13 +19,22 @@ from g4v_jax.world import demo, evaluation
 from g4v_jax.world import report as world_report
 
 
-# Session scope: a worker that runs another module's test between two of these keeps the world it trained.
-
-
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quick_run")
-    return out, demo.run(out, quick=True, progress=False)
+    """One quick world per test session. Under xdist every worker has a session of its own, so the first to ask
+    builds the world in the workers' common temporary folder while the others wait on a file lock; every worker then
+    reads the report the user reads, ``report.json``."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "quick_run"
+    report = out / "report" / "report.json"
+    with FileLock(str(root / "quick_run.lock")):
+        if not report.is_file():
+            demo.run(out, quick=True, progress=False)
+    return out, json.loads(report.read_text())
 
 
 def test_quick_world_run_learns_and_writes_the_report(quick_run):
@@ -86,7 +96,8 @@ def _figures(x, out: Path):
 def test_the_same_seed_gives_the_same_checkpoints_and_report(quick_run, tmp_path):
     """Two runs of one seed, in two folders: every checkpoint byte for byte, every figure and answer of the report."""
     first_out, first = quick_run
-    second = demo.run(tmp_path, quick=True, progress=False)
+    demo.run(tmp_path, quick=True, progress=False)
+    second = json.loads((tmp_path / "report" / "report.json").read_text())
     for stage in ("vision", "stage0", "stage1", "stage2"):
         a = (first_out / stage / "final" / "model.safetensors").read_bytes()
         assert a == (tmp_path / stage / "final" / "model.safetensors").read_bytes(), stage
