@@ -9,7 +9,7 @@ and use the README's `python -m ...` commands as written).
 g4v_jax.world.demo`, 12-20 minutes on a 2-core CPU; `--quick` for about two); `forward` runs the jitted forward
 pass of a random model on a written video (`python -m g4v_jax.demo`, seconds); `serve` serves the model `demo` trained
 (`python -m g4v_jax.serve`: the OpenAI-compatible API and the web page on http://127.0.0.1:8000/). `demo --llm smollm2`
-learns the same world with the pretrained SmolLM2-135M-Instruct as the LLM (about 59 minutes), and `serve --llm smollm2`
+learns the same world with the pretrained SmolLM2-135M-Instruct as the LLM (about 50 minutes), and `serve --llm smollm2`
 serves that model.
 
 Creates `.venv` (once; again when pyproject.toml changes), installs the package with its `torch`, `eval`, `dev` and `serve` extras,

@@ -93,9 +93,10 @@ class PretrainedSize:
 
 
 # A step of batch 8 takes about 6-8.5 s on the 2-core machine (135M parameters over 192 positions: the LLM's
-# forward and backward dominate). Stage 2's KL term adds a forward pass with the adapters off: over the whole batch
-# 15.2 s a step, in 4 micro-batches of 2, of which only those holding a rehearsal row run it, 10.6 s (the same losses
-# to 1e-6). FULL's whole run: docs/world.md, "SmolLM2 in the world".
+# forward and backward dominate). Stage 2's KL term adds a forward pass with the adapters off: with adapters on all
+# seven projections, over the whole batch 15.2 s a step, in 4 micro-batches of 2, of which only those holding a
+# rehearsal row run it, 10.6 s (the same losses to 1e-6); on q_proj and v_proj, 7.0 s. FULL's whole run: docs/world.md,
+# "SmolLM2 in the world".
 # Stage 2's 160 steps: the rehearsal rows come on top of the world's, and 160 steps of the mix see as many world rows as
 # 120 steps without it; at 120, refusals after a granted request fell to F1 40 (docs/world_demo.md, "Choosing stage 2").
 # The rehearsal rows distil toward the untuned LLM (KL, weight 1) rather than train on their sampled text: on the
