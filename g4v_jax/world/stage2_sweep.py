@@ -20,7 +20,8 @@ LoRA: ``targets`` (the projections it adapts, ``+``-joined short names, e.g. ``q
 q_proj and v_proj; all seven: ``q+k+v+o+gate+up+down``; unnamed: ``PRETRAINED_FULL.stage2_lora_targets``), ``rank``
 and ``alpha`` (unnamed: the assembled model's, the world's; ``train.init_from`` lays the adapters out anew over stage
 1's untrained ones). Other unnamed keys take ``pretrained.PRETRAINED_FULL``'s values. The rehearsal answers are
-drawn once per temperature (``OUT/LLM/sweep/rehearsal_tT.jsonl``) and shared by the variants.
+drawn once per temperature (``OUT/LLM/sweep/rehearsal_tT.jsonl``) and shared by the variants. ``--quick`` sweeps over
+a ``demo --llm LLM --quick`` run, at its sizes (``PRETRAINED_QUICK``; CI).
 ``OUT/LLM/sweep/sweep.{json,md}`` collect every variant measured there so far; a variant already measured is read
 back, not trained again.
 """
@@ -139,15 +140,16 @@ def measure_before(root: Path) -> dict:
     return before
 
 
-def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> dict:
-    """Train stage 2 as ``v`` from ``out/llm``'s stage-1 checkpoint and measure it (module docstring)."""
+def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool, quick: bool = False) -> dict:
+    """Train stage 2 as ``v`` from ``out/llm``'s stage-1 checkpoint and measure it (module docstring); ``quick``: at
+    a ``--quick`` demo's sizes."""
     import g4v_jax
     from g4v_jax.data.tokenizer import load_tokenizer
     from g4v_jax.world import kept
-    from g4v_jax.world.demo import FULL, make_world, train_detector, train_stage
+    from g4v_jax.world.demo import FULL, QUICK, make_world, train_detector, train_stage
     from g4v_jax.world.evaluation import eval_generation, eval_safety, split_files
-    from g4v_jax.world.pretrained import PRETRAINED_FULL, SEQ_LEN
-    from g4v_jax.world.rehearsal import stage2_manifest
+    from g4v_jax.world.pretrained import PRETRAINED_FULL, PRETRAINED_QUICK, SEQ_LEN
+    from g4v_jax.world.rehearsal import REHEARSAL_QUESTIONS, stage2_manifest
 
     root = out / llm
     here = root / "sweep" / v.name
@@ -155,24 +157,26 @@ def run_variant(out: Path, llm: str, v: Variant, seed: int, progress: bool) -> d
     if result_file.is_file():
         return json.loads(result_file.read_text())
     here.mkdir(parents=True, exist_ok=True)
-    world, _ = make_world(out, FULL, seed)
+    world_size, size = (QUICK, PRETRAINED_QUICK) if quick else (FULL, PRETRAINED_FULL)
+    world, _ = make_world(out, world_size, seed)
     manifest = world.stage2
     if v.rehearsal:
-        manifest = stage2_manifest(root / "llm", world.stage2, here, v.rehearsal, seed, temperature=v.temperature,
+        manifest = stage2_manifest(root / "llm", world.stage2, here, v.rehearsal, seed,
+                                   REHEARSAL_QUESTIONS[:size.rehearsal_questions], temperature=v.temperature,
                                    answers=root / "sweep" / f"rehearsal_t{v.temperature:g}.jsonl",
                                    distill=v.distill > 0, own_template=v.own)
-    size = v.size(PRETRAINED_FULL)
+    size = v.size(size)
     training = train_stage(2, here, manifest, root / "assembled", v.steps, root / "stage1" / "final", seed, progress,
-                           PRETRAINED_FULL.batch_size, [f"data.vision_cache={out / 'vision_cache'}",
-                                                        f"data.seq_len={SEQ_LEN}", *size.stage2_overrides()],
+                           size.batch_size, [f"data.vision_cache={out / 'vision_cache'}", f"data.seq_len={SEQ_LEN}",
+                                             *size.stage2_overrides()],
                            base=root / "assembled" / "config.yaml")
     tokenizer = load_tokenizer(root / "llm")
     scanned = ["model.scan_layers=true"]
     model = g4v_jax.load(here / "stage2" / "final", scanned)
-    detector = train_detector(world.detector_train, out / "detector", FULL.detector_steps, image_size=32, seed=seed,
-                              progress=progress)
+    detector = train_detector(world.detector_train, out / "detector", world_size.detector_steps, image_size=32,
+                              seed=seed, progress=progress)
     files = split_files(world, "val")
-    limit = PRETRAINED_FULL.max_eval
+    limit = size.max_eval
     generation = eval_generation(model, tokenizer, files["generation"], limit, here, 0, progress)
     safety = eval_safety(model, tokenizer, files["safety"], files["generation"], detector, limit, progress)
     before = measure_before(root)
@@ -218,24 +222,27 @@ def table(rows: Sequence[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from g4v_jax.train import Interrupted
-    from g4v_jax.world.pretrained import LLMS, PRETRAINED_FULL
+    from g4v_jax.world.pretrained import LLMS, PRETRAINED_FULL, PRETRAINED_QUICK
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/world", help="the demo's folder (with OUT/LLM's finished stage 1)")
     ap.add_argument("--llm", choices=tuple(LLMS), default="smollm2")
     ap.add_argument("--variant", action="append", required=True, help="key=value[,key=value...] (module docstring)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="over a demo --quick run, at its sizes (CI)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
-        variants = [parse_variant(text, Variant.of(PRETRAINED_FULL)) for text in args.variant]
+        variants = [parse_variant(text, Variant.of(PRETRAINED_QUICK if args.quick else PRETRAINED_FULL))
+                    for text in args.variant]
     except ValueError as e:
         ap.error(f"--variant {e}")
     root = Path(args.out) / args.llm
     if not (root / "stage1" / "final").is_dir():
         ap.error(f"{root / 'stage1' / 'final'} not found: run python -m g4v_jax.world.demo --llm {args.llm} first")
     try:
-        rows = [run_variant(Path(args.out), args.llm, v, args.seed, not args.no_progress) for v in variants]
+        rows = [run_variant(Path(args.out), args.llm, v, args.seed, not args.no_progress, args.quick)
+                for v in variants]
     except Interrupted as e:  # the variant in training checkpointed; measured variants are kept
         print(f"{e} (the sweep: run the same command again)", file=sys.stderr)
         return 0

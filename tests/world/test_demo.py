@@ -239,7 +239,24 @@ def test_the_world_on_smollm2_quick_trains_the_right_parts_exports_and_serves(qu
         assert reply.finish_reason in ("stop", "length") and reply.message.content is not None
     finally:
         running.stop()
-    # five full copies of SmolLM2 (converted, assembled, two stage finals, the export): 2.8 GB nothing else reads
+
+    # world.stage2_sweep over this run: a variant retrains stage 2 with its own LoRA from stage 1's checkpoint, is
+    # judged on the validation split against the same SmolLM2, goes into the table, and is read back when asked again
+    from g4v_jax.world import stage2_sweep
+
+    argv = ["--out", str(out), "--quick", "--no-progress", "--variant", "targets=v,rank=2,steps=2,rehearsal=0"]
+    assert stage2_sweep.main(argv) == 0
+    here = root / "sweep" / "lr0.001_steps2_rehearsal0_t1_lorav_r2"
+    row = json.loads((here / "result.json").read_text())
+    assert row["split"] == "val" and row["perplexity_before"] == pytest.approx(what["before"]["perplexity"], rel=1e-4)
+    assert 0 <= row["VG_f1"] <= 1 and len(row["answers_after"]) == len(kept.GENERAL_PROMPTS)
+    params["swept"] = named_params(load(here / "stage2" / "final"))
+    assert adapted("swept") == {"v_proj"} and not changed("stage1/final", "swept", lambda k: ".lora_" not in k)
+    assert "| 0.001, 2 (v, r 2) | none |" in (root / "sweep" / "sweep.md").read_text()
+    measured = (here / "result.json").stat().st_mtime_ns
+    assert stage2_sweep.main(argv) == 0 and (here / "result.json").stat().st_mtime_ns == measured
+    # five full copies of SmolLM2 (converted, assembled, two stage finals, the export) and the sweep's: nothing else
+    # reads them
     shutil.rmtree(root)
 
 
