@@ -99,9 +99,9 @@ class PretrainedSize:
 # "SmolLM2 in the world".
 # Stage 2's 160 steps: the rehearsal rows come on top of the world's, and 160 steps of the mix see as many world rows as
 # 120 steps without it; at 120, refusals after a granted request fell to F1 40 (docs/world_demo.md, "Choosing stage 2").
-# The rehearsal rows distil toward the untuned LLM (KL, weight 1) rather than train on their sampled text: on the
-# validation split, held-out perplexity +2.9% instead of +8.1%, and refusals after a granted request 95.8 instead of
-# 86.4.
+# The rehearsal rows distil toward the untuned LLM (KL, weight 1) rather than train on their sampled text: with all
+# seven projections at 3e-4 on the validation split, held-out perplexity +2.9% instead of +8.1%, and refusals after a
+# granted request 95.8 instead of 86.4.
 # Stage 2's LoRA on q_proj and v_proj alone (the release's), at 1e-3: on all seven projections at 3e-4 SmolLM2 lost
 # two general answers ("Mars", "2 + 3 = 5"); on q,v at 3e-4 it kept them and refused no harmful request after a granted
 # one; at 1e-3 it refuses those with F1 97.9 and loses one answer, perplexity +5.8%.

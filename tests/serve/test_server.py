@@ -198,6 +198,17 @@ def test_models_health_and_metrics(served):
         assert name in text, name
 
 
+def test_the_media_picker_lists_the_top_level_videos_and_no_hidden_file(served, world):
+    hidden = world["media"] / ".a.4242.17.tmp.mp4"  # a writer's temporary file, halfway (data.video.write_video)
+    hidden.write_bytes((world["media"] / "a.mp4").read_bytes()[:100])
+    try:
+        listed = _get(served.url + "/v1/media").json()["videos"]
+    finally:
+        hidden.unlink()
+    # by name: text.mp4 and truncated.mp4 are refused when asked for; the fifo is not a file
+    assert listed == ["a.mp4", "b.mp4", "long.mp4", "text.mp4", "truncated.mp4", "white.mp4"]
+
+
 def _metric(url: str, name: str) -> float:
     for line in _get(url + "/metrics").text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):

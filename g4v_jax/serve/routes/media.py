@@ -39,7 +39,9 @@ async def media(request: Request):
     media_dir = server_of(request).media_dir
     if media_dir is None or not media_dir.is_dir():
         return {"videos": []}
-    names = sorted(p.name for p in media_dir.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    # hidden names are no one's pick: a writer's temporary file (``data.video.write_video``), a user's dotfiles
+    names = sorted(p.name for p in media_dir.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in VIDEO_SUFFIXES)
     return {"videos": names[:500]}
 
 
