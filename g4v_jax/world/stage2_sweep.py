@@ -207,9 +207,14 @@ def table(rows: Sequence[dict]) -> str:
             reh += f", KL x {v['distill']:g}"
         if v.get("own"):
             reh += f", {v['own']:g} in its own template"
-        lora = ", ".join(f"{k} {v[key]:g}" if key != "targets" else v[key] for k, key in
-                         (("", "targets"), ("r", "rank"), ("alpha", "alpha")) if v.get(key) is not None)
-        lora = f" ({lora})" if lora else ""
+        lora = []  # rows measured before the LoRA keys existed have none
+        if v.get("targets") is not None:
+            lora.append(v["targets"])
+        if v.get("rank") is not None:
+            lora.append(f"r {v['rank']}")
+        if v.get("alpha") is not None:
+            lora.append(f"alpha {v['alpha']:g}")
+        lora = f" ({', '.join(lora)})" if lora else ""
         lines.append(f"| {v['lr']:g}, {v['steps']}{lora} | {reh} | {r['stage2_last_loss']:.3f} | "
                      f"{100 * r['generation_tags']:.1f} | {100 * r['VG_f1']:.1f} "
                      f"({100 * r['lookalike_precision']:.1f}) | {100 * r['VG_second_turn_f1']:.1f} | "

@@ -150,6 +150,8 @@ def test_sweep_variants_parse_with_defaults_and_refuse_what_is_not_a_setting():
     assert "| 0.0003, 40 | 0.25, T=1, KL x 1, 0.5 in its own template | 0.460 |" in table([row])
     row["variant"].update(targets="q+v", rank=8, alpha=None)
     assert "| 0.0003, 40 (q+v, r 8) | 0.25, T=1, KL x 1, 0.5 in its own template | 0.460 |" in table([row])
+    row["variant"].update(targets=None, alpha=32.0)
+    assert "| 0.0003, 40 (r 8, alpha 32) |" in table([row])
 
 
 def test_the_sweep_measures_the_untuned_llm_once_per_sweep_folder(tmp_path, monkeypatch):
