@@ -4,7 +4,7 @@ the definition gives (the KMP matcher is linear in the stop's length; the old re
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from g4v_jax.inference.text import StreamDecoder, clean_answer, prefix_function, stop_prefix_at_end
@@ -33,6 +33,7 @@ def test_the_held_tail_is_the_longest_end_that_begins_a_stop(text, stop):
 @settings(max_examples=300)
 @given(st.lists(st.integers(0, len(CharTokenizer.vocab) - 1), max_size=30),
        st.lists(st.text(ALPHABET, min_size=1, max_size=6), max_size=4))
+@example(ids=[6, 2], stops=[" ##"])  # " #" then "#": the answer before the stop is empty, "#" was streamed
 def test_streamed_pieces_are_the_answer_and_never_taken_back(ids, stops):
     tok = CharTokenizer()
     dec = StreamDecoder(tok, stops=stops or ("###",))

@@ -26,8 +26,12 @@ class Answer:
 def clean_answer(text: str, stops: Sequence[str] = (STOP_STRING,)) -> str:
     """The answer in decoded model output: up to the first stop string (default ``###``, the next turn's prefix),
     whitespace-stripped."""
+    return _before_stop(text, stops).strip()
+
+
+def _before_stop(text: str, stops: Sequence[str]) -> str:
     cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[:min(cuts)] if cuts else text).strip()
+    return text[:min(cuts)] if cuts else text
 
 
 def finish_answer(text: str, num_tokens: int) -> Answer:
@@ -65,16 +69,18 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._emit(self._settled(self.answer))
+        return self._emit(self._settled(_before_stop(self.text, self.stops)))
 
     def finish(self) -> str:
         return self._emit(self.answer)
 
-    def _settled(self, answer: str) -> str:
-        """The part of ``answer`` that no later token can change (the class docstring)."""
-        stable = answer.rstrip("\ufffd")
+    def _settled(self, text: str) -> str:
+        """The part of the answer that no later token can change (the class docstring), from the output before its
+        first stop string, unstripped: a stop may begin with whitespace that stripping would hide (" #" before a
+        stop " ##" would stream "#")."""
+        stable = text.rstrip("\ufffd")
         held = max((stop_prefix_at_end(stable, s, f) for s, f in zip(self.stops, self._failure)), default=0)
-        return _rstrip_unsettled(stable[:len(stable) - held])
+        return _rstrip_unsettled(stable[:len(stable) - held]).lstrip()
 
     def _emit(self, visible: str) -> str:
         # visible text only grows; if a decode ever rewrote emitted text, wait until it agrees again
